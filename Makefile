@@ -1,0 +1,53 @@
+# kd-cache: distillation from cached teacher logits.
+#   make distill                        venv + demo teacher + its logits + a student (MNIST-1D, CPU ok)
+#   make distill PRESET=mnist1d METHOD=kd T=4 ALPHA=0.9 EPOCHS=40 SEED=1
+#   make test                           the test suite
+# Every target skips work already done (venv, teacher checkpoint, complete caches).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PRESET ?= mnist1d
+METHOD ?=
+T      ?=
+ALPHA  ?=
+EPOCHS ?=
+SEED   ?=
+ARGS   ?=
+
+BIN := $(VENV)/bin
+KD  := $(BIN)/kd
+STAMP := $(VENV)/.installed
+
+# Make variables become CLI options only when set, so presets keep their defaults.
+DISTILL_OPTS := $(if $(METHOD),--method $(METHOD)) $(if $(T),--temperature $(T)) \
+                $(if $(ALPHA),--alpha $(ALPHA)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEED),--seed $(SEED))
+
+.PHONY: setup train-teacher teacher teacher-logits distill test lint clean-data
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+train-teacher: setup
+	$(KD) train-teacher --preset $(PRESET)
+
+teacher: train-teacher
+
+teacher-logits: teacher
+	$(KD) teacher-logits --preset $(PRESET)
+
+distill: teacher-logits
+	$(KD) distill --preset $(PRESET) $(DISTILL_OPTS) $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check pipeline stages tests
+	$(BIN)/ruff format --check pipeline stages tests
+
+clean-data:
+	rm -rf data/teachers data/logits data/runs

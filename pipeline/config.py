@@ -1,0 +1,252 @@
+"""Typed, frozen configuration: presets are TOML files read into these dataclasses.
+
+A preset names the dataset, the teacher (architecture + how to train it), the student, the cache's
+storage options and the distillation defaults. CLI overrides go through `with_overrides`, which checks
+each value against the field's type, and every dataclass validates itself in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import KDError
+from pipeline.losses import LOSSES
+
+PRESET_DIR = Path(__file__).parent / "presets"
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise KDError(message)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = "mnist1d"
+    num_samples: int = 5000  # mnist1d: total rows before its 80/20 train/test split
+    seed: int = 42  # generation seed of the data itself, not of training
+    val_size: int = 500  # rows carved from train (deterministically) to select checkpoints
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples > 0, f"dataset.num_samples must be positive, got {self.num_samples}")
+        _require(self.val_size >= 1, f"dataset.val_size must be at least 1, got {self.val_size}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mlp"
+    options: Mapping[str, Any] = field(default_factory=dict)  # passed to the architecture builder
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 30
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
+    schedule: str = "cosine"  # cosine | constant, stepped per epoch
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
+        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        _require(self.optimizer in ("adamw", "sgd"), f"unknown optimizer '{self.optimizer}': use adamw or sgd")
+        _require(
+            self.schedule in ("cosine", "constant"), f"unknown schedule '{self.schedule}': use cosine or constant"
+        )
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    name: str = "teacher"  # checkpoint folder under data/teachers/ and the cache's teacher name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dtype: str = "float16"  # storage dtype of the raw logits
+    chunk_rows: int = 1024  # rows per chunk: the unit of reading
+    shard_chunks: int = 16  # chunks per shard: a shard is the unit of writing
+    zstd_level: int = 3
+    batch_size: int = 512  # teacher inference batch
+
+    def __post_init__(self) -> None:
+        _require(
+            self.dtype in STORAGE_DTYPES,
+            f"unknown cache dtype '{self.dtype}': choose one of {', '.join(STORAGE_DTYPES)}",
+        )
+        _require(self.chunk_rows >= 1, f"cache.chunk_rows must be at least 1, got {self.chunk_rows}")
+        _require(self.shard_chunks >= 1, f"cache.shard_chunks must be at least 1, got {self.shard_chunks}")
+        _require(1 <= self.zstd_level <= 22, f"cache.zstd_level must be in 1..22, got {self.zstd_level}")
+        _require(self.batch_size >= 1, f"cache.batch_size must be at least 1, got {self.batch_size}")
+
+    @property
+    def shard_rows(self) -> int:
+        return self.chunk_rows * self.shard_chunks
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    method: str = "kd"
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha on hard-label CE
+    label_smoothing: float = 0.0  # on the hard-label term only
+    seed: int = 0
+    memory_budget_mb: int = 2048  # caches up to this size (as float32) are loaded into RAM, else streamed
+    train: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.method in LOSSES, f"unknown method '{self.method}': choose one of {', '.join(LOSSES)}"
+        )
+        _require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
+        _require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        _require(
+            0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"
+        )
+        _require(self.memory_budget_mb >= 0, f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A preset by name (pipeline/presets/<name>.toml) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = PRESET_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise KDError(
+            f"unknown preset '{name_or_path}': choose one of {', '.join(preset_names())} "
+            "or pass the path of a .toml file"
+        )
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise KDError(f"preset {path} is not valid TOML: {err}") from None
+    raw.setdefault("name", path.stem)
+    return _build(Preset, raw, "")
+
+
+def with_overrides(preset: Preset, overrides: Mapping[str, Any]) -> Preset:
+    """Return a copy with dotted keys replaced, e.g. {"distill.temperature": "2"}; values are coerced."""
+    for key, value in overrides.items():
+        preset = _replace_path(preset, key.split("."), value, key)
+    return preset
+
+
+def _replace_path(obj: Any, parts: list[str], value: Any, key: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    name = parts[0]
+    if name not in hints:
+        raise KDError(f"unknown setting '{key}': '{name}' is not one of {', '.join(hints)}")
+    if len(parts) == 1:
+        new = _coerce(value, hints[name], key)
+    else:
+        current = getattr(obj, name)
+        if not dataclasses.is_dataclass(current):
+            raise KDError(f"unknown setting '{key}': '{name}' has no sub-settings")
+        new = _replace_path(current, parts[1:], value, key)
+    return dataclasses.replace(obj, **{name: new})
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    unknown = set(raw) - set(hints)
+    if unknown:
+        raise KDError(f"unknown setting(s) {', '.join(prefix + u for u in sorted(unknown))} in preset")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check (and convert from CLI strings) a value against a field's type."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is not None and issubclass(origin, Mapping):
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise KDError(f"setting '{key}' must be a table, got {value!r}")
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except ValueError:
+        raise KDError(f"setting '{key}' expects {hint.__name__}, got {value!r}") from None
+    raise KDError(f"setting '{key}' cannot be set from {value!r}")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where things live on disk: data/ by default (KD_DATA_DIR), caches under data/logits (KD_CACHE_DIR)."""
+
+    data: Path = Path("data")
+    cache: Path | None = None
+
+    @property
+    def logits(self) -> Path:
+        return self.cache if self.cache is not None else self.data / "logits"
+
+    @property
+    def teachers(self) -> Path:
+        return self.data / "teachers"
+
+    @property
+    def runs(self) -> Path:
+        return self.data / "runs"

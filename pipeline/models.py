@@ -1,0 +1,112 @@
+"""Teacher and student builders, and checkpoints as safetensors + a JSON config (never pickle)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.errors import KDError
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def cnn1d(
+    num_classes: int, input_shape: Sequence[int], channels: int = 32, dropout: float = 0.0
+) -> nn.Module:
+    """The MNIST-1D paper's 1D CNN: three strided convs (kernel 5, 3, 3) and a linear head."""
+    (length,) = input_shape
+    out_len = length
+    for kernel in (5, 3, 3):
+        out_len = (out_len + 2 - kernel) // 2 + 1
+    return nn.Sequential(
+        nn.Unflatten(1, (1, length)),  # (B, L) -> (B, 1, L)
+        nn.Conv1d(1, channels, 5, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(channels * out_len, num_classes),
+    )
+
+
+def mlp(
+    num_classes: int, input_shape: Sequence[int], hidden: Sequence[int] = (256, 256), dropout: float = 0.0
+) -> nn.Module:
+    """A plain ReLU MLP over flattened inputs."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 1
+    for size in input_shape:
+        width *= size
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"cnn1d": cnn1d, "mlp": mlp}
+
+
+def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
+    if cfg.arch not in ARCHITECTURES:
+        raise KDError(f"unknown architecture '{cfg.arch}': choose one of {', '.join(sorted(ARCHITECTURES))}")
+    try:
+        return ARCHITECTURES[cfg.arch](num_classes, tuple(input_shape), **dict(cfg.options))
+    except (TypeError, ValueError) as err:
+        raise KDError(f"cannot build '{cfg.arch}' with options {dict(cfg.options)}: {err}") from None
+
+
+def architecture_record(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) -> dict[str, Any]:
+    """Everything needed to rebuild the module (saved beside the weights, hashed into the fingerprint)."""
+    return {**cfg.to_dict(), "num_classes": num_classes, "input_shape": list(input_shape)}
+
+
+def fingerprint(model: nn.Module, architecture: dict[str, Any]) -> str:
+    """sha256 of the architecture record and every weight, in name order."""
+    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(folder: Path, model: nn.Module, architecture: dict[str, Any], info: dict[str, Any]) -> None:
+    """Write model.safetensors and config.json (architecture + `info`) into `folder`, atomically each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(folder / WEIGHTS_FILE)
+    record = {"architecture": architecture, **info}
+    tmp = folder / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(folder / CONFIG_FILE)
+
+
+def load_checkpoint(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the module from config.json and load its safetensors weights."""
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    if not (weights.is_file() and config.is_file()):
+        raise KDError(f"no checkpoint at {folder} (expected {WEIGHTS_FILE} and {CONFIG_FILE})")
+    record = json.loads(config.read_text())
+    arch = record["architecture"]
+    model = build_model(
+        ModelConfig(arch=arch["arch"], options=arch["options"]), arch["num_classes"], arch["input_shape"]
+    )
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except RuntimeError as err:
+        raise KDError(f"checkpoint {weights} does not fit its config.json: {str(err).splitlines()[0]}") from None
+    return model, record

@@ -1,0 +1,367 @@
+"""LogitStore: one Zarr v3 group of raw teacher logits per teacher x dataset split.
+
+Layout (readable with plain `zarr`, see README "Cache format"):
+
+    zarr.json   group attributes = the manifest (JSON; `complete` is set last)
+    logits/     (N, C) float16 | float32, or uint16 holding bfloat16 bits; chunks (R, C), shards (S*R, C), zstd
+    labels/     (N,) int64, chunked and sharded like logits
+    index/      (N,) int64 dataset sample ids: the join key
+    done/       (num_shards,) bool, one chunk per shard: set after that shard is fully written
+
+A shard is the unit of writing (one writer per shard, whole shards at a time); a chunk is the unit of
+reading. Only raw logits are stored: temperatures and transforms are applied at training time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+from pipeline.errors import KDError
+
+FORMAT_NAME = "kd-logits"
+FORMAT_VERSION = 1
+# The on-disk dtype of each storage dtype: zarr has no bfloat16, so its bits are kept as uint16.
+DISK_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    name: str
+    architecture: dict[str, Any]
+    fingerprint: str  # sha256 of weights + architecture record
+    train_accuracy: float | None = None  # on the split it was trained on: a hint of how soft it is
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    split: str
+    length: int
+    num_classes: int
+    fingerprint: str  # sha256 of the split's ids, labels and inputs
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    dtype: str
+    chunk_rows: int
+    shard_rows: int
+    codec: str = "zstd"
+    level: int = 3
+
+
+@dataclass(frozen=True)
+class Manifest:
+    teacher: TeacherInfo
+    dataset: DatasetInfo
+    storage: StorageInfo
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    software: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    teacher_accuracy: float | None = None  # teacher accuracy on this split, from the stored logits
+    logit_stats: dict[str, float] = field(default_factory=dict)  # mean L2 norm, mean max-softmax
+    complete: bool = False
+    format: dict[str, Any] = field(default_factory=lambda: {"name": FORMAT_NAME, "version": FORMAT_VERSION})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Manifest:
+        fmt = raw.get("format", {})
+        if fmt.get("name") != FORMAT_NAME:
+            raise KDError("not a kd logit cache (its attributes have no kd-logits format marker)")
+        if fmt.get("version") != FORMAT_VERSION:
+            raise KDError(
+                f"cache format version {fmt.get('version')} is not supported (this kd reads {FORMAT_VERSION}): "
+                "re-run `kd teacher-logits` or upgrade kd"
+            )
+        return cls(
+            teacher=TeacherInfo(**raw["teacher"]),
+            dataset=DatasetInfo(**raw["dataset"]),
+            storage=StorageInfo(**raw["storage"]),
+            preprocessing=dict(raw.get("preprocessing", {})),
+            software=dict(raw.get("software", {})),
+            created=raw.get("created", ""),
+            teacher_accuracy=raw.get("teacher_accuracy"),
+            logit_stats=dict(raw.get("logit_stats", {})),
+            complete=bool(raw.get("complete", False)),
+            format=dict(fmt),
+        )
+
+    @property
+    def key(self) -> str:
+        return cache_key(self.teacher.fingerprint, self.dataset, self.preprocessing, self.storage)
+
+
+def cache_key(teacher_fingerprint: str, dataset: DatasetInfo, preprocessing: Mapping[str, Any], storage: StorageInfo) -> str:
+    """Content address of a cache: what was run on what, and how it is stored."""
+    record = {
+        "teacher": teacher_fingerprint,
+        "dataset": dataset.fingerprint,
+        "split": dataset.split,
+        "preprocessing": preprocessing,
+        "storage": dataclasses.asdict(storage),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def cache_dirname(manifest: Manifest) -> str:
+    """`<teacher>.<dataset>.<split>.<key12>.zarr`: readable by people, unique by content."""
+    return f"{manifest.teacher.name}.{manifest.dataset.name}.{manifest.dataset.split}.{manifest.key[:12]}.zarr"
+
+
+def software_versions() -> dict[str, str]:
+    import numcodecs
+
+    import pipeline
+
+    return {"kd": pipeline.__version__, "torch": torch.__version__, "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__, "numpy": np.__version__}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def encode_logits(logits: torch.Tensor, dtype: str) -> np.ndarray:
+    """float logits (B, C) -> the on-disk array for a storage dtype."""
+    if dtype == "bfloat16":
+        return logits.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return logits.detach().to("cpu", getattr(torch, dtype)).numpy()
+
+
+def decode_logits(stored: np.ndarray, dtype: str) -> torch.Tensor:
+    """The on-disk array -> float32 logits (B, C)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(stored)).float()
+
+
+class LogitStore:
+    """A logit cache opened from a path or any zarr store (memory, local, zip, fsspec remote)."""
+
+    def __init__(self, group: zarr.Group, where: str) -> None:
+        self.group = group
+        self.where = where
+        self.manifest = Manifest.from_dict(group.attrs.asdict())
+
+    # -- creating and writing ---------------------------------------------------------------------
+    @classmethod
+    def create(cls, store: Any, manifest: Manifest, *, overwrite: bool = False) -> LogitStore:
+        """An empty store with every array allocated and `complete: false` in the manifest."""
+        where = str(store)
+        try:
+            group = zarr.open_group(store, mode="w" if overwrite else "w-", zarr_format=3)
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+            raise KDError(f"a cache already exists at {where}: remove it or pass --force") from None
+        n, c, st = manifest.dataset.length, manifest.dataset.num_classes, manifest.storage
+        codec = [ZstdCodec(level=st.level)]
+        chunk, shard = st.chunk_rows, st.shard_rows  # may exceed n: zarr keeps edge chunks partial
+        group.create_array("logits", shape=(n, c), chunks=(chunk, c), shards=(shard, c),
+                           dtype=DISK_DTYPES[st.dtype], compressors=codec, fill_value=0)
+        for name in ("labels", "index"):
+            group.create_array(name, shape=(n,), chunks=(chunk,), shards=(shard,), dtype="int64",
+                               compressors=codec, fill_value=-1)
+        num_shards = -(-n // shard)
+        group.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)
+        group.attrs.put(dataclasses.replace(manifest, complete=False).to_dict())
+        return cls(group, where)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.group["logits"].shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.group["logits"].shape[1])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.group["logits"].chunks[0])
+
+    @property
+    def shard_rows(self) -> int:
+        shards = self.group["logits"].shards
+        return int(shards[0]) if shards else self.chunk_rows
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.group["done"].shape[0])
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_rows
+        return start, min(start + self.shard_rows, self.num_rows)
+
+    def write_shard(self, shard: int, logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+        """Write one whole shard (already encoded logits), then mark it done."""
+        start, stop = self.shard_range(shard)
+        if logits.shape != (stop - start, self.num_classes):
+            raise ValueError(f"shard {shard} needs {(stop - start, self.num_classes)} logits, got {logits.shape}")
+        self.group["logits"][start:stop] = logits
+        self.group["labels"][start:stop] = labels
+        self.group["index"][start:stop] = ids
+        self.group["done"][shard] = True
+
+    def shards_done(self) -> np.ndarray:
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    def finish(self, **updates: Any) -> None:
+        """Record final statistics, then `complete: true`, last, once every shard is done."""
+        missing = np.flatnonzero(~self.shards_done())
+        if missing.size:
+            raise RuntimeError(f"cannot complete {self.where}: shards {missing.tolist()} are not written")
+        self.manifest = dataclasses.replace(self.manifest, **updates)
+        self.group.attrs.put(self.manifest.to_dict())
+        self.manifest = dataclasses.replace(self.manifest, complete=True)
+        self.group.attrs.put(self.manifest.to_dict())
+
+    # -- opening and reading ----------------------------------------------------------------------
+    @classmethod
+    def open(cls, store: Any) -> LogitStore:
+        where = str(store)
+        if isinstance(store, (str, Path)) and not Path(store).exists():
+            raise KDError(f"no logit cache at {where}: run `kd teacher-logits` first (or check the path)")
+        try:
+            group = zarr.open_group(store, mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+            raise KDError(f"{where} is not a Zarr v3 logit cache: run `kd teacher-logits` to make one") from None
+        try:
+            return cls(group, where)
+        except KDError as err:
+            raise KDError(f"{where}: {err}") from None
+        except (KeyError, TypeError) as err:
+            raise KDError(f"{where}: the manifest is malformed ({err}): re-run `kd teacher-logits`") from None
+
+    def require_complete(self) -> None:
+        if not self.manifest.complete or not self.shards_done().all():
+            done = int(self.shards_done().sum())
+            raise KDError(
+                f"cache {self.where} is incomplete ({done}/{self.num_shards} shards written): "
+                "re-run `kd teacher-logits` to finish it"
+            )
+
+    def read_all(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits float32 (N, C), labels (N,), ids (N,)), read chunk by chunk into memory."""
+        logits = decode_logits(self.group["logits"][:], self.manifest.storage.dtype)
+        labels = torch.from_numpy(np.asarray(self.group["labels"][:]))
+        ids = torch.from_numpy(np.asarray(self.group["index"][:]))
+        return logits, labels, ids
+
+    def read_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits float32, ids) of rows [start, stop): use chunk-aligned ranges."""
+        logits = decode_logits(self.group["logits"][start:stop], self.manifest.storage.dtype)
+        return logits, torch.from_numpy(np.asarray(self.group["index"][start:stop]))
+
+    def iter_chunks_shuffled(self, generator: torch.Generator, buffer_chunks: int = 8
+                             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Stream (logits, ids) in shuffled order without scattered reads: whole chunks in random order,
+        rows shuffled within a buffer of `buffer_chunks` chunks."""
+        starts = list(range(0, self.num_rows, self.chunk_rows))
+        order = torch.randperm(len(starts), generator=generator).tolist()
+        for first in range(0, len(order), buffer_chunks):
+            parts = [self.read_rows(starts[i], min(starts[i] + self.chunk_rows, self.num_rows))
+                     for i in order[first:first + buffer_chunks]]
+            logits = torch.cat([p[0] for p in parts])
+            ids = torch.cat([p[1] for p in parts])
+            perm = torch.randperm(len(ids), generator=generator)
+            yield logits[perm], ids[perm]
+
+    def nbytes_stored(self) -> int:
+        return sum(int(self.group[name].nbytes_stored()) for name in ("logits", "labels", "index", "done"))
+
+
+class ShardWriter:
+    """Takes rows in order, encodes them, and writes each full shard from a background thread,
+    so the teacher computes the next batches while a shard is compressed and written."""
+
+    def __init__(self, store: LogitStore, max_pending: int = 2) -> None:
+        self.store = store
+        self.dtype = store.manifest.storage.dtype
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffered = 0
+        self._shard = 0
+        self._queue: queue.Queue[tuple[int, np.ndarray, np.ndarray, np.ndarray] | None] = queue.Queue(max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kd-shard-writer", daemon=True)
+        self._thread.start()
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        self._raise_if_failed()
+        self._parts.append((encode_logits(logits, self.dtype), labels.cpu().numpy(), ids.cpu().numpy()))
+        self._buffered += len(ids)
+        while self._shard < self.store.num_shards:
+            start, stop = self.store.shard_range(self._shard)
+            if self._buffered < stop - start:
+                break
+            self._submit(stop - start)
+
+    def close(self) -> None:
+        """Flush, wait for every shard to be written, and re-raise a writer failure here."""
+        try:
+            if self._buffered:
+                raise ValueError(f"{self._buffered} rows left over past the last shard")
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Stop after the shards already queued (a failure elsewhere): the store stays incomplete."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _submit(self, rows: int) -> None:
+        logits, labels, ids = (np.concatenate(a) for a in zip(*self._parts, strict=True))
+        self._parts = [(logits[rows:], labels[rows:], ids[rows:])] if len(ids) > rows else []
+        self._buffered = len(ids) - rows
+        self._queue.put((self._shard, logits[:rows], labels[:rows], ids[:rows]))
+        self._shard += 1
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.store.write_shard(*item)
+                except BaseException as err:  # handed to the main thread in add()/close()
+                    self._error = err
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def find_caches(root: Path, *, dataset_fingerprint: str | None = None, split: str | None = None,
+                teacher: str | None = None) -> list[LogitStore]:
+    """Complete caches under `root` matching the given fields, newest first."""
+    found = []
+    for path in sorted(root.glob("*.zarr")) if root.is_dir() else []:
+        try:
+            store = LogitStore.open(path)
+        except KDError:
+            continue
+        m = store.manifest
+        if not m.complete:
+            continue
+        if dataset_fingerprint and m.dataset.fingerprint != dataset_fingerprint:
+            continue
+        if split and m.dataset.split != split:
+            continue
+        if teacher and m.teacher.name != teacher:
+            continue
+        found.append(store)
+    return sorted(found, key=lambda s: s.manifest.created, reverse=True)

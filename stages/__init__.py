@@ -1,0 +1,1 @@
+"""The stage programs (train_teacher, teacher_logits, distill, cache) and the typer CLI `kd`."""

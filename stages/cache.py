@@ -1,0 +1,81 @@
+"""Inspect logit caches.
+
+    kd cache info data/logits/<name>.zarr [--json]
+    kd cache ls [DIR]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import KDError
+from pipeline.store import LogitStore
+
+
+def info(path: Path, *, as_json: bool = False) -> None:
+    store = LogitStore.open(path)
+    manifest = store.manifest.to_dict()
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    m = store.manifest
+    console = Console()
+    console.print(f"[bold]{path}[/bold]")
+    rows = [
+        ("format", f"{m.format['name']} v{m.format['version']}"),
+        ("complete", f"{m.complete} ({int(store.shards_done().sum())}/{store.num_shards} shards done)"),
+        ("teacher", f"{m.teacher.name} ({m.teacher.architecture.get('arch')}), sha256 {m.teacher.fingerprint[:16]}"),
+        ("teacher accuracy", _pct(m.teacher_accuracy) + f" on {m.dataset.split}; train {_pct(m.teacher.train_accuracy)}"),
+        ("logit stats", ", ".join(f"{k} {v:.3f}" for k, v in m.logit_stats.items()) or "-"),
+        ("dataset", f"{m.dataset.name}/{m.dataset.split}: {m.dataset.length} rows x {m.dataset.num_classes} classes, "
+                    f"sha256 {m.dataset.fingerprint[:16]}"),
+        ("preprocessing", json.dumps(m.preprocessing)),
+        ("storage", f"{m.storage.dtype}, chunks {m.storage.chunk_rows} rows, shards {m.storage.shard_rows} rows, "
+                    f"{m.storage.codec} level {m.storage.level}, {_size(store.nbytes_stored())} on disk"),
+        ("software", ", ".join(f"{k} {v}" for k, v in m.software.items())),
+        ("created", m.created),
+        ("key", m.key),
+    ]
+    for name, value in rows:
+        console.print(f"  {name:17} {value}", highlight=False, soft_wrap=True)
+
+
+def ls(root: Path) -> None:
+    if not root.is_dir():
+        raise KDError(f"no cache directory at {root}: run `kd teacher-logits` first or name another DIR")
+    table = Table(title=f"logit caches in {root}")
+    for column in ("name", "teacher", "dataset", "split", "rows", "classes", "dtype", "size", "complete"):
+        table.add_column(column)
+    count = 0
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            store = LogitStore.open(path)
+        except KDError:
+            continue
+        m = store.manifest
+        complete = m.complete and bool(store.shards_done().all())
+        table.add_row(path.name, m.teacher.name, m.dataset.name, m.dataset.split, str(m.dataset.length),
+                      str(m.dataset.num_classes), m.storage.dtype, _size(store.nbytes_stored()),
+                      "yes" if complete else "[red]no[/red]")
+        count += 1
+    console = Console()
+    if count:
+        console.print(table)
+    else:
+        console.print(f"no logit caches in {root}")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"

@@ -1,0 +1,62 @@
+"""Train a teacher with plain cross-entropy, for users who have none yet (and the embedded demo).
+
+    kd train-teacher --preset mnist1d            # = make teacher; skipped when the checkpoint exists
+
+Writes data/teachers/<teacher.name>/{model.safetensors, config.json}; the best validation epoch is kept
+(the validation rows are carved from train exactly as in `kd distill`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from pipeline.batches import InMemoryBatches
+from pipeline.config import Paths, Preset
+from pipeline.datasets import load_split, validation_rows
+from pipeline.losses import cross_entropy
+from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, architecture_record, build_model, save_checkpoint
+from pipeline.train import accuracy, fit, pick_device, predict, seed_everything
+
+console = Console(stderr=True)
+
+
+def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str = "auto") -> Path:
+    folder = paths.teachers / preset.teacher.name
+    if (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file() and not force:
+        console.print(f"teacher checkpoint exists: {folder} (pass --force to retrain)")
+        return folder
+
+    cfg, device = preset.teacher, pick_device(device_name)
+    generator = seed_everything(cfg.seed)
+    train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
+    train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
+    model = build_model(cfg.model, train.num_classes, train.input_shape)
+    batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device)
+
+    console.print(f"training teacher '{cfg.name}' ({cfg.model.arch}) on {train.dataset} for "
+                  f"{cfg.train.epochs} epochs on {device}")
+    result = fit(
+        model, cfg.train,
+        batches=lambda epoch: batches.epoch(generator),
+        loss_at=lambda epoch: cross_entropy,
+        val=(train.inputs[val_rows], train.labels[val_rows]),
+        test=(test.inputs, test.labels),
+        device=device, desc="teacher",
+    )
+    train_acc = accuracy(predict(model, train.inputs[train_rows], device), train.labels[train_rows])
+    info = {
+        "name": cfg.name,
+        "dataset": {"name": train.dataset, "train_fingerprint": train.fingerprint,
+                    "val_size": preset.dataset.val_size},
+        "train_accuracy": train_acc,
+        "val_accuracy": result.best_val_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "best_epoch": result.best_epoch,
+        "training": preset.to_dict()["teacher"],
+    }
+    save_checkpoint(folder, model, architecture_record(cfg.model, train.num_classes, train.input_shape), info)
+    console.print(f"teacher saved to {folder}: train {train_acc:.2%}, val {result.best_val_accuracy:.2%}, "
+                  f"test {result.test_accuracy:.2%} (best epoch {result.best_epoch}, {result.seconds:.0f}s)")
+    return folder

@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.errors import KDError
+from pipeline.store import (
+    DatasetInfo,
+    LogitStore,
+    Manifest,
+    ShardWriter,
+    StorageInfo,
+    TeacherInfo,
+    decode_logits,
+    encode_logits,
+)
+
+N, C = 21, 5  # 21 rows with 8-row shards of 4-row chunks: 3 shards, the last one partial
+
+
+def make_manifest(dtype: str = "float32", n: int = N) -> Manifest:
+    return Manifest(
+        teacher=TeacherInfo(name="t", architecture={"arch": "mlp"}, fingerprint="ab" * 32),
+        dataset=DatasetInfo(name="d", split="train", length=n, num_classes=C, fingerprint="cd" * 32),
+        storage=StorageInfo(dtype=dtype, chunk_rows=4, shard_rows=8),
+        preprocessing={"normalization": "none"},
+        created="2026-01-01T00:00:00+00:00",
+    )
+
+
+def fill(store: LogitStore, logits: torch.Tensor, batch: int = 5) -> None:
+    """Write through the background writer in batches that straddle shard boundaries."""
+    writer = ShardWriter(store)
+    labels, ids = torch.arange(len(logits)) % C, torch.arange(100, 100 + len(logits))
+    for start in range(0, len(logits), batch):
+        writer.add(logits[start:start + batch], labels[start:start + batch], ids[start:start + batch])
+    writer.close()
+
+
+@pytest.fixture(params=["local", "memory"])
+def target(request: pytest.FixtureRequest, tmp_path):
+    return tmp_path / "c.zarr" if request.param == "local" else zarr.storage.MemoryStore()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_across_shard_boundaries(target, dtype: str) -> None:
+    logits = torch.randn(N, C) * 7
+    store = LogitStore.create(target, make_manifest(dtype))
+    assert store.num_shards == 3 and store.shard_range(2) == (16, 21)
+    fill(store, logits)
+    store.finish(teacher_accuracy=0.5)
+
+    reopened = LogitStore(zarr.open_group(target, mode="r"), "x") if not isinstance(target, os.PathLike) \
+        else LogitStore.open(target)
+    reopened.require_complete()
+    got, labels, ids = reopened.read_all()
+    expected = logits.to(getattr(torch, dtype)).float()
+    assert torch.equal(got, expected)
+    assert torch.equal(labels, torch.arange(N) % C)
+    assert torch.equal(ids, torch.arange(100, 100 + N))
+    assert reopened.manifest.complete and reopened.manifest.teacher_accuracy == 0.5
+
+
+def test_shards_are_separate_objects_on_disk(tmp_path) -> None:
+    path = tmp_path / "c.zarr"
+    store = LogitStore.create(path, make_manifest())
+    fill(store, torch.randn(N, C))
+    shard_files = sorted(p.name for p in (path / "logits" / "c").iterdir())
+    assert shard_files == ["0", "1", "2"]  # one object per shard row-block
+    meta = zarr.open_array(path / "logits", mode="r")
+    assert meta.shards == (8, C) and meta.chunks == (4, C)
+    assert meta.compressors[0].to_dict()["name"] == "zstd"
+
+
+def test_encode_decode_dtypes() -> None:
+    x = torch.randn(3, 4)
+    assert encode_logits(x, "bfloat16").dtype == np.uint16
+    assert torch.equal(decode_logits(encode_logits(x, "bfloat16"), "bfloat16"), x.bfloat16().float())
+    assert encode_logits(x, "float16").dtype == np.float16
+
+
+def test_incomplete_cache_is_refused(tmp_path) -> None:
+    path = tmp_path / "c.zarr"
+    store = LogitStore.create(path, make_manifest())
+    store.write_shard(0, np.zeros((8, C), np.float32), np.zeros(8, np.int64), np.arange(8))
+    with pytest.raises(RuntimeError, match="shards \\[1, 2\\]"):
+        store.finish()
+    with pytest.raises(KDError, match="incomplete \\(1/3 shards"):
+        LogitStore.open(path).require_complete()
+
+
+def test_complete_flag_alone_is_not_trusted(tmp_path) -> None:
+    path = tmp_path / "c.zarr"
+    store = LogitStore.create(path, make_manifest())
+    store.group.attrs.put(dataclasses.replace(store.manifest, complete=True).to_dict())
+    with pytest.raises(KDError, match="incomplete"):
+        LogitStore.open(path).require_complete()
+
+
+def test_create_refuses_to_overwrite(tmp_path) -> None:
+    path = tmp_path / "c.zarr"
+    LogitStore.create(path, make_manifest())
+    with pytest.raises(KDError, match="already exists"):
+        LogitStore.create(path, make_manifest())
+
+
+def test_open_errors_are_one_line(tmp_path) -> None:
+    with pytest.raises(KDError, match="no logit cache at"):
+        LogitStore.open(tmp_path / "missing.zarr")
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    with pytest.raises(KDError, match="not a kd logit cache"):
+        LogitStore.open(tmp_path / "plain.zarr")
+
+
+def test_chunk_shuffled_stream_reads_every_row_once(tmp_path) -> None:
+    store = LogitStore.create(tmp_path / "c.zarr", make_manifest())
+    logits = torch.randn(N, C)
+    fill(store, logits)
+    parts = list(store.iter_chunks_shuffled(torch.Generator().manual_seed(0), buffer_chunks=2))
+    got_logits, got_ids = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    assert sorted(got_ids.tolist()) == list(range(100, 100 + N))
+    assert torch.equal(got_logits, logits[got_ids - 100])
+    assert got_ids.tolist() != list(range(100, 100 + N))  # actually shuffled
+    # each buffer holds whole chunks: 2 chunks of 4 rows, except where the 1-row tail chunk is drawn
+    assert sum(len(p[1]) for p in parts) == N and len(parts) == 3
+
+
+def test_manifest_round_trip_and_key() -> None:
+    m = make_manifest()
+    again = Manifest.from_dict(m.to_dict())
+    assert again == m
+    assert m.key == again.key and len(m.key) == 64
+    other = dataclasses.replace(m, storage=StorageInfo(dtype="float16", chunk_rows=4, shard_rows=8))
+    assert other.key != m.key
+
+
+def test_unsupported_format_version() -> None:
+    raw = make_manifest().to_dict()
+    raw["format"]["version"] = 99
+    with pytest.raises(KDError, match="version 99 is not supported"):
+        Manifest.from_dict(raw)
