@@ -31,7 +31,8 @@ def positions_of(query_ids: torch.Tensor, dataset_ids: torch.Tensor) -> torch.Te
     missing = sorted_ids[at] != query_ids
     if missing.any():
         raise KDError(
-            f"{int(missing.sum())} cached sample ids are not in the dataset (first: {int(query_ids[missing][0])}): "
+            f"{int(missing.sum())} cached sample ids are not in the dataset "
+            f"(first: {int(query_ids[missing][0])}): "
             "the cache was made on other data; re-run `kd teacher-logits`"
         )
     return order[at]
@@ -40,8 +41,14 @@ def positions_of(query_ids: torch.Tensor, dataset_ids: torch.Tensor) -> torch.Te
 class InMemoryBatches:
     """Everything on the device once; each epoch draws a fresh permutation of the training rows."""
 
-    def __init__(self, split: Split, rows: torch.Tensor, teacher_logits: torch.Tensor | None,
-                 batch_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        split: Split,
+        rows: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        batch_size: int,
+        device: torch.device,
+    ) -> None:
         self.inputs = split.inputs.to(device)
         self.labels = split.labels.to(device)
         self.teacher_logits = None if teacher_logits is None else teacher_logits.to(device)
@@ -51,7 +58,7 @@ class InMemoryBatches:
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
         order = self.rows[torch.randperm(len(self.rows), generator=generator).to(self.rows.device)]
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             zt = None if self.teacher_logits is None else self.teacher_logits[idx]
             yield Batch(self.inputs[idx], self.labels[idx], zt)
 
@@ -67,8 +74,15 @@ def cached_logits_for(store: LogitStore, split: Split) -> torch.Tensor:
 class StreamedBatches:
     """Chunk-shuffled reads from the store; inputs fetched by sample id; rows outside `rows` skipped."""
 
-    def __init__(self, store: LogitStore, split: Split, rows: torch.Tensor, batch_size: int,
-                 device: torch.device, buffer_chunks: int = 8) -> None:
+    def __init__(
+        self,
+        store: LogitStore,
+        split: Split,
+        rows: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        buffer_chunks: int = 8,
+    ) -> None:
         self.store, self.split = store, split
         self.keep = torch.zeros(len(split), dtype=torch.bool)
         self.keep[rows] = True
@@ -83,11 +97,12 @@ class StreamedBatches:
             pos, zt = torch.cat([carry_pos, pos[keep]]), torch.cat([carry_zt, logits[keep]])
             full = len(pos) - len(pos) % self.batch_size
             for start in range(0, full, self.batch_size):
-                yield self._batch(pos[start:start + self.batch_size], zt[start:start + self.batch_size])
+                yield self._batch(pos[start : start + self.batch_size], zt[start : start + self.batch_size])
             carry_pos, carry_zt = pos[full:], zt[full:]
         if len(carry_pos):
             yield self._batch(carry_pos, carry_zt)
 
     def _batch(self, pos: torch.Tensor, zt: torch.Tensor) -> Batch:
-        return Batch(self.split.inputs[pos].to(self.device), self.split.labels[pos].to(self.device),
-                     zt.to(self.device))
+        return Batch(
+            self.split.inputs[pos].to(self.device), self.split.labels[pos].to(self.device), zt.to(self.device)
+        )

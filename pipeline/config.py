@@ -8,13 +8,14 @@ each value against the field's type, and every dataclass validates itself in `__
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from pipeline.errors import KDError
 from pipeline.losses import LOSSES
@@ -63,9 +64,12 @@ class OptimConfig:
         _require(self.lr > 0, f"lr must be positive, got {self.lr}")
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
-        _require(self.optimizer in ("adamw", "sgd"), f"unknown optimizer '{self.optimizer}': use adamw or sgd")
         _require(
-            self.schedule in ("cosine", "constant"), f"unknown schedule '{self.schedule}': use cosine or constant"
+            self.optimizer in ("adamw", "sgd"), f"unknown optimizer '{self.optimizer}': use adamw or sgd"
+        )
+        _require(
+            self.schedule in ("cosine", "constant"),
+            f"unknown schedule '{self.schedule}': use cosine or constant",
         )
 
 
@@ -111,13 +115,12 @@ class DistillConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        _require(
-            self.method in LOSSES, f"unknown method '{self.method}': choose one of {', '.join(LOSSES)}"
-        )
+        _require(self.method in LOSSES, f"unknown method '{self.method}': choose one of {', '.join(LOSSES)}")
         _require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
         _require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
         _require(
-            0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            0.0 <= self.label_smoothing < 1.0,
+            f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
         )
         _require(self.memory_budget_mb >= 0, f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
 

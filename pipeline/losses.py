@@ -25,7 +25,9 @@ def cross_entropy(
     return F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
 
 
-def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
+def soft_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float
+) -> torch.Tensor:
     """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), summed over classes, mean over the batch."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)

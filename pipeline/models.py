@@ -82,7 +82,9 @@ def fingerprint(model: nn.Module, architecture: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(folder: Path, model: nn.Module, architecture: dict[str, Any], info: dict[str, Any]) -> None:
+def save_checkpoint(
+    folder: Path, model: nn.Module, architecture: dict[str, Any], info: dict[str, Any]
+) -> None:
     """Write model.safetensors and config.json (architecture + `info`) into `folder`, atomically each."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -108,5 +110,7 @@ def load_checkpoint(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(load_file(str(weights)))
     except RuntimeError as err:
-        raise KDError(f"checkpoint {weights} does not fit its config.json: {str(err).splitlines()[0]}") from None
+        raise KDError(
+            f"checkpoint {weights} does not fit its config.json: {str(err).splitlines()[0]}"
+        ) from None
     return model, record

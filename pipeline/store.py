@@ -3,7 +3,7 @@
 Layout (readable with plain `zarr`, see README "Cache format"):
 
     zarr.json   group attributes = the manifest (JSON; `complete` is set last)
-    logits/     (N, C) float16 | float32, or uint16 holding bfloat16 bits; chunks (R, C), shards (S*R, C), zstd
+    logits/     (N, C) float16 | float32 | uint16 (bfloat16 bits); chunks (R, C), shards (S*R, C), zstd
     labels/     (N,) int64, chunked and sharded like logits
     index/      (N,) int64 dataset sample ids: the join key
     done/       (num_shards,) bool, one chunk per shard: set after that shard is fully written
@@ -87,7 +87,8 @@ class Manifest:
             raise KDError("not a kd logit cache (its attributes have no kd-logits format marker)")
         if fmt.get("version") != FORMAT_VERSION:
             raise KDError(
-                f"cache format version {fmt.get('version')} is not supported (this kd reads {FORMAT_VERSION}): "
+                f"cache format version {fmt.get('version')} is not supported "
+                f"(this kd reads {FORMAT_VERSION}): "
                 "re-run `kd teacher-logits` or upgrade kd"
             )
         return cls(
@@ -108,7 +109,9 @@ class Manifest:
         return cache_key(self.teacher.fingerprint, self.dataset, self.preprocessing, self.storage)
 
 
-def cache_key(teacher_fingerprint: str, dataset: DatasetInfo, preprocessing: Mapping[str, Any], storage: StorageInfo) -> str:
+def cache_key(
+    teacher_fingerprint: str, dataset: DatasetInfo, preprocessing: Mapping[str, Any], storage: StorageInfo
+) -> str:
     """Content address of a cache: what was run on what, and how it is stored."""
     record = {
         "teacher": teacher_fingerprint,
@@ -122,7 +125,9 @@ def cache_key(teacher_fingerprint: str, dataset: DatasetInfo, preprocessing: Map
 
 def cache_dirname(manifest: Manifest) -> str:
     """`<teacher>.<dataset>.<split>.<key12>.zarr`: readable by people, unique by content."""
-    return f"{manifest.teacher.name}.{manifest.dataset.name}.{manifest.dataset.split}.{manifest.key[:12]}.zarr"
+    return (
+        f"{manifest.teacher.name}.{manifest.dataset.name}.{manifest.dataset.split}.{manifest.key[:12]}.zarr"
+    )
 
 
 def software_versions() -> dict[str, str]:
@@ -130,8 +135,13 @@ def software_versions() -> dict[str, str]:
 
     import pipeline
 
-    return {"kd": pipeline.__version__, "torch": torch.__version__, "zarr": zarr.__version__,
-            "numcodecs": numcodecs.__version__, "numpy": np.__version__}
+    return {
+        "kd": pipeline.__version__,
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def now_iso() -> str:
@@ -172,11 +182,25 @@ class LogitStore:
         n, c, st = manifest.dataset.length, manifest.dataset.num_classes, manifest.storage
         codec = [ZstdCodec(level=st.level)]
         chunk, shard = st.chunk_rows, st.shard_rows  # may exceed n: zarr keeps edge chunks partial
-        group.create_array("logits", shape=(n, c), chunks=(chunk, c), shards=(shard, c),
-                           dtype=DISK_DTYPES[st.dtype], compressors=codec, fill_value=0)
+        group.create_array(
+            "logits",
+            shape=(n, c),
+            chunks=(chunk, c),
+            shards=(shard, c),
+            dtype=DISK_DTYPES[st.dtype],
+            compressors=codec,
+            fill_value=0,
+        )
         for name in ("labels", "index"):
-            group.create_array(name, shape=(n,), chunks=(chunk,), shards=(shard,), dtype="int64",
-                               compressors=codec, fill_value=-1)
+            group.create_array(
+                name,
+                shape=(n,),
+                chunks=(chunk,),
+                shards=(shard,),
+                dtype="int64",
+                compressors=codec,
+                fill_value=-1,
+            )
         num_shards = -(-n // shard)
         group.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)
         group.attrs.put(dataclasses.replace(manifest, complete=False).to_dict())
@@ -211,7 +235,9 @@ class LogitStore:
         """Write one whole shard (already encoded logits), then mark it done."""
         start, stop = self.shard_range(shard)
         if logits.shape != (stop - start, self.num_classes):
-            raise ValueError(f"shard {shard} needs {(stop - start, self.num_classes)} logits, got {logits.shape}")
+            raise ValueError(
+                f"shard {shard} needs {(stop - start, self.num_classes)} logits, got {logits.shape}"
+            )
         self.group["logits"][start:stop] = logits
         self.group["labels"][start:stop] = labels
         self.group["index"][start:stop] = ids
@@ -239,7 +265,9 @@ class LogitStore:
         try:
             group = zarr.open_group(store, mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
-            raise KDError(f"{where} is not a Zarr v3 logit cache: run `kd teacher-logits` to make one") from None
+            raise KDError(
+                f"{where} is not a Zarr v3 logit cache: run `kd teacher-logits` to make one"
+            ) from None
         try:
             return cls(group, where)
         except KDError as err:
@@ -267,15 +295,18 @@ class LogitStore:
         logits = decode_logits(self.group["logits"][start:stop], self.manifest.storage.dtype)
         return logits, torch.from_numpy(np.asarray(self.group["index"][start:stop]))
 
-    def iter_chunks_shuffled(self, generator: torch.Generator, buffer_chunks: int = 8
-                             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_chunks_shuffled(
+        self, generator: torch.Generator, buffer_chunks: int = 8
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Stream (logits, ids) in shuffled order without scattered reads: whole chunks in random order,
         rows shuffled within a buffer of `buffer_chunks` chunks."""
         starts = list(range(0, self.num_rows, self.chunk_rows))
         order = torch.randperm(len(starts), generator=generator).tolist()
         for first in range(0, len(order), buffer_chunks):
-            parts = [self.read_rows(starts[i], min(starts[i] + self.chunk_rows, self.num_rows))
-                     for i in order[first:first + buffer_chunks]]
+            parts = [
+                self.read_rows(starts[i], min(starts[i] + self.chunk_rows, self.num_rows))
+                for i in order[first : first + buffer_chunks]
+            ]
             logits = torch.cat([p[0] for p in parts])
             ids = torch.cat([p[1] for p in parts])
             perm = torch.randperm(len(ids), generator=generator)
@@ -295,7 +326,9 @@ class ShardWriter:
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffered = 0
         self._shard = 0
-        self._queue: queue.Queue[tuple[int, np.ndarray, np.ndarray, np.ndarray] | None] = queue.Queue(max_pending)
+        self._queue: queue.Queue[tuple[int, np.ndarray, np.ndarray, np.ndarray] | None] = queue.Queue(
+            max_pending
+        )
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kd-shard-writer", daemon=True)
         self._thread.start()
@@ -345,8 +378,13 @@ class ShardWriter:
             raise self._error
 
 
-def find_caches(root: Path, *, dataset_fingerprint: str | None = None, split: str | None = None,
-                teacher: str | None = None) -> list[LogitStore]:
+def find_caches(
+    root: Path,
+    *,
+    dataset_fingerprint: str | None = None,
+    split: str | None = None,
+    teacher: str | None = None,
+) -> list[LogitStore]:
     """Complete caches under `root` matching the given fields, newest first."""
     found = []
     for path in sorted(root.glob("*.zarr")) if root.is_dir() else []:

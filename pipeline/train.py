@@ -42,16 +42,21 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+def predict(
+    model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 1024
+) -> torch.Tensor:
     """Logits (N, C) on the CPU, in eval mode."""
     model.eval()
-    outs = [model(inputs[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)]
+    outs = [
+        model(inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)
+    ]
     return torch.cat(outs)
 
 
@@ -80,8 +85,9 @@ class FitResult:
     seconds: float = 0.0
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
-                loss_fn: BatchLoss) -> tuple[float, float]:
+def train_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], loss_fn: BatchLoss
+) -> tuple[float, float]:
     """One pass; returns (mean loss, accuracy) over the samples seen."""
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64)
@@ -127,13 +133,17 @@ def fit(
         train_loss, train_acc = train_epoch(model, optimizer, batches(epoch), loss_at(epoch))
         val_acc = accuracy(predict(model, val[0], device), val[1])
         test_acc = None if test is None else accuracy(predict(model, test[0], device), test[1])
-        record = EpochRecord(epoch + 1, lr, train_loss, train_acc, val_acc, test_acc, time.perf_counter() - t0)
+        record = EpochRecord(
+            epoch + 1, lr, train_loss, train_acc, val_acc, test_acc, time.perf_counter() - t0
+        )
         result.history.append(record)
         improved = val_acc > result.best_val_accuracy
         if improved:
             result.best_epoch, result.best_val_accuracy, result.test_accuracy = epoch + 1, val_acc, test_acc
             result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_acc:.3f}", best=f"{result.best_val_accuracy:.3f}")
+        bar.set_postfix(
+            loss=f"{train_loss:.3f}", val=f"{val_acc:.3f}", best=f"{result.best_val_accuracy:.3f}"
+        )
         if on_epoch is not None:
             on_epoch(record, improved)
     bar.close()

@@ -1,7 +1,7 @@
 """Inspect logit caches.
 
-    kd cache info data/logits/<name>.zarr [--json]
-    kd cache ls [DIR]
+kd cache info data/logits/<name>.zarr [--json]
+kd cache ls [DIR]
 """
 
 from __future__ import annotations
@@ -28,14 +28,27 @@ def info(path: Path, *, as_json: bool = False) -> None:
     rows = [
         ("format", f"{m.format['name']} v{m.format['version']}"),
         ("complete", f"{m.complete} ({int(store.shards_done().sum())}/{store.num_shards} shards done)"),
-        ("teacher", f"{m.teacher.name} ({m.teacher.architecture.get('arch')}), sha256 {m.teacher.fingerprint[:16]}"),
-        ("teacher accuracy", _pct(m.teacher_accuracy) + f" on {m.dataset.split}; train {_pct(m.teacher.train_accuracy)}"),
+        (
+            "teacher",
+            f"{m.teacher.name} ({m.teacher.architecture.get('arch')}), sha256 {m.teacher.fingerprint[:16]}",
+        ),
+        (
+            "teacher accuracy",
+            f"{_pct(m.teacher_accuracy)} on this {m.dataset.split} split; "
+            f"{_pct(m.teacher.train_accuracy)} on the rows it was trained on",
+        ),
         ("logit stats", ", ".join(f"{k} {v:.3f}" for k, v in m.logit_stats.items()) or "-"),
-        ("dataset", f"{m.dataset.name}/{m.dataset.split}: {m.dataset.length} rows x {m.dataset.num_classes} classes, "
-                    f"sha256 {m.dataset.fingerprint[:16]}"),
+        (
+            "dataset",
+            f"{m.dataset.name}/{m.dataset.split}: {m.dataset.length} rows x {m.dataset.num_classes} classes, "
+            f"sha256 {m.dataset.fingerprint[:16]}",
+        ),
         ("preprocessing", json.dumps(m.preprocessing)),
-        ("storage", f"{m.storage.dtype}, chunks {m.storage.chunk_rows} rows, shards {m.storage.shard_rows} rows, "
-                    f"{m.storage.codec} level {m.storage.level}, {_size(store.nbytes_stored())} on disk"),
+        (
+            "storage",
+            f"{m.storage.dtype}, chunks {m.storage.chunk_rows} rows, shards {m.storage.shard_rows} rows, "
+            f"{m.storage.codec} level {m.storage.level}, {_size(store.nbytes_stored())} on disk",
+        ),
         ("software", ", ".join(f"{k} {v}" for k, v in m.software.items())),
         ("created", m.created),
         ("key", m.key),
@@ -58,9 +71,17 @@ def ls(root: Path) -> None:
             continue
         m = store.manifest
         complete = m.complete and bool(store.shards_done().all())
-        table.add_row(path.name, m.teacher.name, m.dataset.name, m.dataset.split, str(m.dataset.length),
-                      str(m.dataset.num_classes), m.storage.dtype, _size(store.nbytes_stored()),
-                      "yes" if complete else "[red]no[/red]")
+        table.add_row(
+            path.name,
+            m.teacher.name,
+            m.dataset.name,
+            m.dataset.split,
+            str(m.dataset.length),
+            str(m.dataset.num_classes),
+            m.storage.dtype,
+            _size(store.nbytes_stored()),
+            "yes" if complete else "[red]no[/red]",
+        )
         count += 1
     console = Console()
     if count:

@@ -13,16 +13,24 @@ from rich.console import Console
 from pipeline.config import Paths, Preset, load_preset, preset_names, with_overrides
 from pipeline.errors import KDError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Knowledge distillation from cached teacher logits.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Knowledge distillation from cached teacher logits.",
+)
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect logit caches.")
 app.add_typer(cache_app, name="cache")
 
 F = TypeVar("F", bound=Callable[..., Any])
 _state: dict[str, Any] = {}
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help=f"Preset name ({', '.join(preset_names())}) or .toml path.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any preset field: --set distill.train.lr=0.003")]
+PresetOpt = Annotated[
+    str, typer.Option("--preset", "-p", help=f"Preset name ({', '.join(preset_names())}) or .toml path.")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override any preset field: --set distill.train.lr=0.003")
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, mps, cpu), or a torch device name.")]
 
 
@@ -42,8 +50,12 @@ def friendly(fn: F) -> F:
 
 @app.callback()
 def main(
-    data_dir: Annotated[Path, typer.Option(envvar="KD_DATA_DIR", help="Root of teachers/, logits/, runs/.")] = Path("data"),
-    cache_dir: Annotated[Path | None, typer.Option(envvar="KD_CACHE_DIR", help="Logit cache root [default: DATA_DIR/logits].")] = None,
+    data_dir: Annotated[
+        Path, typer.Option(envvar="KD_DATA_DIR", help="Root of teachers/, logits/, runs/.")
+    ] = Path("data"),
+    cache_dir: Annotated[
+        Path | None, typer.Option(envvar="KD_CACHE_DIR", help="Logit cache root [default: DATA_DIR/logits].")
+    ] = None,
 ) -> None:
     """Knowledge distillation from cached teacher logits: dump a teacher once, train many students."""
     _state["paths"] = Paths(data=data_dir, cache=cache_dir)
@@ -62,8 +74,12 @@ def _preset(name: str, overrides: dict[str, Any], sets: list[str] | None) -> Pre
 
 @app.command("train-teacher")
 @friendly
-def train_teacher(preset: PresetOpt = "mnist1d", force: Annotated[bool, typer.Option(help="Retrain even if the checkpoint exists.")] = False,
-                  set_: SetOpt = None, device: DeviceOpt = "auto") -> None:
+def train_teacher(
+    preset: PresetOpt = "mnist1d",
+    force: Annotated[bool, typer.Option(help="Retrain even if the checkpoint exists.")] = False,
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
     """Train the preset's teacher with cross-entropy (skipped when its checkpoint exists)."""
     from stages import train_teacher as stage
 
@@ -74,10 +90,13 @@ def train_teacher(preset: PresetOpt = "mnist1d", force: Annotated[bool, typer.Op
 @friendly
 def teacher_logits(
     preset: PresetOpt = "mnist1d",
-    split: Annotated[list[str] | None, typer.Option(help="Split(s) to dump [default: train and test].")] = None,
+    split: Annotated[
+        list[str] | None, typer.Option(help="Split(s) to dump [default: train and test].")
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="Storage dtype: float16, bfloat16 or float32.")] = None,
     force: Annotated[bool, typer.Option(help="Recompute even when a complete cache exists.")] = False,
-    set_: SetOpt = None, device: DeviceOpt = "auto",
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Stage 1: run the teacher once and store its raw logits (Zarr v3, sharded, zstd)."""
     from stages import teacher_logits as stage
@@ -91,31 +110,50 @@ def teacher_logits(
 def distill(
     preset: PresetOpt = "mnist1d",
     method: Annotated[str | None, typer.Option("--method", "-m", help="ce or kd.")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", "-T", help="Softmax temperature on the cached logits.")] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", "-a", help="Weight of the teacher term, in [0, 1].")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing on the hard-label term.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", "-T", help="Softmax temperature on the cached logits.")
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option("--alpha", "-a", help="Weight of the teacher term, in [0, 1].")
+    ] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option(help="Label smoothing on the hard-label term.")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of init and data order.")] = None,
-    cache: Annotated[Path | None, typer.Option(help="Train-split cache [default: newest match under the cache dir].")] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Train-split cache [default: newest match under the cache dir].")
+    ] = None,
     run_name: Annotated[str | None, typer.Option(help="Run folder name under DATA_DIR/runs.")] = None,
-    set_: SetOpt = None, device: DeviceOpt = "auto",
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Stage 2: train the student against cached logits (the teacher is never loaded)."""
     from stages import distill as stage
 
-    overrides = {"distill.method": method, "distill.temperature": temperature, "distill.alpha": alpha,
-                 "distill.label_smoothing": label_smoothing, "distill.train.epochs": epochs,
-                 "distill.train.lr": lr, "distill.train.batch_size": batch_size, "distill.seed": seed}
-    stage.run(_preset(preset, overrides, set_), _state["paths"], cache=cache, run_name=run_name,
-              device_name=device)
+    overrides = {
+        "distill.method": method,
+        "distill.temperature": temperature,
+        "distill.alpha": alpha,
+        "distill.label_smoothing": label_smoothing,
+        "distill.train.epochs": epochs,
+        "distill.train.lr": lr,
+        "distill.train.batch_size": batch_size,
+        "distill.seed": seed,
+    }
+    stage.run(
+        _preset(preset, overrides, set_), _state["paths"], cache=cache, run_name=run_name, device_name=device
+    )
 
 
 @cache_app.command("info")
 @friendly
-def cache_info(path: Annotated[Path, typer.Argument(help="A cache folder (.zarr).")],
-               json_: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False) -> None:
+def cache_info(
+    path: Annotated[Path, typer.Argument(help="A cache folder (.zarr).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
     """Print a cache's manifest."""
     from stages import cache as stage
 
@@ -124,9 +162,10 @@ def cache_info(path: Annotated[Path, typer.Argument(help="A cache folder (.zarr)
 
 @cache_app.command("ls")
 @friendly
-def cache_ls(root: Annotated[Path | None, typer.Argument(help="Cache root [default: the cache dir].")] = None) -> None:
+def cache_ls(
+    root: Annotated[Path | None, typer.Argument(help="Cache root [default: the cache dir].")] = None,
+) -> None:
     """List the caches under a directory."""
     from stages import cache as stage
 
     stage.ls(root or _state["paths"].logits)
-

@@ -37,43 +37,85 @@ from pipeline.train import pick_device
 console = Console(stderr=True)
 
 
-def run(preset: Preset, paths: Paths, *, splits: tuple[str, ...] = ("train", "test"), force: bool = False,
-        device_name: str = "auto") -> list[Path]:
+def run(
+    preset: Preset,
+    paths: Paths,
+    *,
+    splits: tuple[str, ...] = ("train", "test"),
+    force: bool = False,
+    device_name: str = "auto",
+) -> list[Path]:
     folder = paths.teachers / preset.teacher.name
     have_teacher = (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
     data = {name: load_split(preset.dataset, name) for name in splits}
     if not have_teacher:
         # The teacher may be gone (deleted, or never here: a colleague's cache): complete caches suffice.
-        found = {name: find_caches(paths.logits, dataset_fingerprint=data[name].fingerprint, split=name,
-                                   teacher=preset.teacher.name) for name in splits}
+        found = {
+            name: find_caches(
+                paths.logits,
+                dataset_fingerprint=data[name].fingerprint,
+                split=name,
+                teacher=preset.teacher.name,
+            )
+            for name in splits
+        }
         if all(found.values()) and not force:
             for name in splits:
                 console.print(f"cache hit ({name}, teacher checkpoint absent): {found[name][0].where}")
             return [Path(found[name][0].where) for name in splits]
-        raise KDError(f"no teacher checkpoint at {folder}: run `kd train-teacher --preset {preset.name}` "
-                      "(or `make teacher`) first")
+        raise KDError(
+            f"no teacher checkpoint at {folder}: run `kd train-teacher --preset {preset.name}` "
+            "(or `make teacher`) first"
+        )
 
     device = pick_device(device_name)
     teacher, record = load_checkpoint(folder)
     teacher.to(device).eval()
-    teacher_info = TeacherInfo(name=preset.teacher.name, architecture=record["architecture"],
-                               fingerprint=fingerprint(teacher, record["architecture"]),
-                               train_accuracy=record.get("train_accuracy"))
-    storage = StorageInfo(dtype=preset.cache.dtype, chunk_rows=preset.cache.chunk_rows,
-                          shard_rows=preset.cache.shard_rows, level=preset.cache.zstd_level)
-    return [_dump(teacher, teacher_info, data[name], storage, preset, paths, device, force) for name in splits]
+    teacher_info = TeacherInfo(
+        name=preset.teacher.name,
+        architecture=record["architecture"],
+        fingerprint=fingerprint(teacher, record["architecture"]),
+        train_accuracy=record.get("train_accuracy"),
+    )
+    storage = StorageInfo(
+        dtype=preset.cache.dtype,
+        chunk_rows=preset.cache.chunk_rows,
+        shard_rows=preset.cache.shard_rows,
+        level=preset.cache.zstd_level,
+    )
+    return [
+        _dump(teacher, teacher_info, data[name], storage, preset, paths, device, force) for name in splits
+    ]
 
 
-def _dump(teacher: torch.nn.Module, teacher_info: TeacherInfo, split: Split, storage: StorageInfo,
-          preset: Preset, paths: Paths, device: torch.device, force: bool) -> Path:
+def _dump(
+    teacher: torch.nn.Module,
+    teacher_info: TeacherInfo,
+    split: Split,
+    storage: StorageInfo,
+    preset: Preset,
+    paths: Paths,
+    device: torch.device,
+    force: bool,
+) -> Path:
     if teacher_info.architecture["num_classes"] != split.num_classes:
-        raise KDError(f"teacher '{teacher_info.name}' has {teacher_info.architecture['num_classes']} classes but "
-                      f"{split.dataset} has {split.num_classes}: pick a matching teacher or dataset")
+        raise KDError(
+            f"teacher '{teacher_info.name}' has {teacher_info.architecture['num_classes']} classes but "
+            f"{split.dataset} has {split.num_classes}: pick a matching teacher or dataset"
+        )
     manifest = Manifest(
         teacher=teacher_info,
-        dataset=DatasetInfo(name=split.dataset, split=split.split, length=len(split),
-                            num_classes=split.num_classes, fingerprint=split.fingerprint),
-        storage=storage, preprocessing=split.preprocessing, software=software_versions(), created=now_iso(),
+        dataset=DatasetInfo(
+            name=split.dataset,
+            split=split.split,
+            length=len(split),
+            num_classes=split.num_classes,
+            fingerprint=split.fingerprint,
+        ),
+        storage=storage,
+        preprocessing=split.preprocessing,
+        software=software_versions(),
+        created=now_iso(),
     )
     path = paths.logits / cache_dirname(manifest)
     if path.exists() and not force:
@@ -90,14 +132,20 @@ def _dump(teacher: torch.nn.Module, teacher_info: TeacherInfo, split: Split, sto
     writer = ShardWriter(store)
     correct, norm_sum, maxprob_sum = 0, 0.0, 0.0
     batch_size = preset.cache.batch_size
-    bar = tqdm(total=len(split), desc=f"teacher-logits {split.split}", unit="sample", unit_scale=True, disable=None,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(split),
+        desc=f"teacher-logits {split.split}",
+        unit="sample",
+        unit_scale=True,
+        disable=None,
+        dynamic_ncols=True,
+    )
     try:
         with torch.inference_mode():
             for start in range(0, len(split), batch_size):
-                x = split.inputs[start:start + batch_size].to(device, non_blocking=True)
+                x = split.inputs[start : start + batch_size].to(device, non_blocking=True)
                 logits = teacher(x).float().cpu()  # (B, C) raw
-                labels, ids = split.labels[start:start + batch_size], split.ids[start:start + batch_size]
+                labels, ids = split.labels[start : start + batch_size], split.ids[start : start + batch_size]
                 writer.add(logits, labels, ids)
                 correct += int((logits.argmax(1) == labels).sum())
                 norm_sum += float(logits.norm(dim=1).sum())
@@ -110,8 +158,12 @@ def _dump(teacher: torch.nn.Module, teacher_info: TeacherInfo, split: Split, sto
         bar.close()
     writer.close()
     n = len(split)
-    store.finish(teacher_accuracy=correct / n,
-                 logit_stats={"mean_l2_norm": norm_sum / n, "mean_max_softmax": maxprob_sum / n})
-    console.print(f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
-                  f"{correct / n:.2%}, {store.nbytes_stored() / 1024:.0f} KiB)")
+    store.finish(
+        teacher_accuracy=correct / n,
+        logit_stats={"mean_l2_norm": norm_sum / n, "mean_max_softmax": maxprob_sum / n},
+    )
+    console.print(
+        f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
+        f"{correct / n:.2%}, {store.nbytes_stored() / 1024:.0f} KiB)"
+    )
     return path

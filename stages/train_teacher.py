@@ -35,21 +35,28 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
     model = build_model(cfg.model, train.num_classes, train.input_shape)
     batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device)
 
-    console.print(f"training teacher '{cfg.name}' ({cfg.model.arch}) on {train.dataset} for "
-                  f"{cfg.train.epochs} epochs on {device}")
+    console.print(
+        f"training teacher '{cfg.name}' ({cfg.model.arch}) on {train.dataset} for "
+        f"{cfg.train.epochs} epochs on {device}"
+    )
     result = fit(
-        model, cfg.train,
+        model,
+        cfg.train,
         batches=lambda epoch: batches.epoch(generator),
         loss_at=lambda epoch: cross_entropy,
         val=(train.inputs[val_rows], train.labels[val_rows]),
         test=(test.inputs, test.labels),
-        device=device, desc="teacher",
+        device=device,
+        desc="teacher",
     )
     train_acc = accuracy(predict(model, train.inputs[train_rows], device), train.labels[train_rows])
     info = {
         "name": cfg.name,
-        "dataset": {"name": train.dataset, "train_fingerprint": train.fingerprint,
-                    "val_size": preset.dataset.val_size},
+        "dataset": {
+            "name": train.dataset,
+            "train_fingerprint": train.fingerprint,
+            "val_size": preset.dataset.val_size,
+        },
         "train_accuracy": train_acc,
         "val_accuracy": result.best_val_accuracy,
         "test_accuracy": result.test_accuracy,
@@ -57,6 +64,8 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
         "training": preset.to_dict()["teacher"],
     }
     save_checkpoint(folder, model, architecture_record(cfg.model, train.num_classes, train.input_shape), info)
-    console.print(f"teacher saved to {folder}: train {train_acc:.2%}, val {result.best_val_accuracy:.2%}, "
-                  f"test {result.test_accuracy:.2%} (best epoch {result.best_epoch}, {result.seconds:.0f}s)")
+    console.print(
+        f"teacher saved to {folder}: train {train_acc:.2%}, val {result.best_val_accuracy:.2%}, "
+        f"test {result.test_accuracy:.2%} (best epoch {result.best_epoch}, {result.seconds:.0f}s)"
+    )
     return folder

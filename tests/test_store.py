@@ -38,7 +38,7 @@ def fill(store: LogitStore, logits: torch.Tensor, batch: int = 5) -> None:
     writer = ShardWriter(store)
     labels, ids = torch.arange(len(logits)) % C, torch.arange(100, 100 + len(logits))
     for start in range(0, len(logits), batch):
-        writer.add(logits[start:start + batch], labels[start:start + batch], ids[start:start + batch])
+        writer.add(logits[start : start + batch], labels[start : start + batch], ids[start : start + batch])
     writer.close()
 
 
@@ -55,8 +55,11 @@ def test_round_trip_across_shard_boundaries(target, dtype: str) -> None:
     fill(store, logits)
     store.finish(teacher_accuracy=0.5)
 
-    reopened = LogitStore(zarr.open_group(target, mode="r"), "x") if not isinstance(target, os.PathLike) \
+    reopened = (
+        LogitStore(zarr.open_group(target, mode="r"), "x")
+        if not isinstance(target, os.PathLike)
         else LogitStore.open(target)
+    )
     reopened.require_complete()
     got, labels, ids = reopened.read_all()
     expected = logits.to(getattr(torch, dtype)).float()

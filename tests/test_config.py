@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_preset, preset_names, with_overrides
+from pipeline.errors import KDError
+from pipeline.losses import LOSSES
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_load(name: str) -> None:
+    preset = load_preset(name)
+    assert preset.name == name
+    assert preset.distill.method in LOSSES
+    assert preset.cache.shard_rows % preset.cache.chunk_rows == 0
+
+
+def test_overrides_are_coerced_and_checked() -> None:
+    preset = with_overrides(
+        load_preset("tiny"),
+        {"distill.temperature": "2.5", "distill.train.epochs": "3", "cache.dtype": "bfloat16"},
+    )
+    assert preset.distill.temperature == 2.5 and preset.distill.train.epochs == 3
+    assert preset.cache.dtype == "bfloat16"
+    with pytest.raises(KDError, match="expects int"):
+        with_overrides(preset, {"distill.train.epochs": "three"})
+    with pytest.raises(KDError, match="unknown setting 'distill.temprature'"):
+        with_overrides(preset, {"distill.temprature": "2"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("distill.temperature", "-1", "temperature must be positive"),
+        ("distill.alpha", "1.5", "alpha must be in \\[0, 1\\]"),
+        ("distill.method", "magic", "unknown method 'magic'"),
+        ("distill.label_smoothing", "1", "label_smoothing must be in"),
+        ("cache.dtype", "int8", "unknown cache dtype"),
+        ("distill.train.lr", "0", "lr must be positive"),
+    ],
+)
+def test_bad_values_are_refused(key: str, value: str, message: str) -> None:
+    with pytest.raises(KDError, match=message):
+        with_overrides(load_preset("tiny"), {key: value})
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(KDError, match="unknown preset 'nope': choose one of .*mnist1d"):
+        load_preset("nope")
+
+
+def test_preset_from_path_rejects_unknown_fields(tmp_path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text('[distill]\nmethod = "kd"\ntemprature = 3\n')
+    with pytest.raises(KDError, match="distill.temprature"):
+        load_preset(str(path))
+    path.write_text('[distill]\nmethod = "ce"\n')
+    assert load_preset(str(path)).name == "mine"
