@@ -10,6 +10,7 @@ rewritten. Shards are written by a background thread while the teacher computes 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -132,6 +133,7 @@ def _dump(
     writer = ShardWriter(store)
     correct, norm_sum, maxprob_sum = 0, 0.0, 0.0
     batch_size = preset.cache.batch_size
+    started = time.perf_counter()
     bar = tqdm(
         total=len(split),
         desc=f"teacher-logits {split.split}",
@@ -157,13 +159,13 @@ def _dump(
     finally:
         bar.close()
     writer.close()
-    n = len(split)
+    n, seconds = len(split), time.perf_counter() - started
     store.finish(
         teacher_accuracy=correct / n,
         logit_stats={"mean_l2_norm": norm_sum / n, "mean_max_softmax": maxprob_sum / n},
     )
     console.print(
         f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
-        f"{correct / n:.2%}, {store.nbytes_stored() / 1024:.0f} KiB)"
+        f"{correct / n:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, {n / seconds:,.0f} samples/s)"
     )
     return path

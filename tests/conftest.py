@@ -32,3 +32,12 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Paths:
 
 def cache_paths(paths: Paths, split: str) -> list[Path]:
     return sorted(paths.logits.glob(f"*.{split}.*.zarr"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

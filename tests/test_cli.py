@@ -226,3 +226,13 @@ def test_cache_info_and_ls(tiny_data: Paths) -> None:
     assert len(rows) == 2 and all("800" in r or "200" in r for r in rows) and all("yes" in r for r in rows)
     result = kd(tiny_data, "cache", "ls", str(tiny_data.data / "nowhere"))
     assert_one_line_error(result, "no cache directory at")
+
+
+@pytest.mark.gpu
+def test_dump_and_distill_on_cuda(tmp_path: Path) -> None:
+    paths = Paths(data=tmp_path)
+    for args in (["train-teacher"], ["teacher-logits"], ["distill", "--run-name", "cuda"]):
+        result = kd(paths, *args, "--preset", "tiny", "--device", "cuda")
+        assert result.exit_code == 0, result.output
+    summary = json.loads((paths.runs / "cuda" / "summary.json").read_text())
+    assert summary["device"] == "cuda" and summary["student_test_accuracy"] > 0.25
