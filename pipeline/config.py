@@ -8,6 +8,7 @@ each value against the field's type, and every dataclass validates itself in `__
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -104,23 +105,126 @@ class CacheConfig:
         return self.chunk_rows * self.shard_chunks
 
 
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
+MSE_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class AnnealingConfig:
+    """Annealing-KD (Jafari et al., EACL 2021): phase 1 MSE to phi(T)*z_t with T from tau_max down to 1,
+    phase 2 CE from the best phase-1 checkpoint with a fresh optimizer and LR schedule."""
+
+    tau_max: int = 10
+    phase1_epochs: int = 30  # phase 2 runs for the rest of distill.train.epochs
+    phase2_lr: float = 0.0  # 0: distill.train.lr
+    mse: str = "sum"  # sum over classes = the paper's squared norm; "mean" = the authors' F.mse_loss
+
+    def __post_init__(self) -> None:
+        _require(self.tau_max >= 1, f"annealing.tau_max must be >= 1, got {self.tau_max}")
+        _require(self.phase1_epochs >= 1, f"annealing.phase1_epochs must be >= 1, got {self.phase1_epochs}")
+        _require(self.phase2_lr >= 0, f"annealing.phase2_lr must be >= 0, got {self.phase2_lr}")
+        _require(self.mse in MSE_REDUCTIONS, f"annealing.mse must be sum or mean, got '{self.mse}'")
+
+
+@dataclass(frozen=True)
+class ContinuationConfig:
+    """Continuation-KD (Jafari et al., EMNLP Findings 2022):
+    psi*CE + (1-psi)*max(0, ||z_s - phi(T) z_t||^2 - m*phi(T))."""
+
+    t_max: int = 10
+    anneal_epochs: int = 0  # n in k = floor(n / t_max), T drops every k epochs; 0: distill.train.epochs
+    psi: str = "linear"  # linear: psi = min(epoch / psi_epochs, 1); step: 0 before psi_epochs, then 1
+    psi_epochs: int = 30
+    margin: float = 0.0  # m; the paper does not give its value
+    mse: str = "sum"
+
+    def __post_init__(self) -> None:
+        _require(self.t_max >= 1, f"continuation.t_max must be >= 1, got {self.t_max}")
+        _require(
+            self.anneal_epochs >= 0, f"continuation.anneal_epochs must be >= 0, got {self.anneal_epochs}"
+        )
+        _require(self.psi in ("linear", "step"), f"continuation.psi must be linear or step, got '{self.psi}'")
+        _require(self.psi_epochs >= 1, f"continuation.psi_epochs must be >= 1, got {self.psi_epochs}")
+        _require(self.margin >= 0, f"continuation.margin must be >= 0, got {self.margin}")
+        _require(self.mse in MSE_REDUCTIONS, f"continuation.mse must be sum or mean, got '{self.mse}'")
+
+
+@dataclass(frozen=True)
+class DKDConfig:
+    """Decoupled KD (Zhao et al., CVPR 2022): ce_weight*CE + warmup * (alpha*TCKD + beta*NCKD)."""
+
+    alpha: float = 1.0  # TCKD weight
+    beta: float = 8.0  # NCKD weight
+    ce_weight: float = 1.0
+    warmup_epochs: int = 20  # soft terms scaled by min(epoch / warmup_epochs, 1)
+
+    def __post_init__(self) -> None:
+        _require(
+            min(self.alpha, self.beta, self.ce_weight) >= 0,
+            "dkd.alpha, dkd.beta and dkd.ce_weight must be >= 0",
+        )
+        _require(self.warmup_epochs >= 0, f"dkd.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+
+@dataclass(frozen=True)
+class DISTConfig:
+    """DIST (Huang et al., NeurIPS 2022): ce_weight*CE + weight*(beta*inter + gamma*intra)."""
+
+    beta: float = 1.0  # inter-class (per sample) relation
+    gamma: float = 1.0  # intra-class (per class, across the batch) relation
+    weight: float = 2.0
+    ce_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(min(self.beta, self.gamma, self.weight, self.ce_weight) >= 0, "dist weights must be >= 0")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     method: str = "kd"
-    temperature: float = 4.0
-    alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha on hard-label CE
+    temperature: float = 4.0  # for kd, dkd, dist: the start value of the temperature schedule
+    temperature_schedule: str = "constant"  # constant | linear | cosine | step (towards temperature_end)
+    temperature_end: float = 1.0
+    temperature_steps: int = 4  # levels of the step schedule
+    alpha: float = 0.9  # kd: weight of the soft (teacher) term; 1 - alpha on hard-label CE
+    alpha_schedule: str = "constant"  # constant | linear | cosine | step (towards alpha_end)
+    alpha_end: float = 0.9
     label_smoothing: float = 0.0  # on the hard-label term only
+    standardize: bool = False  # logit standardization (Sun et al., CVPR 2024) before softmax/T; kd, dkd
     seed: int = 0
     memory_budget_mb: int = 2048  # caches up to this size (as float32) are loaded into RAM, else streamed
     train: OptimConfig = field(default_factory=OptimConfig)
+    annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
+    continuation: ContinuationConfig = field(default_factory=ContinuationConfig)
+    dkd: DKDConfig = field(default_factory=DKDConfig)
+    dist: DISTConfig = field(default_factory=DISTConfig)
 
     def __post_init__(self) -> None:
         _require(self.method in LOSSES, f"unknown method '{self.method}': choose one of {', '.join(LOSSES)}")
-        _require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
-        _require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        for name, value in (("temperature", self.temperature), ("temperature_end", self.temperature_end)):
+            _require(value > 0, f"{name} must be positive, got {value}")
+        for name, value in (("alpha", self.alpha), ("alpha_end", self.alpha_end)):
+            _require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
+        for name, kind in (
+            ("temperature_schedule", self.temperature_schedule),
+            ("alpha_schedule", self.alpha_schedule),
+        ):
+            _require(
+                kind in SCHEDULE_KINDS, f"unknown {name} '{kind}': choose one of {', '.join(SCHEDULE_KINDS)}"
+            )
+        _require(self.temperature_steps >= 1, f"temperature_steps must be >= 1, got {self.temperature_steps}")
         _require(
             0.0 <= self.label_smoothing < 1.0,
             f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
+        )
+        _require(
+            not self.standardize or self.method in ("kd", "dkd"),
+            f"standardize applies to kd and dkd, not '{self.method}'",
+        )
+        _require(
+            self.method != "annealing" or self.annealing.phase1_epochs < self.train.epochs,
+            f"annealing.phase1_epochs ({self.annealing.phase1_epochs}) must be smaller than the total "
+            f"epochs ({self.train.epochs}): phase 2 gets the rest",
         )
         _require(self.memory_budget_mb >= 0, f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
 
@@ -133,6 +237,10 @@ class Preset:
     student: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # per-method defaults tuned on validation, applied under CLI overrides: {method: {"dotted.key": value}}
+    method_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # `kd compare` runs: {label: {"dotted.key": value}}
+    compare: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -168,6 +276,17 @@ def load_preset(name_or_path: str) -> Preset:
     return _build(Preset, raw, "")
 
 
+def resolve(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Preset:
+    """A preset with its method's tuned defaults applied, then `overrides` on top (they win)."""
+    preset = load_preset(name_or_path)
+    overrides = dict(overrides or {})
+    method = with_overrides(preset, overrides).distill.method
+    defaults = preset.method_defaults.get(method, {})
+    if not isinstance(defaults, Mapping):
+        raise KDError(f"method_defaults.{method} must be a table of dotted settings")
+    return with_overrides(preset, {**defaults, **overrides})
+
+
 def with_overrides(preset: Preset, overrides: Mapping[str, Any]) -> Preset:
     """Return a copy with dotted keys replaced, e.g. {"distill.temperature": "2"}; values are coerced."""
     for key, value in overrides.items():
@@ -180,14 +299,26 @@ def _replace_path(obj: Any, parts: list[str], value: Any, key: str) -> Any:
     name = parts[0]
     if name not in hints:
         raise KDError(f"unknown setting '{key}': '{name}' is not one of {', '.join(hints)}")
+    current = getattr(obj, name)
     if len(parts) == 1:
         new = _coerce(value, hints[name], key)
+    elif isinstance(current, Mapping):  # e.g. student.options.hidden=[128,128]
+        new = {**current, ".".join(parts[1:]): _parse_literal(value)}
     else:
-        current = getattr(obj, name)
         if not dataclasses.is_dataclass(current):
             raise KDError(f"unknown setting '{key}': '{name}' has no sub-settings")
         new = _replace_path(current, parts[1:], value, key)
     return dataclasses.replace(obj, **{name: new})
+
+
+def _parse_literal(value: Any) -> Any:
+    """A CLI string as JSON when it parses (numbers, lists, true/false), else the string itself."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:

@@ -1,7 +1,9 @@
 """Distillation losses: pure functions of (student_logits, teacher_logits, labels) and their settings.
 
-Shapes: student_logits, teacher_logits (B, C) raw logits; labels (B,) int64. Temperatures are applied
-here to the raw cached logits, so a cache serves every temperature. The T^2 factor lives here only.
+Shapes: student_logits, teacher_logits (B, C) raw logits; labels (B,) int64. Temperatures and transforms
+are applied here to the raw cached logits, so one cache serves every setting. The T^2 factor lives here
+only. Epoch-dependent settings (T, alpha, phi, psi, warm-up) come from `pipeline.schedules`, computed by
+the loop and passed in: no loss hides a schedule.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.targets import standardize as zscore
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -26,9 +30,15 @@ def cross_entropy(
 
 
 def soft_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), summed over classes, mean over the batch."""
+    if standardize:
+        student_logits, teacher_logits = zscore(student_logits), zscore(teacher_logits)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1)  # (B,)
@@ -43,12 +53,130 @@ def hinton_kd(
     temperature: float,
     alpha: float,
     label_smoothing: float = 0.0,
+    standardize: bool = False,
 ) -> torch.Tensor:
     """(1 - alpha) * CE(y) + alpha * T^2 * KL(p_t^T || p_s^T)  (Hinton, Vinyals, Dean 2015)."""
     hard = cross_entropy(student_logits, None, labels, label_smoothing=label_smoothing)
-    return (1.0 - alpha) * hard + alpha * soft_kl(student_logits, teacher_logits, temperature=temperature)
+    soft = soft_kl(student_logits, teacher_logits, temperature=temperature, standardize=standardize)
+    return (1.0 - alpha) * hard + alpha * soft
 
 
-LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "kd": hinton_kd}
+def squared_distance(
+    student_logits: torch.Tensor, target_logits: torch.Tensor, reduction: str = "sum"
+) -> torch.Tensor:
+    """Per-sample ||z_s - target||^2 (B,): summed over classes ("sum", the papers' norm) or averaged ("mean",
+    the authors' F.mse_loss)."""
+    sq = (student_logits - target_logits).pow(2)
+    return sq.sum(1) if reduction == "sum" else sq.mean(1)
+
+
+def annealing(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    phi: float,
+    mse: str = "sum",
+) -> torch.Tensor:
+    """Annealing-KD phase 1 (Jafari et al., EACL 2021): mean over the batch of ||z_s - phi(T)*z_t||^2.
+    No softmax and no temperature on the student; phase 2 is plain `cross_entropy`."""
+    return squared_distance(student_logits, phi * teacher_logits, mse).mean()
+
+
+def continuation(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    phi: float,
+    psi: float,
+    margin: float = 0.0,
+    mse: str = "sum",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Continuation-KD (Jafari et al., EMNLP Findings 2022):
+    psi * CE + (1 - psi) * mean_b max(0, ||z_s - phi(T)*z_t||^2 - m*phi(T))."""
+    hinge = (squared_distance(student_logits, phi * teacher_logits, mse) - margin * phi).clamp_min(0).mean()
+    hard = cross_entropy(student_logits, None, labels, label_smoothing=label_smoothing)
+    return psi * hard + (1.0 - psi) * hinge
+
+
+def dkd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    ce_weight: float = 1.0,
+    warmup: float = 1.0,
+    label_smoothing: float = 0.0,
+    standardize: bool = False,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): ce_weight*CE + warmup * T^2 * (alpha*TCKD + beta*NCKD).
+    TCKD: KL of the binary [p_target, 1 - p_target]; NCKD: KL of the softmax over non-target classes."""
+    hard = cross_entropy(student_logits, None, labels, label_smoothing=label_smoothing)
+    zs, zt = (
+        (zscore(student_logits), zscore(teacher_logits)) if standardize else (student_logits, teacher_logits)
+    )
+    zs, zt = zs / temperature, zt / temperature
+    target = F.one_hot(labels, zs.shape[1]).bool()  # (B, C)
+
+    def binary_log_probs(z: torch.Tensor) -> torch.Tensor:  # (B, 2): log p_target, log(1 - p_target)
+        total = torch.logsumexp(z, dim=1)
+        on = z[target]
+        off = torch.logsumexp(z.masked_fill(target, float("-inf")), dim=1)
+        return torch.stack([on - total, off - total], dim=1)
+
+    tckd = F.kl_div(binary_log_probs(zs), binary_log_probs(zt), reduction="batchmean", log_target=True)
+    # the target class pushed out of the softmax, as in the authors' code (-1000 on the scaled logits)
+    nckd = F.kl_div(
+        F.log_softmax(zs - 1000.0 * target, dim=1),
+        F.log_softmax(zt - 1000.0 * target, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return ce_weight * hard + warmup * temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def _pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """1 - Pearson correlation between matching rows of a and b, averaged over rows."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    return 1.0 - corr.mean()
+
+
+def dist(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    weight: float = 2.0,
+    ce_weight: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """DIST (Huang et al., NeurIPS 2022): ce_weight*CE + weight * T^2 * (beta*inter + gamma*intra), where
+    inter compares each sample's class distribution and intra each class's column across the batch."""
+    hard = cross_entropy(student_logits, None, labels, label_smoothing=label_smoothing)
+    ys = F.softmax(student_logits / temperature, dim=1)
+    yt = F.softmax(teacher_logits / temperature, dim=1)
+    inter = _pearson_distance(ys, yt)
+    intra = _pearson_distance(ys.t(), yt.t())
+    return ce_weight * hard + weight * temperature**2 * (beta * inter + gamma * intra)
+
+
+LOSSES: dict[str, LossFn] = {
+    "ce": cross_entropy,
+    "kd": hinton_kd,
+    "annealing": annealing,
+    "continuation": continuation,
+    "dkd": dkd,
+    "dist": dist,
+}
 # Methods that train from labels alone: they run without a logit cache.
 LABEL_ONLY = frozenset({"ce"})

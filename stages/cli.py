@@ -10,8 +10,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from pipeline.config import Paths, Preset, load_preset, preset_names, with_overrides
+from pipeline.config import Paths, Preset, preset_names, resolve
 from pipeline.errors import KDError
+from pipeline.losses import LOSSES
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -61,15 +62,20 @@ def main(
     _state["paths"] = Paths(data=data_dir, cache=cache_dir)
 
 
-def _preset(name: str, overrides: dict[str, Any], sets: list[str] | None) -> Preset:
+def _pairs(sets: list[str] | None) -> dict[str, str]:
     pairs = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise KDError(f"--set expects KEY=VALUE, got '{item}'")
         pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _preset(name: str, overrides: dict[str, Any], sets: list[str] | None) -> Preset:
+    pairs = _pairs(sets)
     pairs.update({k: v for k, v in overrides.items() if v is not None})
-    return with_overrides(load_preset(name), pairs)
+    return resolve(name, pairs)
 
 
 @app.command("train-teacher")
@@ -95,6 +101,10 @@ def teacher_logits(
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Storage dtype: float16, bfloat16 or float32.")] = None,
     force: Annotated[bool, typer.Option(help="Recompute even when a complete cache exists.")] = False,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint folder to use as teacher, e.g. a run's checkpoint/ (TAKD chaining)."),
+    ] = None,
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -102,14 +112,21 @@ def teacher_logits(
     from stages import teacher_logits as stage
 
     cfg = _preset(preset, {"cache.dtype": dtype}, set_)
-    stage.run(cfg, _state["paths"], splits=tuple(split or ("train", "test")), force=force, device_name=device)
+    stage.run(
+        cfg,
+        _state["paths"],
+        splits=tuple(split or ("train", "test")),
+        force=force,
+        teacher_dir=teacher,
+        device_name=device,
+    )
 
 
 @app.command()
 @friendly
 def distill(
     preset: PresetOpt = "mnist1d",
-    method: Annotated[str | None, typer.Option("--method", "-m", help="ce or kd.")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help=f"One of {', '.join(LOSSES)}.")] = None,
     temperature: Annotated[
         float | None, typer.Option("--temperature", "-T", help="Softmax temperature on the cached logits.")
     ] = None,
@@ -145,6 +162,36 @@ def distill(
     }
     stage.run(
         _preset(preset, overrides, set_), _state["paths"], cache=cache, run_name=run_name, device_name=device
+    )
+
+
+@app.command()
+@friendly
+def compare(
+    preset: PresetOpt = "mnist1d",
+    seeds: Annotated[int, typer.Option(help="Seeds per configuration (0, 1, ...).")] = 3,
+    name: Annotated[
+        str | None, typer.Option(help="Report name under DATA_DIR/reports [default: preset].")
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only these labels of the preset's [compare].")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rerun configurations that already have results.")] = False,
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train every configuration of the preset's [compare] table over several seeds; write a report."""
+    from stages import compare as stage
+
+    stage.run(
+        preset,
+        _state["paths"],
+        seeds=seeds,
+        name=name,
+        only=only,
+        force=force,
+        overrides=_pairs(set_),
+        device_name=device,
     )
 
 

@@ -11,8 +11,11 @@ curves.png, summary.json.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +23,23 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.batches import InMemoryBatches, StreamedBatches, cached_logits_for
-from pipeline.config import DistillConfig, Paths, Preset
+from pipeline.config import DistillConfig, OptimConfig, Paths, Preset
 from pipeline.datasets import Split, load_split, validation_rows
 from pipeline.errors import KDError
 from pipeline.losses import LABEL_ONLY, LOSSES
 from pipeline.models import architecture_record, build_model, save_checkpoint
 from pipeline.plots import plot_curves
+from pipeline.schedules import (
+    alpha_at,
+    annealing_temperature,
+    continuation_temperature,
+    dkd_warmup,
+    phi,
+    psi_at,
+    temperature_at,
+)
 from pipeline.store import LogitStore, find_caches
-from pipeline.train import BatchLoss, EpochRecord, fit, pick_device, seed_everything
+from pipeline.train import EpochRecord, fit, pick_device, seed_everything
 
 console = Console(stderr=True)
 
@@ -39,6 +51,7 @@ def run(
     cache: Path | None = None,
     run_name: str | None = None,
     device_name: str = "auto",
+    verbose: bool = True,
 ) -> dict[str, Any]:
     cfg = preset.distill
     device = pick_device(device_name)
@@ -80,32 +93,49 @@ def run(
     metrics_path.write_text("")
     arch = architecture_record(preset.student, train.num_classes, train.input_shape)
 
-    def on_epoch(record: EpochRecord, improved: bool) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record.__dict__) + "\n")
-        if improved:
-            save_checkpoint(
-                run_dir / "checkpoint",
-                student,
-                arch,
-                {"run_name": name, "epoch": record.epoch, "val_accuracy": record.val_accuracy},
-            )
+    if verbose:
+        console.print(
+            f"distilling {preset.student.arch} with '{cfg.method}' from {source}"
+            f"{'' if store is None else ' ' + store.where} on {device}"
+        )
+    history: list[EpochRecord] = []
+    offset, seconds = 0, 0.0
 
-    console.print(
-        f"distilling {preset.student.arch} with '{cfg.method}' from {source}"
-        f"{'' if store is None else ' ' + store.where} on {device}"
-    )
-    result = fit(
-        student,
-        cfg.train,
-        batches=lambda epoch: batches.epoch(generator),
-        loss_at=lambda epoch: loss_at(cfg, epoch),
-        val=(train.inputs[val_rows], train.labels[val_rows]),
-        test=(test.inputs, test.labels),
-        device=device,
-        on_epoch=on_epoch,
-        desc=cfg.method,
-    )
+    def log_epoch(phase: Phase, offset: int, folder: Path, record: EpochRecord, improved: bool) -> None:
+        settings = _numbers(phase.settings(record.epoch - 1))  # the schedule values this epoch used
+        record = dataclasses.replace(record, epoch=record.epoch + offset)
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps({"phase": phase.name, **dataclasses.asdict(record), **settings}) + "\n")
+        if improved:
+            info = {
+                "run_name": name,
+                "phase": phase.name,
+                "epoch": record.epoch,
+                "val_accuracy": record.val_accuracy,
+            }
+            save_checkpoint(folder, student, arch, info)
+
+    plan = phases(cfg)
+    for i, phase in enumerate(plan):
+        # the last phase's best is the run's checkpoint; earlier phases keep their own
+        folder = run_dir / ("checkpoint" if i == len(plan) - 1 else f"checkpoint-{phase.name}")
+        # fit() starts a fresh optimizer and LR schedule and ends with the phase's best weights loaded,
+        # so a following phase starts from the best checkpoint of the one before
+        result = fit(
+            student,
+            phase.optim,
+            batches=lambda epoch: batches.epoch(generator),
+            loss_at=lambda epoch, phase=phase: functools.partial(LOSSES[phase.loss], **phase.settings(epoch)),
+            val=(train.inputs[val_rows], train.labels[val_rows]),
+            test=(test.inputs, test.labels),
+            device=device,
+            on_epoch=functools.partial(log_epoch, phase, offset, folder),
+            desc=phase.name,
+        )
+        best_epoch = result.best_epoch + offset
+        offset += phase.optim.epochs
+        seconds += result.seconds
     summary = {
         "run_name": name,
         "preset": preset.name,
@@ -113,31 +143,125 @@ def run(
         "temperature": cfg.temperature,
         "alpha": cfg.alpha,
         "label_smoothing": cfg.label_smoothing,
+        "standardize": cfg.standardize,
+        "method_settings": method_settings(cfg),
         "seed": cfg.seed,
         "epochs": cfg.train.epochs,
-        "best_epoch": result.best_epoch,
+        "lr": cfg.train.lr,
+        "best_epoch": best_epoch,
         "student_val_accuracy": result.best_val_accuracy,
         "student_test_accuracy": result.test_accuracy,
         "teacher_test_accuracy": teacher_test_accuracy,
         "teacher": store.manifest.teacher.name if store else None,
         "cache": store.where if store else None,
         "device": str(device),
-        "wall_time_s": round(result.seconds, 2),
+        "wall_time_s": round(seconds, 2),
         "run_dir": str(run_dir),
     }
-    plot_curves(result.history, run_dir / "curves.png", title=f"{name}", teacher_test=teacher_test_accuracy)
+    plot_curves(
+        history, run_dir / "curves.png", title=name, best_epoch=best_epoch, teacher_test=teacher_test_accuracy
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary)
+    if verbose:
+        print_summary(summary)
     return summary
 
 
-def loss_at(cfg: DistillConfig, epoch: int) -> BatchLoss:
-    """The method's loss with this epoch's settings bound (constant for now; schedules plug in here)."""
-    if cfg.method == "ce":
-        return functools.partial(LOSSES["ce"], label_smoothing=cfg.label_smoothing)
-    return functools.partial(
-        LOSSES[cfg.method], temperature=cfg.temperature, alpha=cfg.alpha, label_smoothing=cfg.label_smoothing
-    )
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    loss: str  # a LOSSES key
+    optim: OptimConfig
+    settings: Callable[
+        [int], dict[str, Any]
+    ]  # epoch within the phase (0-based) -> the loss's keyword arguments
+
+
+def phases(cfg: DistillConfig) -> list[Phase]:
+    """The training phases of a method: one for all but Annealing-KD (MSE phase, then CE phase)."""
+    if cfg.method == "annealing":
+        a = cfg.annealing
+        phase1 = dataclasses.replace(cfg.train, epochs=a.phase1_epochs)
+        phase2 = dataclasses.replace(
+            cfg.train, epochs=cfg.train.epochs - a.phase1_epochs, lr=a.phase2_lr or cfg.train.lr
+        )
+        return [
+            Phase("annealing", "annealing", phase1, functools.partial(settings_at, cfg, "annealing")),
+            Phase("annealing-ce", "ce", phase2, functools.partial(settings_at, cfg, "ce")),
+        ]
+    return [Phase(cfg.method, cfg.method, cfg.train, functools.partial(settings_at, cfg, cfg.method))]
+
+
+def settings_at(cfg: DistillConfig, loss: str, epoch: int) -> dict[str, Any]:
+    """Keyword arguments of LOSSES[loss] at this epoch: the schedules are evaluated here, explicitly."""
+    smoothing = {"label_smoothing": cfg.label_smoothing}
+    if loss == "ce":
+        return smoothing
+    if loss == "kd":
+        return {
+            "temperature": temperature_at(epoch, cfg),
+            "alpha": alpha_at(epoch, cfg),
+            **smoothing,
+            "standardize": cfg.standardize,
+        }
+    if loss == "dkd":
+        d = cfg.dkd
+        return {
+            "temperature": temperature_at(epoch, cfg),
+            "alpha": d.alpha,
+            "beta": d.beta,
+            "ce_weight": d.ce_weight,
+            "warmup": dkd_warmup(epoch, d.warmup_epochs),
+            **smoothing,
+            "standardize": cfg.standardize,
+        }
+    if loss == "dist":
+        d = cfg.dist
+        return {
+            "temperature": temperature_at(epoch, cfg),
+            "beta": d.beta,
+            "gamma": d.gamma,
+            "weight": d.weight,
+            "ce_weight": d.ce_weight,
+            **smoothing,
+        }
+    if loss == "annealing":
+        a = cfg.annealing
+        return {"phi": phi(annealing_temperature(epoch, a.phase1_epochs, a.tau_max), a.tau_max), "mse": a.mse}
+    if loss == "continuation":
+        c = cfg.continuation
+        temperature = continuation_temperature(epoch, c.anneal_epochs or cfg.train.epochs, c.t_max)
+        return {
+            "phi": phi(temperature, c.t_max),
+            "psi": psi_at(epoch, c),
+            "margin": c.margin,
+            "mse": c.mse,
+            **smoothing,
+        }
+    raise KDError(f"unknown method '{loss}'")
+
+
+def method_settings(cfg: DistillConfig) -> dict[str, Any]:
+    """The sub-config of the method, for the summary (the full config is in config.json)."""
+    sub = {"annealing": cfg.annealing, "continuation": cfg.continuation, "dkd": cfg.dkd, "dist": cfg.dist}
+    if cfg.method in sub:
+        return dataclasses.asdict(sub[cfg.method])
+    if cfg.method == "kd" and (cfg.temperature_schedule != "constant" or cfg.alpha_schedule != "constant"):
+        return {
+            k: getattr(cfg, k)
+            for k in (
+                "temperature_schedule",
+                "temperature_end",
+                "temperature_steps",
+                "alpha_schedule",
+                "alpha_end",
+            )
+        }
+    return {}
+
+
+def _numbers(settings: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in settings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def default_run_name(preset: Preset) -> str:

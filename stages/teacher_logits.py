@@ -44,9 +44,10 @@ def run(
     *,
     splits: tuple[str, ...] = ("train", "test"),
     force: bool = False,
+    teacher_dir: Path | None = None,
     device_name: str = "auto",
 ) -> list[Path]:
-    folder = paths.teachers / preset.teacher.name
+    folder = teacher_dir if teacher_dir is not None else paths.teachers / preset.teacher.name
     have_teacher = (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
     data = {name: load_split(preset.dataset, name) for name in splits}
     if not have_teacher:
@@ -64,10 +65,12 @@ def run(
             for name in splits:
                 console.print(f"cache hit ({name}, teacher checkpoint absent): {found[name][0].where}")
             return [Path(found[name][0].where) for name in splits]
-        raise KDError(
-            f"no teacher checkpoint at {folder}: run `kd train-teacher --preset {preset.name}` "
-            "(or `make teacher`) first"
+        hint = (
+            "pass a folder holding model.safetensors and config.json"
+            if teacher_dir is not None
+            else f"run `kd train-teacher --preset {preset.name}` (or `make teacher`) first"
         )
+        raise KDError(f"no teacher checkpoint at {folder}: {hint}")
 
     device = pick_device(device_name)
     teacher, record = load_checkpoint(folder)

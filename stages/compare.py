@@ -1,0 +1,191 @@
+"""Compare methods from one cache: every configuration of the preset's [compare] table, several seeds.
+
+    kd compare --preset mnist1d --seeds 3            # = make compare
+
+Each configuration is a set of dotted overrides on the preset (its method's tuned `method_defaults`
+apply underneath). Runs land in data/runs/compare-<name>/<label>-s<seed>/ and are reused when their
+resolved config is unchanged; the report goes to data/reports/<name>/: report.md (mean +- std test
+accuracy, validation accuracy, wall time per run), results.csv (one row per run) and comparison.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import Paths, load_preset, resolve
+from pipeline.errors import KDError
+from pipeline.plots import plot_comparison
+from stages import distill
+
+console = Console(stderr=True)
+
+
+def run(
+    preset_name: str,
+    paths: Paths,
+    *,
+    seeds: int = 3,
+    name: str | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+    overrides: dict[str, Any] | None = None,
+    device_name: str = "auto",
+) -> Path:
+    base = load_preset(preset_name)
+    entries = dict(base.compare)
+    if not entries:
+        raise KDError(
+            f"preset '{base.name}' has no [compare] table: add one (see pipeline/presets/mnist1d.toml)"
+        )
+    if only:
+        unknown = sorted(set(only) - set(entries))
+        if unknown:
+            raise KDError(f"unknown compare label(s) {', '.join(unknown)}: choose from {', '.join(entries)}")
+        entries = {label: entries[label] for label in only}
+    if seeds < 1:
+        raise KDError(f"--seeds must be at least 1, got {seeds}")
+    name = name or base.name
+    # resolve every configuration first, so a bad one fails before any training
+    plans = {
+        label: [
+            resolve(preset_name, {**dict(over), **(overrides or {}), "distill.seed": seed})
+            for seed in range(seeds)
+        ]
+        for label, over in entries.items()
+    }
+
+    results: list[dict[str, Any]] = []
+    for label, presets in plans.items():
+        for preset in presets:
+            run_name = f"compare-{name}/{_slug(label)}-s{preset.distill.seed}"
+            summary = None if force else _reusable(paths.runs / run_name, preset.to_dict())
+            if summary is None:
+                console.print(f"[bold]{label}[/bold] seed {preset.distill.seed}")
+                summary = distill.run(
+                    preset, paths, run_name=run_name, device_name=device_name, verbose=False
+                )
+            else:
+                console.print(f"{label} seed {preset.distill.seed}: reusing {paths.runs / run_name}")
+            results.append({"label": label, **summary})
+
+    report_dir = paths.data / "reports" / name
+    report_dir.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(results)
+    _write_csv(report_dir / "results.csv", results)
+    teacher = next(
+        (r["teacher_test_accuracy"] for r in results if r["teacher_test_accuracy"] is not None), None
+    )
+    (report_dir / "report.md").write_text(markdown(rows, teacher, base.name, seeds, preset_name))
+    plot_comparison(
+        rows, report_dir / "comparison.png", title=f"{base.name}: {seeds} seeds", teacher_test=teacher
+    )
+    _print(rows, teacher)
+    console.print(f"report: {report_dir}/report.md, comparison.png, results.csv")
+    return report_dir
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per label: mean and std of test and validation accuracy (in %), mean wall time."""
+    rows = []
+    for label in dict.fromkeys(r["label"] for r in results):
+        runs = [r for r in results if r["label"] == label]
+        test = [100 * r["student_test_accuracy"] for r in runs]
+        val = [100 * r["student_val_accuracy"] for r in runs]
+        rows.append(
+            {
+                "label": label,
+                "method": runs[0]["method"],
+                "seeds": len(runs),
+                "test": test,
+                "test_mean": statistics.mean(test),
+                "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
+                "val_mean": statistics.mean(val),
+                "val_std": statistics.stdev(val) if len(val) > 1 else 0.0,
+                "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
+            }
+        )
+    return rows
+
+
+def markdown(
+    rows: list[dict[str, Any]], teacher: float | None, preset: str, seeds: int, preset_arg: str
+) -> str:
+    lines = [
+        f"# Method comparison on `{preset}`",
+        "",
+        f"Command: `kd compare --preset {preset_arg} --seeds {seeds}`. Test accuracy at the best-validation "
+        "epoch, mean ± std over seeds; validation selects checkpoints, test is only reported.",
+        "",
+        "| configuration | method | test acc. (%) | val acc. (%) | seeds | wall time / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['method']} | {r['test_mean']:.2f} ± {r['test_std']:.2f} | "
+            f"{r['val_mean']:.2f} ± {r['val_std']:.2f} | {r['seeds']} | {r['wall_time_s']:.1f} s |"
+        )
+    if teacher is not None:
+        lines.append(f"| teacher | | {100 * teacher:.2f} | | | |")
+    lines += ["", "![comparison](comparison.png)", ""]
+    return "\n".join(lines)
+
+
+def _reusable(run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run's summary if it was made with exactly this configuration."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if config.get("preset") == resolved else None
+
+
+def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
+    columns = [
+        "label",
+        "method",
+        "seed",
+        "temperature",
+        "alpha",
+        "lr",
+        "epochs",
+        "best_epoch",
+        "student_val_accuracy",
+        "student_test_accuracy",
+        "teacher_test_accuracy",
+        "wall_time_s",
+        "run_dir",
+    ]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+
+
+def _print(rows: list[dict[str, Any]], teacher: float | None) -> None:
+    table = Table(title="comparison (test accuracy at best validation)")
+    for column in ("configuration", "method", "test %", "val %", "time/run"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for r in rows:
+        table.add_row(
+            r["label"],
+            r["method"],
+            f"{r['test_mean']:.2f} ± {r['test_std']:.2f}",
+            f"{r['val_mean']:.2f} ± {r['val_std']:.2f}",
+            f"{r['wall_time_s']:.1f}s",
+        )
+    if teacher is not None:
+        table.add_row("teacher", "", f"{100 * teacher:.2f}", "", "")
+    Console().print(table)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", label).strip("_")
