@@ -343,9 +343,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
         origin = typing.get_origin(hint)
     if origin is not None and issubclass(origin, Mapping):
-        if isinstance(value, Mapping):
-            return dict(value)
-        raise KDError(f"setting '{key}' must be a table, got {value!r}")
+        parsed = _parse_literal(value)  # a CLI table arrives as JSON: '{"channels": 8}'
+        if isinstance(parsed, Mapping):
+            return dict(parsed)
+        raise KDError(f"setting '{key}' must be a table (JSON object on the command line), got {value!r}")
     try:
         if hint is bool:
             if isinstance(value, str):

@@ -22,6 +22,12 @@ def test_overrides_are_coerced_and_checked() -> None:
     )
     assert preset.distill.temperature == 2.5 and preset.distill.train.epochs == 3
     assert preset.cache.dtype == "bfloat16"
+    assert with_overrides(preset, {"student.options": '{"hidden": [8, 8]}'}).student.options == {
+        "hidden": [8, 8]
+    }
+    assert with_overrides(preset, {"student.options.hidden": "[32]"}).student.options == {"hidden": [32]}
+    with pytest.raises(KDError, match="must be a table"):
+        with_overrides(preset, {"student.options": "8"})
     with pytest.raises(KDError, match="expects int"):
         with_overrides(preset, {"distill.train.epochs": "three"})
     with pytest.raises(KDError, match="unknown setting 'distill.temprature'"):
