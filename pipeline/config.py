@@ -36,6 +36,7 @@ class DatasetConfig:
     num_samples: int = 5000  # mnist1d: total rows before its 80/20 train/test split
     seed: int = 42  # generation seed of the data itself, not of training
     val_size: int = 500  # rows carved from train (deterministically) to select checkpoints
+    options: Mapping[str, Any] = field(default_factory=dict)  # builder-specific, e.g. synthetic shapes
 
     def __post_init__(self) -> None:
         _require(self.num_samples > 0, f"dataset.num_samples must be positive, got {self.num_samples}")
@@ -87,6 +88,7 @@ class CacheConfig:
     dtype: str = "float16"  # storage dtype of the raw logits
     chunk_rows: int = 1024  # rows per chunk: the unit of reading
     shard_chunks: int = 16  # chunks per shard: a shard is the unit of writing
+    codec: str = "zstd"  # zstd | blosc-zstd (byte shuffle) | blosc-bitshuffle: see `make bench` for sizes
     zstd_level: int = 3
     batch_size: int = 512  # teacher inference batch
 
@@ -97,6 +99,10 @@ class CacheConfig:
         )
         _require(self.chunk_rows >= 1, f"cache.chunk_rows must be at least 1, got {self.chunk_rows}")
         _require(self.shard_chunks >= 1, f"cache.shard_chunks must be at least 1, got {self.shard_chunks}")
+        _require(
+            self.codec in ("zstd", "blosc-zstd", "blosc-bitshuffle"),
+            f"unknown cache codec '{self.codec}': choose zstd, blosc-zstd or blosc-bitshuffle",
+        )
         _require(1 <= self.zstd_level <= 22, f"cache.zstd_level must be in 1..22, got {self.zstd_level}")
         _require(self.batch_size >= 1, f"cache.batch_size must be at least 1, got {self.batch_size}")
 

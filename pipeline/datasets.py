@@ -6,8 +6,10 @@ labels and input bytes) is how stage 2 proves a cache was computed on the very d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +55,15 @@ def load_split(cfg: DatasetConfig, split: str) -> Split:
         raise KDError(f"unknown split '{split}': choose one of {', '.join(SPLITS)}")
     if cfg.name not in DATASETS:
         raise KDError(f"unknown dataset '{cfg.name}': choose one of {', '.join(sorted(DATASETS))}")
-    return DATASETS[cfg.name](cfg)[split]
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    if key not in _built:
+        if len(_built) >= 4:  # a few datasets stay built: stages and tests ask for the same ones again
+            _built.pop(next(iter(_built)))
+        _built[key] = DATASETS[cfg.name](cfg)
+    return _built[key][split]
+
+
+_built: dict[str, dict[str, Split]] = {}
 
 
 def validation_rows(num_rows: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +74,6 @@ def validation_rows(num_rows: int, val_size: int, seed: int) -> tuple[torch.Tens
     return order[val_size:].sort().values, order[:val_size].sort().values
 
 
-@functools.lru_cache(maxsize=4)
 def _mnist1d(cfg: DatasetConfig) -> dict[str, Split]:
     """MNIST-1D (Greydanus 2020), generated locally: never `get_dataset()`, which tries a download."""
     from mnist1d.data import get_dataset_args, make_dataset
@@ -94,4 +103,37 @@ def _mnist1d(cfg: DatasetConfig) -> dict[str, Split]:
     }
 
 
-DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {"mnist1d": _mnist1d}
+def _synthetic_images(cfg: DatasetConfig) -> dict[str, Split]:
+    """CIFAR-shaped synthetic images (default 3x32x32, 100 classes): a fixed random template per class
+    plus noise, 80/20 train/test. For benchmarks and tests where no real images may be downloaded."""
+    shape = tuple(cfg.options.get("shape", (3, 32, 32)))
+    num_classes = int(cfg.options.get("num_classes", 100))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    templates = torch.randn(num_classes, *shape, generator=generator)
+    labels = torch.randint(0, num_classes, (cfg.num_samples,), generator=generator)
+    inputs = templates[labels] + 1.5 * torch.randn(cfg.num_samples, *shape, generator=generator)
+    num_train = int(0.8 * cfg.num_samples)
+    preprocessing = {
+        "inputs": f"synthetic class templates + N(0, 1.5^2) noise, float32, shape {list(shape)}",
+        "normalization": "none",
+        "generator": {"seed": cfg.seed, "num_classes": num_classes},
+    }
+
+    def split(name: str, rows: slice) -> Split:
+        return Split(
+            dataset="synthetic-images",
+            split=name,
+            inputs=inputs[rows].contiguous(),
+            labels=labels[rows].contiguous(),
+            ids=torch.arange(cfg.num_samples)[rows].contiguous(),
+            num_classes=num_classes,
+            preprocessing=preprocessing,
+        )
+
+    return {"train": split("train", slice(0, num_train)), "test": split("test", slice(num_train, None))}
+
+
+DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
+    "mnist1d": _mnist1d,
+    "synthetic-images": _synthetic_images,
+}

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import KDError
 
@@ -148,6 +148,19 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+CODECS = ("zstd", "blosc-zstd", "blosc-bitshuffle")
+
+
+def compressors(codec: str, level: int, itemsize: int) -> list[Any]:
+    """Zarr v3 codecs by name: plain zstd, or Blosc-zstd after a byte (or bit) shuffle."""
+    if codec == "zstd":
+        return [ZstdCodec(level=level)]
+    if codec in ("blosc-zstd", "blosc-bitshuffle"):
+        shuffle = "shuffle" if codec == "blosc-zstd" else "bitshuffle"
+        return [BloscCodec(cname="zstd", clevel=min(level, 9), shuffle=shuffle, typesize=itemsize)]
+    raise KDError(f"unknown codec '{codec}': choose one of {', '.join(CODECS)}")
+
+
 def encode_logits(logits: torch.Tensor, dtype: str) -> np.ndarray:
     """float logits (B, C) -> the on-disk array for a storage dtype."""
     if dtype == "bfloat16":
@@ -180,7 +193,6 @@ class LogitStore:
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
             raise KDError(f"a cache already exists at {where}: remove it or pass --force") from None
         n, c, st = manifest.dataset.length, manifest.dataset.num_classes, manifest.storage
-        codec = [ZstdCodec(level=st.level)]
         chunk, shard = st.chunk_rows, st.shard_rows  # may exceed n: zarr keeps edge chunks partial
         group.create_array(
             "logits",
@@ -188,7 +200,7 @@ class LogitStore:
             chunks=(chunk, c),
             shards=(shard, c),
             dtype=DISK_DTYPES[st.dtype],
-            compressors=codec,
+            compressors=compressors(st.codec, st.level, np.dtype(DISK_DTYPES[st.dtype]).itemsize),
             fill_value=0,
         )
         for name in ("labels", "index"):
@@ -198,7 +210,7 @@ class LogitStore:
                 chunks=(chunk,),
                 shards=(shard,),
                 dtype="int64",
-                compressors=codec,
+                compressors=compressors(st.codec, st.level, 8),
                 fill_value=-1,
             )
         num_shards = -(-n // shard)

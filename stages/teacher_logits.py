@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from pipeline.config import Paths, Preset
 from pipeline.datasets import Split, load_split
 from pipeline.errors import KDError
-from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, fingerprint, load_checkpoint
+from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, fingerprint, load_checkpoint, prefers_channels_last
 from pipeline.store import (
     DatasetInfo,
     LogitStore,
@@ -85,6 +86,7 @@ def run(
         dtype=preset.cache.dtype,
         chunk_rows=preset.cache.chunk_rows,
         shard_rows=preset.cache.shard_rows,
+        codec=preset.cache.codec,
         level=preset.cache.zstd_level,
     )
     return [
@@ -133,22 +135,47 @@ def _dump(
     path.parent.mkdir(parents=True, exist_ok=True)
     store = LogitStore.create(path, manifest, overwrite=True)
 
+    started = time.perf_counter()
+    stats = write_logits(teacher, split, store, device, preset.cache.batch_size, progress=True)
+    n, seconds = len(split), time.perf_counter() - started
+    store.finish(**stats)
+    console.print(
+        f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
+        f"{stats['teacher_accuracy']:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, {n / seconds:,.0f} samples/s)"
+    )
+    return path
+
+
+def write_logits(
+    teacher: torch.nn.Module,
+    split: Split,
+    store: LogitStore,
+    device: torch.device,
+    batch_size: int,
+    *,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the teacher over `split` in order and write every shard of `store` (a background thread
+    compresses and writes while the teacher computes). Returns the manifest's accuracy and logit stats."""
+    channels_last = split.inputs.dim() == 4 and prefers_channels_last(teacher)
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
     writer = ShardWriter(store)
     correct, norm_sum, maxprob_sum = 0, 0.0, 0.0
-    batch_size = preset.cache.batch_size
-    started = time.perf_counter()
     bar = tqdm(
         total=len(split),
         desc=f"teacher-logits {split.split}",
         unit="sample",
         unit_scale=True,
-        disable=None,
+        disable=None if progress else True,
         dynamic_ncols=True,
     )
     try:
         with torch.inference_mode():
             for start in range(0, len(split), batch_size):
                 x = split.inputs[start : start + batch_size].to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 logits = teacher(x).float().cpu()  # (B, C) raw
                 labels, ids = split.labels[start : start + batch_size], split.ids[start : start + batch_size]
                 writer.add(logits, labels, ids)
@@ -162,13 +189,8 @@ def _dump(
     finally:
         bar.close()
     writer.close()
-    n, seconds = len(split), time.perf_counter() - started
-    store.finish(
-        teacher_accuracy=correct / n,
-        logit_stats={"mean_l2_norm": norm_sum / n, "mean_max_softmax": maxprob_sum / n},
-    )
-    console.print(
-        f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
-        f"{correct / n:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, {n / seconds:,.0f} samples/s)"
-    )
-    return path
+    n = len(split)
+    return {
+        "teacher_accuracy": correct / n,
+        "logit_stats": {"mean_l2_norm": norm_sum / n, "mean_max_softmax": maxprob_sum / n},
+    }

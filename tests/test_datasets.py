@@ -6,7 +6,7 @@ import torch
 
 from pipeline.batches import InMemoryBatches, StreamedBatches, cached_logits_for, positions_of
 from pipeline.config import load_preset
-from pipeline.datasets import _mnist1d, load_split, validation_rows
+from pipeline.datasets import _built, load_split, validation_rows
 from pipeline.store import DatasetInfo, LogitStore, Manifest, ShardWriter, StorageInfo, TeacherInfo
 
 
@@ -15,7 +15,7 @@ def test_mnist1d_is_deterministic_with_disjoint_ids() -> None:
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     assert (len(train), len(test)) == (800, 200) and train.input_shape == (40,)
     assert not set(train.ids.tolist()) & set(test.ids.tolist())
-    _mnist1d.cache_clear()
+    _built.clear()
     again = load_split(cfg, "train")
     assert again is not train and again.fingerprint == train.fingerprint
     other = load_split(dataclasses.replace(cfg, seed=7), "train")
