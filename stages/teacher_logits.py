@@ -141,7 +141,8 @@ def _dump(
     store.finish(**stats)
     console.print(
         f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
-        f"{stats['teacher_accuracy']:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, {n / seconds:,.0f} samples/s)"
+        f"{stats['teacher_accuracy']:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, "
+        f"{n / seconds:,.0f} samples/s)"
     )
     return path
 
