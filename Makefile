@@ -2,6 +2,7 @@
 #   make distill                        venv + demo teacher + its logits + a student (MNIST-1D, CPU ok)
 #   make distill PRESET=mnist1d METHOD=kd T=4 ALPHA=0.9 EPOCHS=40 SEED=1
 #   make compare                        every method x 3 seeds from one cache -> data/reports/
+#   make bench                          timings and sizes -> data/bench/bench.md
 #   make test                           the test suite
 # Every target skips work already done (venv, teacher checkpoint, complete caches).
 
@@ -23,7 +24,7 @@ STAMP := $(VENV)/.installed
 DISTILL_OPTS := $(if $(METHOD),--method $(METHOD)) $(if $(T),--temperature $(T)) \
                 $(if $(ALPHA),--alpha $(ALPHA)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEED),--seed $(SEED))
 
-.PHONY: setup train-teacher teacher teacher-logits distill compare test lint clean-data
+.PHONY: setup train-teacher teacher teacher-logits distill compare bench test lint clean-data
 
 setup: $(STAMP)
 
@@ -46,6 +47,9 @@ distill: teacher-logits
 compare: teacher-logits
 	$(KD) compare --preset $(PRESET) $(ARGS)
 
+bench: teacher
+	$(KD) bench $(ARGS)
+
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
 
@@ -54,4 +58,4 @@ lint: setup
 	$(BIN)/ruff format --check pipeline stages tests
 
 clean-data:
-	rm -rf data/teachers data/logits data/runs data/reports
+	rm -rf data/teachers data/logits data/runs data/reports data/bench

@@ -72,7 +72,8 @@ def cached_logits_for(store: LogitStore, split: Split) -> torch.Tensor:
 
 
 class StreamedBatches:
-    """Chunk-shuffled reads from the store; inputs fetched by sample id; rows outside `rows` skipped."""
+    """Block-shuffled reads from the store (see LogitStore.iter_shuffled); inputs fetched by sample id;
+    rows outside `rows` are skipped."""
 
     def __init__(
         self,
@@ -81,17 +82,17 @@ class StreamedBatches:
         rows: torch.Tensor,
         batch_size: int,
         device: torch.device,
-        buffer_chunks: int = 8,
+        buffer_blocks: int = 4,
     ) -> None:
         self.store, self.split = store, split
         self.keep = torch.zeros(len(split), dtype=torch.bool)
         self.keep[rows] = True
-        self.batch_size, self.device, self.buffer_chunks = batch_size, device, buffer_chunks
+        self.batch_size, self.device, self.buffer_blocks = batch_size, device, buffer_blocks
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
         carry_pos = torch.empty(0, dtype=torch.int64)
         carry_zt = torch.empty(0, self.store.num_classes)
-        for logits, ids in self.store.iter_chunks_shuffled(generator, self.buffer_chunks):
+        for logits, ids in self.store.iter_shuffled(generator, buffer_blocks=self.buffer_blocks):
             pos = positions_of(ids, self.split.ids)
             keep = self.keep[pos]
             pos, zt = torch.cat([carry_pos, pos[keep]]), torch.cat([carry_zt, logits[keep]])

@@ -15,11 +15,13 @@ reading. Only raw logits are stored: temperatures and transforms are applied at 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import queue
 import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -203,11 +205,11 @@ class LogitStore:
             compressors=compressors(st.codec, st.level, np.dtype(DISK_DTYPES[st.dtype]).itemsize),
             fill_value=0,
         )
-        for name in ("labels", "index"):
+        for name in ("labels", "index"):  # 8 bytes a row: one chunk per shard, still one writer per shard
             group.create_array(
                 name,
                 shape=(n,),
-                chunks=(chunk,),
+                chunks=(shard,),
                 shards=(shard,),
                 dtype="int64",
                 compressors=compressors(st.codec, st.level, 8),
@@ -295,34 +297,55 @@ class LogitStore:
                 "re-run `kd teacher-logits` to finish it"
             )
 
+    @functools.cached_property
+    def logits_array(self) -> zarr.Array:
+        return self.group["logits"]  # opened once: every lookup re-reads the array's metadata
+
+    @functools.cached_property
+    def ids(self) -> torch.Tensor:
+        """The sample ids (N,), read once (8 bytes a row), so streaming reads fetch logits alone."""
+        return torch.from_numpy(np.asarray(self.group["index"][:]))
+
     def read_all(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits float32 (N, C), labels (N,), ids (N,)), read chunk by chunk into memory."""
-        logits = decode_logits(self.group["logits"][:], self.manifest.storage.dtype)
+        """(logits float32 (N, C), labels (N,), ids (N,)), each array read in one call."""
+        logits = decode_logits(self.logits_array[:], self.manifest.storage.dtype)
         labels = torch.from_numpy(np.asarray(self.group["labels"][:]))
-        ids = torch.from_numpy(np.asarray(self.group["index"][:]))
-        return logits, labels, ids
+        return logits, labels, self.ids
 
     def read_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits float32, ids) of rows [start, stop): use chunk-aligned ranges."""
-        logits = decode_logits(self.group["logits"][start:stop], self.manifest.storage.dtype)
-        return logits, torch.from_numpy(np.asarray(self.group["index"][start:stop]))
+        """(logits float32, ids) of rows [start, stop): use chunk- or shard-aligned ranges."""
+        return decode_logits(self.logits_array[start:stop], self.manifest.storage.dtype), self.ids[start:stop]
 
-    def iter_chunks_shuffled(
-        self, generator: torch.Generator, buffer_chunks: int = 8
+    def iter_shuffled(
+        self, generator: torch.Generator, *, block_rows: int | None = None, buffer_blocks: int = 4
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Stream (logits, ids) in shuffled order without scattered reads: whole chunks in random order,
-        rows shuffled within a buffer of `buffer_chunks` chunks."""
-        starts = list(range(0, self.num_rows, self.chunk_rows))
+        """Stream (logits, ids) in shuffled order without scattered reads: contiguous blocks (default a
+        whole shard, the unit of storage, read in one call) in random order, then rows shuffled within a
+        buffer of `buffer_blocks` blocks. The next buffer is read by a background thread while this one
+        is used; rows are shuffled in the storage dtype, then converted. Pass block_rows=chunk_rows to
+        bound memory on huge shards."""
+        block = block_rows or self.shard_rows
+        starts = list(range(0, self.num_rows, block))
         order = torch.randperm(len(starts), generator=generator).tolist()
-        for first in range(0, len(order), buffer_chunks):
-            parts = [
-                self.read_rows(starts[i], min(starts[i] + self.chunk_rows, self.num_rows))
-                for i in order[first : first + buffer_chunks]
-            ]
-            logits = torch.cat([p[0] for p in parts])
-            ids = torch.cat([p[1] for p in parts])
-            perm = torch.randperm(len(ids), generator=generator)
-            yield logits[perm], ids[perm]
+        buffers = [order[i : i + buffer_blocks] for i in range(0, len(order), buffer_blocks)]
+
+        def load(blocks: list[int]) -> tuple[np.ndarray, torch.Tensor]:
+            ranges = [(starts[i], min(starts[i] + block, self.num_rows)) for i in blocks]
+            raw = np.concatenate([self.logits_array[a:b] for a, b in ranges])
+            return raw, torch.cat([self.ids[a:b] for a, b in ranges])
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool:
+            pending = pool.submit(load, buffers[0]) if buffers else None
+            for k in range(len(buffers)):
+                assert pending is not None
+                raw, ids = pending.result()
+                if k + 1 < len(buffers):
+                    pending = pool.submit(load, buffers[k + 1])
+                perm = torch.randperm(len(ids), generator=generator)
+                yield (
+                    decode_logits(np.take(raw, perm.numpy(), axis=0), self.manifest.storage.dtype),
+                    ids[perm],
+                )
 
     def nbytes_stored(self) -> int:
         return sum(int(self.group[name].nbytes_stored()) for name in ("logits", "labels", "index", "done"))

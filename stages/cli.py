@@ -195,6 +195,22 @@ def compare(
     )
 
 
+@app.command()
+@friendly
+def bench(
+    quick: Annotated[bool, typer.Option(help="Small sizes, 2 repetitions: a smoke run.")] = False,
+    reps: Annotated[int | None, typer.Option(help="Repetitions per figure [default: 5, quick: 2].")] = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Workload(s) to run: mnist1d, cifar-synthetic.")
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Measure dump overhead, cached-KD overhead, online-KD speed-up, storage and read throughput."""
+    from stages import bench as stage
+
+    stage.run(_state["paths"], quick=quick, reps=reps, device_name=device, only=only)
+
+
 @cache_app.command("info")
 @friendly
 def cache_info(

@@ -82,23 +82,13 @@ def run(
         fingerprint=fingerprint(teacher, record["architecture"]),
         train_accuracy=record.get("train_accuracy"),
     )
-    storage = StorageInfo(
-        dtype=preset.cache.dtype,
-        chunk_rows=preset.cache.chunk_rows,
-        shard_rows=preset.cache.shard_rows,
-        codec=preset.cache.codec,
-        level=preset.cache.zstd_level,
-    )
-    return [
-        _dump(teacher, teacher_info, data[name], storage, preset, paths, device, force) for name in splits
-    ]
+    return [_dump(teacher, teacher_info, data[name], preset, paths, device, force) for name in splits]
 
 
 def _dump(
     teacher: torch.nn.Module,
     teacher_info: TeacherInfo,
     split: Split,
-    storage: StorageInfo,
     preset: Preset,
     paths: Paths,
     device: torch.device,
@@ -109,6 +99,14 @@ def _dump(
             f"teacher '{teacher_info.name}' has {teacher_info.architecture['num_classes']} classes but "
             f"{split.dataset} has {split.num_classes}: pick a matching teacher or dataset"
         )
+    chunk_rows = preset.cache.chunk_rows_for(split.num_classes)
+    storage = StorageInfo(
+        dtype=preset.cache.dtype,
+        chunk_rows=chunk_rows,
+        shard_rows=chunk_rows * preset.cache.shard_chunks,
+        codec=preset.cache.codec,
+        level=preset.cache.zstd_level,
+    )
     manifest = Manifest(
         teacher=teacher_info,
         dataset=DatasetInfo(

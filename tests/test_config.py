@@ -12,7 +12,7 @@ def test_presets_load(name: str) -> None:
     preset = load_preset(name)
     assert preset.name == name
     assert preset.distill.method in LOSSES
-    assert preset.cache.shard_rows % preset.cache.chunk_rows == 0
+    assert preset.cache.chunk_rows_for(10) >= 1
 
 
 def test_overrides_are_coerced_and_checked() -> None:
@@ -48,6 +48,15 @@ def test_overrides_are_coerced_and_checked() -> None:
 def test_bad_values_are_refused(key: str, value: str, message: str) -> None:
     with pytest.raises(KDError, match=message):
         with_overrides(load_preset("tiny"), {key: value})
+
+
+def test_automatic_chunk_rows_target_a_mebibyte() -> None:
+    from pipeline.config import CacheConfig
+
+    assert CacheConfig(chunk_rows=0).chunk_rows_for(100) == 4096  # 4096 x 100 x 2 B = 800 KiB
+    assert CacheConfig(chunk_rows=0, dtype="float32").chunk_rows_for(1000) == 256
+    assert CacheConfig(chunk_rows=0).chunk_rows_for(100_000) == 256  # floor for huge vocabularies
+    assert CacheConfig(chunk_rows=64).chunk_rows_for(100) == 64
 
 
 def test_unknown_preset() -> None:

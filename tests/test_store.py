@@ -120,17 +120,18 @@ def test_open_errors_are_one_line(tmp_path) -> None:
         LogitStore.open(tmp_path / "plain.zarr")
 
 
-def test_chunk_shuffled_stream_reads_every_row_once(tmp_path) -> None:
+@pytest.mark.parametrize(("block_rows", "parts"), [(None, 2), (4, 3)])
+def test_shuffled_stream_reads_every_row_once(tmp_path, block_rows: int | None, parts: int) -> None:
     store = LogitStore.create(tmp_path / "c.zarr", make_manifest())
     logits = torch.randn(N, C)
     fill(store, logits)
-    parts = list(store.iter_chunks_shuffled(torch.Generator().manual_seed(0), buffer_chunks=2))
-    got_logits, got_ids = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    got = list(store.iter_shuffled(torch.Generator().manual_seed(0), block_rows=block_rows, buffer_blocks=2))
+    got_logits, got_ids = torch.cat([p[0] for p in got]), torch.cat([p[1] for p in got])
     assert sorted(got_ids.tolist()) == list(range(100, 100 + N))
     assert torch.equal(got_logits, logits[got_ids - 100])
     assert got_ids.tolist() != list(range(100, 100 + N))  # actually shuffled
-    # each buffer holds whole chunks: 2 chunks of 4 rows, except where the 1-row tail chunk is drawn
-    assert sum(len(p[1]) for p in parts) == N and len(parts) == 3
+    # buffers of 2 blocks: shards of 8 rows (8+8, then the 5-row tail) or chunks of 4 rows (6 blocks)
+    assert len(got) == parts
 
 
 def test_manifest_round_trip_and_key() -> None:

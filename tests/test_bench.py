@@ -1,0 +1,38 @@
+"""`kd bench --quick` writes every figure; values are checked for sense, timings never against goals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import Paths
+from pipeline.store import CODECS
+from tests.test_cli import kd
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_all_figures(tmp_path) -> None:
+    paths = Paths(data=tmp_path)
+    result = kd(paths, "bench", "--quick", "--reps", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert set(report["workloads"]) == {"tiny", "cifar-synthetic"}
+    for w in report["workloads"].values():
+        for ratio in (
+            w["dump"]["ratio"],
+            w["distill"]["cached_kd_overhead"],
+            w["distill"]["online_over_cached"],
+        ):
+            assert ratio["min"] <= ratio["median"] <= ratio["max"] and ratio["median"] > 0
+        sizes = w["storage"]["bytes_per_logit"]
+        assert set(sizes) == {f"{d}+{c}" for d in ("float32", "float16", "bfloat16") for c in CODECS}
+        assert all(0 < v < 4.5 for v in sizes.values())
+        errors = w["storage"]["max_abs_prob_error"]
+        assert all(v == 0 for v in errors["float32"].values())
+        assert (
+            0 < errors["float16"]["T=1"] < errors["bfloat16"]["T=1"] < 1e-2
+        )  # bf16 keeps fewer mantissa bits
+        assert w["read"]["rows_per_s"]["streamed"] > 0 and w["read"]["rows"] >= 20_000
+    text = (tmp_path / "bench" / "bench.md").read_text()
+    assert "1. dump overhead" in text and "cifar-synthetic" in text
