@@ -172,9 +172,17 @@ def encode_logits(logits: torch.Tensor, dtype: str) -> np.ndarray:
 
 def decode_logits(stored: np.ndarray, dtype: str) -> torch.Tensor:
     """The on-disk array -> float32 logits (B, C)."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(stored)).float()
+    return _to_float(_as_tensor(stored), dtype)
+
+
+def _as_tensor(stored: np.ndarray) -> torch.Tensor:
+    """Zero-copy torch view of an on-disk array (uint16 bfloat16 bits as int16)."""
+    stored = np.ascontiguousarray(stored)
+    return torch.from_numpy(stored.view(np.int16) if stored.dtype == np.uint16 else stored)
+
+
+def _to_float(raw: torch.Tensor, dtype: str) -> torch.Tensor:
+    return (raw.view(torch.bfloat16) if dtype == "bfloat16" else raw).float()
 
 
 class LogitStore:
@@ -184,6 +192,13 @@ class LogitStore:
         self.group = group
         self.where = where
         self.manifest = Manifest.from_dict(group.attrs.asdict())
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def array(self, name: str) -> zarr.Array:
+        """logits, labels, index or done; opened once (each group lookup re-reads the array's metadata)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     # -- creating and writing ---------------------------------------------------------------------
     @classmethod
@@ -222,24 +237,24 @@ class LogitStore:
 
     @property
     def num_rows(self) -> int:
-        return int(self.group["logits"].shape[0])
+        return int(self.array("logits").shape[0])
 
     @property
     def num_classes(self) -> int:
-        return int(self.group["logits"].shape[1])
+        return int(self.array("logits").shape[1])
 
     @property
     def chunk_rows(self) -> int:
-        return int(self.group["logits"].chunks[0])
+        return int(self.array("logits").chunks[0])
 
     @property
     def shard_rows(self) -> int:
-        shards = self.group["logits"].shards
+        shards = self.array("logits").shards
         return int(shards[0]) if shards else self.chunk_rows
 
     @property
     def num_shards(self) -> int:
-        return int(self.group["done"].shape[0])
+        return int(self.array("done").shape[0])
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_rows
@@ -252,13 +267,13 @@ class LogitStore:
             raise ValueError(
                 f"shard {shard} needs {(stop - start, self.num_classes)} logits, got {logits.shape}"
             )
-        self.group["logits"][start:stop] = logits
-        self.group["labels"][start:stop] = labels
-        self.group["index"][start:stop] = ids
-        self.group["done"][shard] = True
+        self.array("logits")[start:stop] = logits
+        self.array("labels")[start:stop] = labels
+        self.array("index")[start:stop] = ids
+        self.array("done")[shard] = True
 
     def shards_done(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:], dtype=bool)
+        return np.asarray(self.array("done")[:], dtype=bool)
 
     def finish(self, **updates: Any) -> None:
         """Record final statistics, then `complete: true`, last, once every shard is done."""
@@ -298,23 +313,21 @@ class LogitStore:
             )
 
     @functools.cached_property
-    def logits_array(self) -> zarr.Array:
-        return self.group["logits"]  # opened once: every lookup re-reads the array's metadata
-
-    @functools.cached_property
     def ids(self) -> torch.Tensor:
         """The sample ids (N,), read once (8 bytes a row), so streaming reads fetch logits alone."""
-        return torch.from_numpy(np.asarray(self.group["index"][:]))
+        return torch.from_numpy(np.asarray(self.array("index")[:]))
 
     def read_all(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits float32 (N, C), labels (N,), ids (N,)), each array read in one call."""
-        logits = decode_logits(self.logits_array[:], self.manifest.storage.dtype)
-        labels = torch.from_numpy(np.asarray(self.group["labels"][:]))
+        logits = decode_logits(self.array("logits")[:], self.manifest.storage.dtype)
+        labels = torch.from_numpy(np.asarray(self.array("labels")[:]))
         return logits, labels, self.ids
 
     def read_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits float32, ids) of rows [start, stop): use chunk- or shard-aligned ranges."""
-        return decode_logits(self.logits_array[start:stop], self.manifest.storage.dtype), self.ids[start:stop]
+        return decode_logits(self.array("logits")[start:stop], self.manifest.storage.dtype), self.ids[
+            start:stop
+        ]
 
     def iter_shuffled(
         self, generator: torch.Generator, *, block_rows: int | None = None, buffer_blocks: int = 4
@@ -329,9 +342,9 @@ class LogitStore:
         order = torch.randperm(len(starts), generator=generator).tolist()
         buffers = [order[i : i + buffer_blocks] for i in range(0, len(order), buffer_blocks)]
 
-        def load(blocks: list[int]) -> tuple[np.ndarray, torch.Tensor]:
+        def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             ranges = [(starts[i], min(starts[i] + block, self.num_rows)) for i in blocks]
-            raw = np.concatenate([self.logits_array[a:b] for a, b in ranges])
+            raw = torch.cat([_as_tensor(self.array("logits")[a:b]) for a, b in ranges])  # storage dtype
             return raw, torch.cat([self.ids[a:b] for a, b in ranges])
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool:
@@ -342,13 +355,10 @@ class LogitStore:
                 if k + 1 < len(buffers):
                     pending = pool.submit(load, buffers[k + 1])
                 perm = torch.randperm(len(ids), generator=generator)
-                yield (
-                    decode_logits(np.take(raw, perm.numpy(), axis=0), self.manifest.storage.dtype),
-                    ids[perm],
-                )
+                yield _to_float(raw[perm], self.manifest.storage.dtype), ids[perm]  # gather, then widen
 
     def nbytes_stored(self) -> int:
-        return sum(int(self.group[name].nbytes_stored()) for name in ("logits", "labels", "index", "done"))
+        return sum(int(self.array(name).nbytes_stored()) for name in ("logits", "labels", "index", "done"))
 
 
 class ShardWriter:
