@@ -39,10 +39,10 @@ def soft_kl(
     """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), summed over classes, mean over the batch."""
     if standardize:
         student_logits, teacher_logits = zscore(student_logits), zscore(teacher_logits)
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)  # (B, C)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1)  # (B,)
-    return kl.mean() * temperature**2
+    # batchmean = sum over classes, mean over rows, in one op (this runs every batch: fewer ops, less time)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
 def hinton_kd(
