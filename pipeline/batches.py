@@ -104,6 +104,8 @@ class StreamedBatches:
             yield self._batch(carry_pos, carry_zt)
 
     def _batch(self, pos: torch.Tensor, zt: torch.Tensor) -> Batch:
-        return Batch(
-            self.split.inputs[pos].to(self.device), self.split.labels[pos].to(self.device), zt.to(self.device)
-        )
+        parts = (self.split.inputs[pos], self.split.labels[pos], zt)
+        if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
+            parts = tuple(p.pin_memory() for p in parts)
+        inputs, labels, logits = (p.to(self.device, non_blocking=True) for p in parts)
+        return Batch(inputs, labels, logits)

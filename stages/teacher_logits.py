@@ -159,6 +159,9 @@ def write_logits(
     channels_last = split.inputs.dim() == 4 and prefers_channels_last(teacher)
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
+    inputs = (
+        split.inputs.pin_memory() if device.type == "cuda" else split.inputs
+    )  # async host-to-device copies
     writer = ShardWriter(store)
     correct, norm_sum, maxprob_sum = 0, 0.0, 0.0
     bar = tqdm(
@@ -172,7 +175,7 @@ def write_logits(
     try:
         with torch.inference_mode():
             for start in range(0, len(split), batch_size):
-                x = split.inputs[start : start + batch_size].to(device, non_blocking=True)
+                x = inputs[start : start + batch_size].to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 logits = teacher(x).float().cpu()  # (B, C) raw
