@@ -11,7 +11,6 @@ accuracy, validation accuracy, wall time per run), results.csv (one row per run)
 from __future__ import annotations
 
 import csv
-import json
 import re
 import statistics
 from pathlib import Path
@@ -66,7 +65,7 @@ def run(
     for label, presets in plans.items():
         for preset in presets:
             run_name = f"compare-{name}/{_slug(label)}-s{preset.distill.seed}"
-            summary = None if force else _reusable(paths.runs / run_name, preset.to_dict())
+            summary = None if force else distill.finished_summary(paths.runs / run_name, preset)
             if summary is None:
                 console.print(f"[bold]{label}[/bold] seed {preset.distill.seed}")
                 summary = distill.run(
@@ -136,16 +135,6 @@ def markdown(
         lines.append(f"| teacher | | {100 * teacher:.2f} | | | |")
     lines += ["", "![comparison](comparison.png)", ""]
     return "\n".join(lines)
-
-
-def _reusable(run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any] | None:
-    """A finished run's summary if it was made with exactly this configuration."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return summary if config.get("preset") == resolved else None
 
 
 def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -50,121 +51,189 @@ def run(
     *,
     cache: Path | None = None,
     run_name: str | None = None,
+    run_dir: Path | None = None,
     device_name: str = "auto",
     verbose: bool = True,
 ) -> dict[str, Any]:
     cfg = preset.distill
     device = pick_device(device_name)
     generator = seed_everything(cfg.seed)
-    train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
-    train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
-
-    store = _open_cache(preset, paths, train, cache, required=cfg.method not in LABEL_ONLY)
-    teacher_test_accuracy = _teacher_test_accuracy(store, test)
-
-    if cfg.method in LABEL_ONLY:
-        source = "labels"
-        batches: InMemoryBatches | StreamedBatches = InMemoryBatches(
-            train, train_rows, None, cfg.train.batch_size, device
-        )
-    elif store.num_rows * store.num_classes * 4 <= cfg.memory_budget_mb * 2**20:
-        source = "cache in memory"
-        batches = InMemoryBatches(
-            train, train_rows, cached_logits_for(store, train), cfg.train.batch_size, device
-        )
-    else:
-        source = "cache streamed (chunk-shuffled)"
-        batches = StreamedBatches(store, train, train_rows, cfg.train.batch_size, device)
-
-    student = build_model(preset.student, train.num_classes, train.input_shape)
+    data = prepare(preset, paths, cache=cache, device=device)
+    student = build_model(preset.student, data.train.num_classes, data.train.input_shape)
     name = run_name or default_run_name(preset)
-    run_dir = paths.runs / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "preset": preset.to_dict(),
-        "run_name": name,
-        "cache": store.where if store else None,
-        "device": str(device),
-        "batches": source,
-        "note": "teacher logits are for the fixed (un-augmented) inputs, as cached",
-    }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    arch = architecture_record(preset.student, train.num_classes, train.input_shape)
-
+    recorder = RunRecorder(run_dir or paths.runs / name, name, preset, data)
     if verbose:
         console.print(
-            f"distilling {preset.student.arch} with '{cfg.method}' from {source}"
-            f"{'' if store is None else ' ' + store.where} on {device}"
+            f"distilling {preset.student.arch} with '{cfg.method}' from {data.source}"
+            f"{'' if data.store is None else ' ' + data.store.where} on {device}"
         )
-    history: list[EpochRecord] = []
     offset, seconds = 0, 0.0
-
-    def log_epoch(phase: Phase, offset: int, folder: Path, record: EpochRecord, improved: bool) -> None:
-        settings = _numbers(phase.settings(record.epoch - 1))  # the schedule values this epoch used
-        record = dataclasses.replace(record, epoch=record.epoch + offset)
-        history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps({"phase": phase.name, **dataclasses.asdict(record), **settings}) + "\n")
-        if improved:
-            info = {
-                "run_name": name,
-                "phase": phase.name,
-                "epoch": record.epoch,
-                "val_accuracy": record.val_accuracy,
-            }
-            save_checkpoint(folder, student, arch, info)
-
     plan = phases(cfg)
     for i, phase in enumerate(plan):
         # the last phase's best is the run's checkpoint; earlier phases keep their own
-        folder = run_dir / ("checkpoint" if i == len(plan) - 1 else f"checkpoint-{phase.name}")
+        folder = "checkpoint" if i == len(plan) - 1 else f"checkpoint-{phase.name}"
         # fit() starts a fresh optimizer and LR schedule and ends with the phase's best weights loaded,
         # so a following phase starts from the best checkpoint of the one before
         result = fit(
             student,
             phase.optim,
-            batches=lambda epoch: batches.epoch(generator),
-            loss_at=lambda epoch, phase=phase: functools.partial(LOSSES[phase.loss], **phase.settings(epoch)),
-            val=(train.inputs[val_rows], train.labels[val_rows]),
-            test=(test.inputs, test.labels),
+            batches=lambda epoch: data.batches.epoch(generator),
+            loss_at=lambda epoch, phase=phase: phase.loss_at(epoch),
+            val=data.val,
+            test=data.test_set,
             device=device,
-            on_epoch=functools.partial(log_epoch, phase, offset, folder),
+            on_epoch=functools.partial(recorder.log_epoch, phase, offset, folder, student),
             desc=phase.name,
         )
         best_epoch = result.best_epoch + offset
         offset += phase.optim.epochs
         seconds += result.seconds
-    summary = {
-        "run_name": name,
-        "preset": preset.name,
-        "method": cfg.method,
-        "temperature": cfg.temperature,
-        "alpha": cfg.alpha,
-        "label_smoothing": cfg.label_smoothing,
-        "standardize": cfg.standardize,
-        "method_settings": method_settings(cfg),
-        "seed": cfg.seed,
-        "epochs": cfg.train.epochs,
-        "lr": cfg.train.lr,
-        "best_epoch": best_epoch,
-        "student_val_accuracy": result.best_val_accuracy,
-        "student_test_accuracy": result.test_accuracy,
-        "teacher_test_accuracy": teacher_test_accuracy,
-        "teacher": store.manifest.teacher.name if store else None,
-        "cache": store.where if store else None,
-        "device": str(device),
-        "wall_time_s": round(seconds, 2),
-        "run_dir": str(run_dir),
-    }
-    plot_curves(
-        history, run_dir / "curves.png", title=name, best_epoch=best_epoch, teacher_test=teacher_test_accuracy
-    )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = recorder.finish(best_epoch, result.best_val_accuracy, result.test_accuracy, seconds)
     if verbose:
         print_summary(summary)
     return summary
+
+
+@dataclass
+class Prepared:
+    """The data side of a run, shared by every student trained on the same stream of batches."""
+
+    train: Split
+    test: Split
+    train_rows: torch.Tensor
+    val_rows: torch.Tensor
+    store: LogitStore | None
+    teacher_test_accuracy: float | None
+    batches: InMemoryBatches | StreamedBatches
+    source: str  # where the teacher side comes from, for config.json and the console
+    device: torch.device
+
+    @property
+    def val(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.train.inputs[self.val_rows], self.train.labels[self.val_rows]
+
+    @property
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.test.inputs, self.test.labels
+
+
+def prepare(preset: Preset, paths: Paths, *, cache: Path | None, device: torch.device) -> Prepared:
+    """Data, validation carve, the checked cache and the batch source for `preset.distill`."""
+    cfg = preset.distill
+    train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
+    train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
+    store = _open_cache(preset, paths, train, cache, required=cfg.method not in LABEL_ONLY)
+    batches: InMemoryBatches | StreamedBatches
+    if cfg.method in LABEL_ONLY:
+        source = "labels"
+        batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device)
+    elif store is not None and store.num_rows * store.num_classes * 4 <= cfg.memory_budget_mb * 2**20:
+        source = "cache in memory"
+        batches = InMemoryBatches(
+            train, train_rows, cached_logits_for(store, train), cfg.train.batch_size, device
+        )
+    else:
+        assert store is not None
+        source = "cache streamed (shard-shuffled)"
+        batches = StreamedBatches(store, train, train_rows, cfg.train.batch_size, device)
+    return Prepared(
+        train, test, train_rows, val_rows, store, _teacher_test_accuracy(store, test), batches, source, device
+    )
+
+
+class RunRecorder:
+    """Writes one run folder as it trains: config.json, metrics.jsonl, checkpoint/, curves.png and,
+    when done, summary.json."""
+
+    def __init__(
+        self, run_dir: Path, name: str, preset: Preset, data: Prepared, mode: str = "sequential"
+    ) -> None:
+        self.run_dir, self.name, self.preset, self.data = run_dir, name, preset, data
+        self.history: list[EpochRecord] = []
+        self.arch = architecture_record(preset.student, data.train.num_classes, data.train.input_shape)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "preset": preset.to_dict(),
+            "run_name": name,
+            "cache": data.store.where if data.store else None,
+            "device": str(data.device),
+            "batches": data.source,
+            "mode": mode,
+            "note": "teacher logits are for the fixed (un-augmented) inputs, as cached",
+        }
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (run_dir / "summary.json").unlink(missing_ok=True)  # a run is finished only once this is back
+        self.metrics = run_dir / "metrics.jsonl"
+        self.metrics.write_text("")
+
+    def log_epoch(
+        self,
+        phase: Phase,
+        offset: int,
+        folder: str,
+        model: torch.nn.Module,
+        record: EpochRecord,
+        improved: bool,
+    ) -> None:
+        settings = _numbers(phase.settings(record.epoch - 1))  # the schedule values this epoch used
+        record = dataclasses.replace(record, epoch=record.epoch + offset)
+        self.history.append(record)
+        with self.metrics.open("a") as f:
+            f.write(json.dumps({"phase": phase.name, **dataclasses.asdict(record), **settings}) + "\n")
+        if improved:
+            info = {
+                "run_name": self.name,
+                "phase": phase.name,
+                "epoch": record.epoch,
+                "val_accuracy": record.val_accuracy,
+            }
+            save_checkpoint(self.run_dir / folder, model, self.arch, info)
+
+    def finish(
+        self, best_epoch: int, val_accuracy: float, test_accuracy: float | None, seconds: float
+    ) -> dict[str, Any]:
+        cfg, store = self.preset.distill, self.data.store
+        summary = {
+            "run_name": self.name,
+            "preset": self.preset.name,
+            "method": cfg.method,
+            "temperature": cfg.temperature,
+            "alpha": cfg.alpha,
+            "label_smoothing": cfg.label_smoothing,
+            "standardize": cfg.standardize,
+            "method_settings": method_settings(cfg),
+            "seed": cfg.seed,
+            "epochs": cfg.train.epochs,
+            "lr": cfg.train.lr,
+            "best_epoch": best_epoch,
+            "student_val_accuracy": val_accuracy,
+            "student_test_accuracy": test_accuracy,
+            "teacher_test_accuracy": self.data.teacher_test_accuracy,
+            "teacher": store.manifest.teacher.name if store else None,
+            "cache": store.where if store else None,
+            "device": str(self.data.device),
+            "wall_time_s": round(seconds, 2),
+            "run_dir": str(self.run_dir),
+        }
+        plot_curves(
+            self.history,
+            self.run_dir / "curves.png",
+            title=self.name,
+            best_epoch=best_epoch,
+            teacher_test=self.data.teacher_test_accuracy,
+        )
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def finished_summary(run_dir: Path, preset: Preset) -> dict[str, Any] | None:
+    """A finished run's summary if it was made with exactly this resolved preset (else None: rerun it)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if config.get("preset") == preset.to_dict() else None
 
 
 @dataclass(frozen=True)
@@ -172,9 +241,11 @@ class Phase:
     name: str
     loss: str  # a LOSSES key
     optim: OptimConfig
-    settings: Callable[
-        [int], dict[str, Any]
-    ]  # epoch within the phase (0-based) -> the loss's keyword arguments
+    settings: Callable[[int], dict[str, Any]]  # epoch in the phase (0-based) -> the loss's keyword arguments
+
+    def loss_at(self, epoch: int) -> Callable[..., torch.Tensor]:
+        """The phase's loss with this epoch's settings bound."""
+        return functools.partial(LOSSES[self.loss], **self.settings(epoch))
 
 
 def phases(cfg: DistillConfig) -> list[Phase]:
