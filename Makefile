@@ -2,6 +2,7 @@
 #   make distill                        venv + demo teacher + its logits + a student (MNIST-1D, CPU ok)
 #   make distill PRESET=mnist1d METHOD=kd T=4 ALPHA=0.9 EPOCHS=40 SEED=1
 #   make compare                        every method x 3 seeds from one cache -> data/reports/
+#   make sweep ARGS="--grid temperature=1,2,4 --seeds 3 --mode one-pass"   grid -> data/sweeps/
 #   make bench                          timings and sizes -> data/bench/bench.md
 #   make test                           the test suite
 # Every target skips work already done (venv, teacher checkpoint, complete caches).
@@ -24,7 +25,7 @@ STAMP := $(VENV)/.installed
 DISTILL_OPTS := $(if $(METHOD),--method $(METHOD)) $(if $(T),--temperature $(T)) \
                 $(if $(ALPHA),--alpha $(ALPHA)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEED),--seed $(SEED))
 
-.PHONY: setup train-teacher teacher teacher-logits distill compare bench test lint clean-data
+.PHONY: setup train-teacher teacher teacher-logits distill compare sweep bench test lint clean-data
 
 setup: $(STAMP)
 
@@ -47,6 +48,9 @@ distill: teacher-logits
 compare: teacher-logits
 	$(KD) compare --preset $(PRESET) $(ARGS)
 
+sweep: teacher-logits
+	$(KD) sweep --preset $(PRESET) $(ARGS)
+
 bench: teacher
 	$(KD) bench $(ARGS)
 
@@ -58,4 +62,4 @@ lint: setup
 	$(BIN)/ruff format --check pipeline stages tests
 
 clean-data:
-	rm -rf data/teachers data/logits data/runs data/reports data/bench
+	rm -rf data/teachers data/logits data/runs data/reports data/bench data/sweeps

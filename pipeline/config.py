@@ -251,6 +251,8 @@ class Preset:
     method_defaults: Mapping[str, Any] = field(default_factory=dict)
     # `kd compare` runs: {label: {"dotted.key": value}}
     compare: Mapping[str, Any] = field(default_factory=dict)
+    # `kd sweep`'s default grid: {"dotted.key" or short name: [values]}
+    sweep: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))

@@ -170,6 +170,38 @@ def dist(
     return ce_weight * hard + weight * temperature**2 * (beta * inter + gamma * intra)
 
 
+def hinton_kd_stacked(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    temperature: torch.Tensor,
+    alpha: torch.Tensor,
+    label_smoothing: torch.Tensor,
+    standardize: bool = False,
+) -> torch.Tensor:
+    """`hinton_kd` for N students at once, in the ops of one: student_logits (N, B, C); temperature, alpha,
+    label_smoothing (N,); returns (N,) losses, loss i equal to hinton_kd (or cross_entropy when alpha_i
+    is 0) of slice i up to rounding. Used by one-pass sweeps, where a loss per student would cost N times
+    the per-batch Python overhead."""
+    n, b, _ = student_logits.shape
+    zs = student_logits
+    zt = (
+        torch.zeros_like(zs[0]) if teacher_logits is None else teacher_logits
+    )  # (B, C); unused when alpha = 0
+    if standardize:
+        zs, zt = zscore(zs.flatten(0, 1)).view_as(zs), zscore(zt)
+    t = temperature.view(n, 1, 1)
+    log_p_s = F.log_softmax(zs / t, dim=-1)  # (N, B, C)
+    log_p_t = F.log_softmax(zt.unsqueeze(0) / t, dim=-1)
+    soft = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean(-1) * temperature**2  # (N,)
+    log_p = F.log_softmax(student_logits, dim=-1)  # the hard term sees raw logits
+    nll = -log_p.gather(-1, labels.expand(n, b).unsqueeze(-1)).squeeze(-1).mean(-1)
+    uniform = -log_p.mean(-1).mean(-1)  # CE against the uniform distribution: the smoothing part
+    hard = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return (1.0 - alpha) * hard + alpha * soft
+
+
 LOSSES: dict[str, LossFn] = {
     "ce": cross_entropy,
     "kd": hinton_kd,

@@ -57,3 +57,43 @@ def plot_comparison(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_sweep(combos: Sequence[dict[str, Any]], keys: Sequence[str], out: Path) -> list[Path]:
+    """Validation and test accuracy against the first numeric grid key, one line per method (and per
+    value of the other keys), mean with the seeds' min-max as a band. Returns the files written."""
+    numeric = [k for k in keys if all(_is_number(c["combo"][k]) for c in combos)]
+    if not numeric:
+        return []
+    x_key = numeric[0]
+    series: dict[str, list[dict[str, Any]]] = {}
+    for c in combos:
+        rest = ", ".join(
+            f"{k.split('.')[-1]}={c['combo'][k]}" for k in keys if k != x_key and k != "distill.method"
+        )
+        series.setdefault(c["method"] + (f" ({rest})" if rest else ""), []).append(c)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, metric in zip(axes, ("val", "test"), strict=True):
+        for name, points in series.items():
+            points = sorted(points, key=lambda c: float(c["combo"][x_key]))
+            xs = [float(c["combo"][x_key]) for c in points]
+            ax.plot(xs, [c[f"{metric}_mean"] for c in points], marker="o", label=name)
+            ax.fill_between(xs, [min(c[metric]) for c in points], [max(c[metric]) for c in points], alpha=0.2)
+        ax.set(xlabel=x_key.split(".")[-1], title=f"{metric} accuracy (mean, band: seed min-max)")
+        if x_key.endswith("temperature") or x_key.endswith("lr"):
+            ax.set_xscale("log", base=2 if x_key.endswith("temperature") else 10)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"accuracy_vs_{x_key.split('.')[-1]}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +17,8 @@ from tqdm.auto import tqdm
 
 from pipeline.batches import Batch
 from pipeline.config import OptimConfig
+from pipeline.errors import KDError
+from pipeline.losses import cross_entropy, hinton_kd, hinton_kd_stacked
 from pipeline.schedules import lr_at
 
 # (student_logits, teacher_logits or None, labels) -> scalar loss
@@ -40,12 +44,11 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module | Iterable[torch.Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = model.parameters() if isinstance(model, nn.Module) else model
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @torch.inference_mode()
@@ -150,3 +153,133 @@ def fit(
     result.seconds = time.perf_counter() - start
     model.load_state_dict(result.best_state)
     return result
+
+
+def fit_many(
+    models: Sequence[nn.Module],
+    cfg: OptimConfig,
+    *,
+    batches: Callable[[int], Iterable[Batch]],
+    loss_at: Sequence[Callable[[int], BatchLoss]],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+    device: torch.device,
+    on_epoch: Callable[[int, nn.Module, EpochRecord, bool], None] | None = None,
+    desc: str = "one-pass",
+) -> list[FitResult]:
+    """fit() for N models of one architecture at once, over one stream of batches: parameters stacked
+    along a new first dimension and the forward pass vmapped (torch.func), each model with its own loss.
+    The optimizers are elementwise, so model i gets the updates fit() would give it with loss_at[i], up
+    to floating-point rounding. Models with buffers (BatchNorm statistics) are refused, and dropout draws
+    other random masks than a sequential run (randomness="different")."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    if any(True for m in models for _ in m.buffers()):
+        raise KDError(
+            "one-pass training needs students without buffers (e.g. BatchNorm): use --mode sequential"
+        )
+    n = len(models)
+    params, _ = stack_module_state([m.to(device) for m in models])  # name -> (N, ...) leaves
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(base, p, (x,))
+
+    stacked = vmap(forward, in_dims=(0, None), randomness="different")  # (N, B, C)
+    optimizer = make_optimizer(list(params.values()), cfg)
+
+    def predict_all(inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:  # (N, rows, C) on CPU
+        base.eval()
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    stacked(params, inputs[i : i + batch_size].to(device)).float().cpu()
+                    for i in range(0, len(inputs), batch_size)
+                ],
+                dim=1,
+            )
+
+    def model_of(i: int) -> nn.Module:
+        models[i].load_state_dict({k: v[i].detach() for k, v in params.items()})
+        return models[i]
+
+    results = [
+        FitResult(best_epoch=0, best_val_accuracy=-1.0, test_accuracy=None, best_state={}) for _ in range(n)
+    ]
+    start = time.perf_counter()
+    for epoch in tqdm(
+        range(cfg.epochs), desc=desc, unit="epoch", leave=False, dynamic_ncols=True, disable=None
+    ):
+        t0 = time.perf_counter()
+        lr = lr_at(epoch, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = [loss_at[i](epoch) for i in range(n)]
+        base.train()
+        total_loss = torch.zeros(n, dtype=torch.float64, device=device)
+        correct = torch.zeros(n, dtype=torch.int64, device=device)
+        seen = 0
+        vectorized = _stacked_kd_settings(losses, device)
+        for batch in batches(epoch):
+            logits = stacked(params, batch.inputs)  # (N, B, C)
+            if vectorized is not None:  # kd / ce students: all N losses in the ops of one
+                per_model = hinton_kd_stacked(logits, batch.teacher_logits, batch.labels, **vectorized)
+            else:
+                per_model = torch.stack(
+                    [losses[i](logits[i], batch.teacher_logits, batch.labels) for i in range(n)]
+                )
+            optimizer.zero_grad(set_to_none=True)
+            per_model.sum().backward()  # model i's parameters only see loss i
+            optimizer.step()
+            total_loss += per_model.detach().double() * len(batch.labels)
+            correct += (logits.detach().argmax(2) == batch.labels).sum(1)
+            seen += len(batch.labels)
+        val_logits = predict_all(val[0])
+        test_logits = None if test is None else predict_all(test[0])
+        seconds = (time.perf_counter() - t0) / n  # each model's share of the epoch
+        for i, result in enumerate(results):
+            val_acc = accuracy(val_logits[i], val[1])
+            test_acc = None if test_logits is None else accuracy(test_logits[i], test[1])
+            record = EpochRecord(
+                epoch + 1,
+                lr,
+                float(total_loss[i]) / max(seen, 1),
+                float(correct[i]) / max(seen, 1),
+                val_acc,
+                test_acc,
+                seconds,
+            )
+            result.history.append(record)
+            improved = val_acc > result.best_val_accuracy
+            if improved:
+                result.best_epoch, result.best_val_accuracy, result.test_accuracy = (
+                    epoch + 1,
+                    val_acc,
+                    test_acc,
+                )
+                result.best_state = {k: v[i].detach().cpu().clone() for k, v in params.items()}
+            if on_epoch is not None:
+                on_epoch(i, model_of(i) if improved else models[i], record, improved)
+    elapsed = time.perf_counter() - start
+    for i, result in enumerate(results):
+        result.seconds = elapsed / n
+        models[i].load_state_dict(result.best_state)
+    return results
+
+
+def _stacked_kd_settings(losses: Sequence[BatchLoss], device: torch.device) -> dict[str, Any] | None:
+    """Per-student (temperature, alpha, label_smoothing) tensors when every loss is a partial of
+    hinton_kd or cross_entropy with one standardize setting; None otherwise (one loss call per student)."""
+    if not all(isinstance(f, functools.partial) and f.func in (hinton_kd, cross_entropy) for f in losses):
+        return None
+    # cross_entropy is hinton_kd at alpha 0
+    settings = [{"temperature": 1.0, "alpha": 0.0, "standardize": False, **f.keywords} for f in losses]  # type: ignore[attr-defined]
+    if len({s["standardize"] for s in settings}) > 1:
+        return None
+    return {
+        **{
+            k: torch.tensor([float(s.get(k, 0.0)) for s in settings], device=device)
+            for k in ("temperature", "alpha", "label_smoothing")
+        },
+        "standardize": settings[0]["standardize"],
+    }

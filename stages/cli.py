@@ -197,6 +197,48 @@ def compare(
 
 @app.command()
 @friendly
+def sweep(
+    preset: PresetOpt = "mnist1d",
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=V1,V2 (repeat): temperature, alpha, method, label_smoothing, lr, ... or dotted."
+        ),
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per combination (0, 1, ...).")] = 1,
+    name: Annotated[
+        str | None, typer.Option(help="Sweep name under DATA_DIR/sweeps [default: preset].")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="sequential, one-pass (students of a seed trained together) or parallel.")
+    ] = "sequential",
+    devices: Annotated[
+        str | None,
+        typer.Option(help="Parallel mode: comma-separated devices [default: every GPU, else cpu]."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rerun finished runs.")] = False,
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train every combination of a grid (x seeds) from one cache; resumable; writes a report."""
+    from stages import sweep as stage
+
+    stage.run(
+        preset,
+        _state["paths"],
+        grid=grid or [],
+        seeds=seeds,
+        name=name,
+        mode=mode,
+        devices=[d.strip() for d in devices.split(",")] if devices else [],
+        force=force,
+        overrides=_pairs(set_),
+        device_name=device,
+    )
+
+
+@app.command()
+@friendly
 def bench(
     quick: Annotated[bool, typer.Option(help="Small sizes, 2 repetitions: a smoke run.")] = False,
     reps: Annotated[int | None, typer.Option(help="Repetitions per figure [default: 5, quick: 2].")] = None,

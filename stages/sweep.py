@@ -1,0 +1,358 @@
+"""Sweep a grid of settings over one cache: every combination x seeds, resumable, with a report.
+
+    kd sweep --preset mnist1d --grid temperature=1,2,4,8 --grid alpha=0.5,0.9 --seeds 3     # = make sweep
+    kd sweep ... --mode one-pass          # students of one seed trained together (torch.func.vmap)
+    kd sweep ... --mode parallel --devices cuda:0,cuda:1      # one worker process per device
+
+The grid comes from the preset's [sweep] table and/or --grid KEY=V1,V2 (KEY a dotted setting or one of
+the short names below). Runs land in data/sweeps/<name>/runs/<combination>-s<seed>/; a rerun skips the
+ones already finished with the same resolved settings. The report: results.csv (one row per run),
+results.md (combinations sorted by validation accuracy, with test accuracy and wall time), plots of
+accuracy against the first numeric grid key per method, and the best combination with the command that
+reproduces it.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import Paths, Preset, load_preset, resolve
+from pipeline.errors import KDError
+from pipeline.models import build_model
+from pipeline.plots import plot_sweep
+from pipeline.train import fit_many, pick_device, seed_everything
+from stages import distill
+
+console = Console(stderr=True)
+SHORT_KEYS = {
+    "method": "distill.method",
+    "temperature": "distill.temperature",
+    "T": "distill.temperature",
+    "alpha": "distill.alpha",
+    "label_smoothing": "distill.label_smoothing",
+    "standardize": "distill.standardize",
+    "lr": "distill.train.lr",
+    "epochs": "distill.train.epochs",
+    "batch_size": "distill.train.batch_size",
+}
+# Settings that only change the loss: students differing in these alone can share one pass of batches.
+LOSS_ONLY = (
+    "method",
+    "temperature",
+    "temperature_schedule",
+    "temperature_end",
+    "temperature_steps",
+    "alpha",
+    "alpha_schedule",
+    "alpha_end",
+    "label_smoothing",
+    "standardize",
+    "dkd",
+    "dist",
+    "continuation",
+)
+MODES = ("sequential", "one-pass", "parallel")
+
+
+def run(
+    preset_name: str,
+    paths: Paths,
+    *,
+    grid: Sequence[str] = (),
+    seeds: int = 1,
+    name: str | None = None,
+    mode: str = "sequential",
+    devices: Sequence[str] = (),
+    force: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    device_name: str = "auto",
+) -> Path:
+    if mode not in MODES:
+        raise KDError(f"unknown --mode '{mode}': choose one of {', '.join(MODES)}")
+    if seeds < 1:
+        raise KDError(f"--seeds must be at least 1, got {seeds}")
+    base = load_preset(preset_name)
+    axes = parse_grid(base.sweep, grid)
+    name = name or base.name
+    out = paths.data / "sweeps" / name
+    plan = []  # (label, combination, preset)
+    for values in itertools.product(*axes.values()):
+        combo = dict(zip(axes, values, strict=True))
+        label = ",".join(f"{_short(k)}={v}" for k, v in combo.items()) or "base"
+        for seed in range(seeds):
+            preset = resolve(preset_name, {**(overrides or {}), **combo, "distill.seed": seed})
+            plan.append((label, combo, preset))
+    console.print(
+        f"sweep '{name}': {len(plan)} runs ({len(plan) // seeds} combinations x {seeds} seeds), {mode}"
+    )
+
+    done: dict[int, dict[str, Any]] = {}
+    todo = []
+    for i, (label, _, preset) in enumerate(plan):
+        summary = None if force else distill.finished_summary(_run_dir(out, label, preset), preset)
+        if summary is None:
+            todo.append(i)
+        else:
+            done[i] = summary
+    if done:
+        console.print(f"skipping {len(done)} finished runs")
+    started = time.perf_counter()
+    jobs = [(plan[i][0], plan[i][2]) for i in todo]
+    if mode == "one-pass":
+        results = _one_pass(jobs, paths, out, device_name)
+    elif mode == "parallel":
+        results = _parallel(jobs, paths, out, devices or _all_devices())
+    else:
+        results = [_sequential(label, preset, paths, out, device_name) for label, preset in jobs]
+    done.update(zip(todo, results, strict=True))
+    console.print(f"trained {len(todo)} runs in {time.perf_counter() - started:.1f}s")
+
+    rows = [{"label": plan[i][0], **plan[i][1], **done[i]} for i in range(len(plan))]
+    report(rows, axes, out, preset_name, overrides or {})
+    return out
+
+
+def parse_grid(preset_grid: Mapping[str, Any], cli: Sequence[str]) -> dict[str, list[Any]]:
+    """{dotted key: values} from the preset's [sweep] table, then --grid KEY=V1,V2 (which wins)."""
+    axes: dict[str, list[Any]] = {}
+    for key, values in preset_grid.items():
+        axes[SHORT_KEYS.get(key, key)] = list(values) if isinstance(values, (list, tuple)) else [values]
+    for item in cli:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise KDError(f"--grid expects KEY=V1,V2,..., got '{item}'")
+        axes[SHORT_KEYS.get(key.strip(), key.strip())] = [v.strip() for v in values.split(",") if v.strip()]
+    if not axes:
+        raise KDError(
+            "empty grid: pass --grid KEY=V1,V2 (e.g. --grid temperature=1,2,4) or add a [sweep] table"
+        )
+    return axes
+
+
+def _run_dir(out: Path, label: str, preset: Preset) -> Path:
+    return out / "runs" / f"{label.replace('/', '_')}-s{preset.distill.seed}"
+
+
+def _sequential(label: str, preset: Preset, paths: Paths, out: Path, device_name: str) -> dict[str, Any]:
+    run_dir = _run_dir(out, label, preset)
+    return distill.run(
+        preset, paths, run_name=run_dir.name, run_dir=run_dir, device_name=device_name, verbose=False
+    )
+
+
+def _one_pass(
+    jobs: list[tuple[str, Preset]], paths: Paths, out: Path, device_name: str
+) -> list[dict[str, Any]]:
+    """Group runs that differ only in loss settings (same seed, student, data, optimizer) and train each
+    group's students together over one stream of batches; multi-phase methods run sequentially."""
+    groups: dict[str, list[int]] = {}
+    for i, (_, preset) in enumerate(jobs):
+        key = "annealing" + str(i) if preset.distill.method == "annealing" else _group_key(preset)
+        groups.setdefault(key, []).append(i)
+    results: dict[int, dict[str, Any]] = {}
+    for members in groups.values():
+        if len(members) == 1:
+            label, preset = jobs[members[0]]
+            results[members[0]] = _sequential(label, preset, paths, out, device_name)
+            continue
+        results.update(_train_together(members, jobs, paths, out, device_name))
+    return [results[i] for i in range(len(jobs))]
+
+
+def _train_together(
+    members: list[int], jobs: list[tuple[str, Preset]], paths: Paths, out: Path, device_name: str
+) -> dict[int, dict[str, Any]]:
+    """One pass over the batches for the students `members` of `jobs` (torch.func, see fit_many)."""
+    results: dict[int, dict[str, Any]] = {}
+    presets = [jobs[i][1] for i in members]
+    # the cache and batches are the same for all: take the first member needing the teacher, if any
+    lead = next((p for p in presets if p.distill.method != "ce"), presets[0])
+    device = pick_device(device_name)
+    data = distill.prepare(lead, paths, cache=None, device=device)
+    models = []
+    for preset in presets:
+        torch.manual_seed(preset.distill.seed)  # as distill.run: the same initial weights
+        models.append(build_model(preset.student, data.train.num_classes, data.train.input_shape))
+    generator = seed_everything(lead.distill.seed)
+    plans = [distill.phases(p.distill)[0] for p in presets]
+    recorders = [
+        distill.RunRecorder(
+            _run_dir(out, jobs[i][0], p),
+            _run_dir(out, jobs[i][0], p).name,
+            p,
+            data,
+            mode=f"one-pass x{len(members)}",
+        )
+        for i, p in zip(members, presets, strict=True)
+    ]
+    console.print(
+        f"one pass: {len(members)} students ({', '.join(jobs[i][0] for i in members)}), "
+        f"seed {lead.distill.seed}"
+    )
+    fits = fit_many(
+        models,
+        lead.distill.train,
+        batches=lambda epoch: data.batches.epoch(generator),
+        loss_at=[phase.loss_at for phase in plans],
+        val=data.val,
+        test=data.test_set,
+        device=device,
+        on_epoch=lambda i, model, record, improved: recorders[i].log_epoch(
+            plans[i], 0, "checkpoint", model, record, improved
+        ),
+    )
+    for i, recorder, result in zip(members, recorders, fits, strict=True):
+        results[i] = recorder.finish(
+            result.best_epoch, result.best_val_accuracy, result.test_accuracy, result.seconds
+        )
+    return results
+
+
+def _group_key(preset: Preset) -> str:
+    d = preset.to_dict()
+    for key in LOSS_ONLY:
+        d["distill"].pop(key, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def _all_devices() -> list[str]:
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def _parallel(
+    jobs: list[tuple[str, Preset]], paths: Paths, out: Path, devices: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One worker process per device; each takes the next run from the queue."""
+    if not jobs:
+        return []
+    ctx = torch.multiprocessing.get_context("spawn")
+    slots = ctx.Queue()
+    for device in devices:
+        slots.put(device)
+    with ProcessPoolExecutor(
+        max_workers=len(devices), mp_context=ctx, initializer=_claim_device, initargs=(slots,)
+    ) as pool:
+        futures = [pool.submit(_worker_run, label, preset.to_dict(), paths, out) for label, preset in jobs]
+        return [f.result() for f in futures]
+
+
+_worker_device = "cpu"
+
+
+def _claim_device(slots: Any) -> None:
+    global _worker_device
+    _worker_device = slots.get()
+    torch.set_num_threads(max(1, torch.get_num_threads() // 2)) if _worker_device == "cpu" else None
+
+
+def _worker_run(label: str, preset_dict: dict[str, Any], paths: Paths, out: Path) -> dict[str, Any]:
+    from pipeline.config import _build
+
+    preset = _build(Preset, preset_dict, "")
+    return _sequential(label, preset, paths, out, _worker_device)
+
+
+def report(
+    rows: list[dict[str, Any]],
+    axes: Mapping[str, list[Any]],
+    out: Path,
+    preset_name: str,
+    overrides: Mapping[str, Any],
+) -> None:
+    """results.csv, results.md, plots and best.json under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(axes)
+    columns = [
+        "label",
+        *keys,
+        "method",
+        "seed",
+        "student_val_accuracy",
+        "student_test_accuracy",
+        "best_epoch",
+        "wall_time_s",
+        "run_dir",
+    ]
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    combos = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        runs = [r for r in rows if r["label"] == label]
+        val = [100 * r["student_val_accuracy"] for r in runs]
+        test = [100 * r["student_test_accuracy"] for r in runs]
+        combos.append(
+            {
+                "label": label,
+                "combo": {k: runs[0][k] for k in keys},
+                "method": runs[0]["method"],
+                "temperature": runs[0]["temperature"],
+                "seeds": len(runs),
+                "val": val,
+                "test": test,
+                "val_mean": statistics.mean(val),
+                "val_std": statistics.stdev(val) if len(val) > 1 else 0.0,
+                "test_mean": statistics.mean(test),
+                "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
+                "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
+            }
+        )
+    combos.sort(key=lambda c: c["val_mean"], reverse=True)
+    best = combos[0]
+    sets = " ".join(f"--set {k}={v}" for k, v in {**overrides, **best["combo"]}.items())
+    command = f"kd distill --preset {preset_name} {sets}".strip()
+    (out / "best.json").write_text(json.dumps({"best": best, "command": command}, indent=2) + "\n")
+
+    plots = plot_sweep(combos, keys, out)
+    lines = [
+        f"# Sweep `{out.name}`",
+        "",
+        f"Best by mean validation accuracy: **{best['label']}** — val {best['val_mean']:.2f}, test "
+        f"{best['test_mean']:.2f} ± {best['test_std']:.2f} ({best['seeds']} seeds). Reproduce with:",
+        "",
+        f"    {command} --seed 0",
+        "",
+        "| combination | val acc. (%) | test acc. (%) | seeds | wall time / run |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['label']} | {c['val_mean']:.2f} ± {c['val_std']:.2f} | "
+        f"{c['test_mean']:.2f} ± {c['test_std']:.2f} | {c['seeds']} | {c['wall_time_s']:.1f} s |"
+        for c in combos
+    ]
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+    table = Table(title=f"sweep {out.name} (sorted by validation accuracy)")
+    for column in ("combination", "val %", "test %", "time/run"):
+        table.add_column(column, justify="left" if column == "combination" else "right")
+    for c in combos:
+        table.add_row(
+            c["label"],
+            f"{c['val_mean']:.2f} ± {c['val_std']:.2f}",
+            f"{c['test_mean']:.2f} ± {c['test_std']:.2f}",
+            f"{c['wall_time_s']:.1f}s",
+        )
+    Console().print(table)
+    Console().print(f"best: {best['label']}  ->  {command}")
+    console.print(f"report: {out}/results.md, results.csv, best.json" + "".join(f", {p.name}" for p in plots))
+
+
+def _short(key: str) -> str:
+    return next((short for short, dotted in SHORT_KEYS.items() if dotted == key and short != "T"), key)
