@@ -104,6 +104,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "method": runs[0]["method"],
                 "seeds": len(runs),
                 "test": test,
+                "val": val,
                 "test_mean": statistics.mean(test),
                 "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
                 "val_mean": statistics.mean(val),

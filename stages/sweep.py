@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +33,7 @@ from pipeline.models import build_model
 from pipeline.plots import plot_sweep
 from pipeline.train import fit_many, pick_device, seed_everything
 from stages import distill
+from stages.compare import aggregate
 
 console = Console(stderr=True)
 SHORT_KEYS = {
@@ -292,27 +292,10 @@ def report(
         writer.writeheader()
         writer.writerows(rows)
 
-    combos = []
-    for label in dict.fromkeys(r["label"] for r in rows):
-        runs = [r for r in rows if r["label"] == label]
-        val = [100 * r["student_val_accuracy"] for r in runs]
-        test = [100 * r["student_test_accuracy"] for r in runs]
-        combos.append(
-            {
-                "label": label,
-                "combo": {k: runs[0][k] for k in keys},
-                "method": runs[0]["method"],
-                "temperature": runs[0]["temperature"],
-                "seeds": len(runs),
-                "val": val,
-                "test": test,
-                "val_mean": statistics.mean(val),
-                "val_std": statistics.stdev(val) if len(val) > 1 else 0.0,
-                "test_mean": statistics.mean(test),
-                "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
-                "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
-            }
-        )
+    combos = aggregate(rows)
+    for combo in combos:
+        first = next(r for r in rows if r["label"] == combo["label"])
+        combo["combo"] = {k: first[k] for k in keys}
     combos.sort(key=lambda c: c["val_mean"], reverse=True)
     best = combos[0]
     sets = " ".join(f"--set {k}={v}" for k, v in {**overrides, **best["combo"]}.items())
