@@ -18,7 +18,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import queue
+import signal
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +78,7 @@ class Manifest:
     created: str = ""
     teacher_accuracy: float | None = None  # teacher accuracy on this split, from the stored logits
     logit_stats: dict[str, float] = field(default_factory=dict)  # mean L2 norm, mean max-softmax
+    shard_sha256: list[str] = field(default_factory=list)  # per shard: logits bytes + labels + ids
     complete: bool = False
     format: dict[str, Any] = field(default_factory=lambda: {"name": FORMAT_NAME, "version": FORMAT_VERSION})
 
@@ -102,6 +105,7 @@ class Manifest:
             created=raw.get("created", ""),
             teacher_accuracy=raw.get("teacher_accuracy"),
             logit_stats=dict(raw.get("logit_stats", {})),
+            shard_sha256=list(raw.get("shard_sha256", [])),
             complete=bool(raw.get("complete", False)),
             format=dict(fmt),
         )
@@ -148,6 +152,41 @@ def software_versions() -> dict[str, str]:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def shard_digest(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> bytes:
+    """sha256 of a shard's stored logits bytes, labels and ids (as little-endian C arrays)."""
+    digest = hashlib.sha256()
+    for array in (logits, labels, ids):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.digest()
+
+
+def shard_stats(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """(correct, sum of row L2 norms, sum of max-softmax) over float logits (B, C): summed per shard."""
+    logits = logits.float()
+    return np.array(
+        [
+            float((logits.argmax(1) == labels).sum()),
+            float(logits.norm(dim=1).sum()),
+            float(logits.softmax(1).max(1).values.sum()),
+        ]
+    )
+
+
+# Testing hook: `KD_FAULT_AFTER_SHARDS=N` kills the process (SIGKILL, as kill -9) once N shards are done,
+# so tests can interrupt stage 1 at exact points. Never set outside tests.
+_FAULT_AFTER_SHARDS = (
+    int(os.environ["KD_FAULT_AFTER_SHARDS"]) if os.environ.get("KD_FAULT_AFTER_SHARDS") else None
+)
+_written = 0
+
+
+def _fault_injection(shard: int) -> None:
+    global _written
+    _written += 1
+    if _FAULT_AFTER_SHARDS is not None and _written >= _FAULT_AFTER_SHARDS:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 CODECS = ("zstd", "blosc-zstd", "blosc-bitshuffle")
@@ -231,6 +270,9 @@ class LogitStore:
                 fill_value=-1,
             )
         num_shards = -(-n // shard)
+        # per-shard records, one chunk per shard so that each has a single writer
+        group.create_array("stats", shape=(num_shards, 3), chunks=(1, 3), dtype="float64", fill_value=0.0)
+        group.create_array("sha256", shape=(num_shards, 32), chunks=(1, 32), dtype="uint8", fill_value=0)
         group.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)
         group.attrs.put(dataclasses.replace(manifest, complete=False).to_dict())
         return cls(group, where)
@@ -260,8 +302,16 @@ class LogitStore:
         start = shard * self.shard_rows
         return start, min(start + self.shard_rows, self.num_rows)
 
-    def write_shard(self, shard: int, logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
-        """Write one whole shard (already encoded logits), then mark it done."""
+    def write_shard(
+        self,
+        shard: int,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        ids: np.ndarray,
+        stats: np.ndarray | None = None,
+    ) -> None:
+        """Write one whole shard (already encoded logits), its stats row (correct, sum of L2 norms, sum of
+        max-softmax) and checksum, then mark it done: `done` is the last thing a shard writes."""
         start, stop = self.shard_range(shard)
         if logits.shape != (stop - start, self.num_classes):
             raise ValueError(
@@ -270,20 +320,36 @@ class LogitStore:
         self.array("logits")[start:stop] = logits
         self.array("labels")[start:stop] = labels
         self.array("index")[start:stop] = ids
+        if stats is not None:
+            self.array("stats")[shard] = stats
+        self.array("sha256")[shard] = np.frombuffer(shard_digest(logits, labels, ids), dtype=np.uint8)
         self.array("done")[shard] = True
+        if _FAULT_AFTER_SHARDS is not None:
+            _fault_injection(shard)
 
     def shards_done(self) -> np.ndarray:
         return np.asarray(self.array("done")[:], dtype=bool)
 
     def finish(self, **updates: Any) -> None:
-        """Record final statistics, then `complete: true`, last, once every shard is done."""
+        """Record the teacher's accuracy and logit statistics (summed from the per-shard records),
+        the per-shard checksums, then `complete: true`, last, once every shard is done."""
         missing = np.flatnonzero(~self.shards_done())
         if missing.size:
             raise RuntimeError(f"cannot complete {self.where}: shards {missing.tolist()} are not written")
-        self.manifest = dataclasses.replace(self.manifest, **updates)
+        totals = np.asarray(self.array("stats")[:]).sum(0)
+        n = self.num_rows
+        derived = {
+            "teacher_accuracy": float(totals[0] / n),
+            "logit_stats": {"mean_l2_norm": float(totals[1] / n), "mean_max_softmax": float(totals[2] / n)},
+            "shard_sha256": self.shard_checksums(),
+        }
+        self.manifest = dataclasses.replace(self.manifest, **{**derived, **updates})
         self.group.attrs.put(self.manifest.to_dict())
         self.manifest = dataclasses.replace(self.manifest, complete=True)
         self.group.attrs.put(self.manifest.to_dict())
+
+    def shard_checksums(self) -> list[str]:
+        return [bytes(row).hex() for row in np.asarray(self.array("sha256")[:], dtype=np.uint8)]
 
     # -- opening and reading ----------------------------------------------------------------------
     @classmethod
@@ -363,27 +429,31 @@ class LogitStore:
 
 class ShardWriter:
     """Takes rows in order, encodes them, and writes each full shard from a background thread,
-    so the teacher computes the next batches while a shard is compressed and written."""
+    so the teacher computes the next batches while a shard is compressed and written. `shards` (default
+    all, in order) lists the shards the rows fill, one after the other: a resumed dump passes the
+    missing ones."""
 
-    def __init__(self, store: LogitStore, max_pending: int = 2) -> None:
+    def __init__(self, store: LogitStore, shards: list[int] | None = None, max_pending: int = 2) -> None:
         self.store = store
         self.dtype = store.manifest.storage.dtype
-        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.shards = list(range(store.num_shards)) if shards is None else list(shards)
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffered = 0
-        self._shard = 0
-        self._queue: queue.Queue[tuple[int, np.ndarray, np.ndarray, np.ndarray] | None] = queue.Queue(
-            max_pending
-        )
+        self._next = 0  # index into self.shards
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kd-shard-writer", daemon=True)
         self._thread.start()
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        """Rows of float logits (B, C) with their labels and ids, continuing the current shard."""
         self._raise_if_failed()
-        self._parts.append((encode_logits(logits, self.dtype), labels.cpu().numpy(), ids.cpu().numpy()))
+        labels = labels.cpu()
+        stats = shard_stats(logits, labels)
+        self._parts.append((encode_logits(logits, self.dtype), labels.numpy(), ids.cpu().numpy(), stats))
         self._buffered += len(ids)
-        while self._shard < self.store.num_shards:
-            start, stop = self.store.shard_range(self._shard)
+        while self._next < len(self.shards):
+            start, stop = self.store.shard_range(self.shards[self._next])
             if self._buffered < stop - start:
                 break
             self._submit(stop - start)
@@ -404,11 +474,34 @@ class ShardWriter:
         self._thread.join()
 
     def _submit(self, rows: int) -> None:
-        logits, labels, ids = (np.concatenate(a) for a in zip(*self._parts, strict=True))
-        self._parts = [(logits[rows:], labels[rows:], ids[rows:])] if len(ids) > rows else []
-        self._buffered = len(ids) - rows
-        self._queue.put((self._shard, logits[:rows], labels[:rows], ids[:rows]))
-        self._shard += 1
+        # rows arrive batch-aligned to shards (write_logits batches within a shard), so a part never
+        # straddles two shards unless a caller adds across them; split exactly at the boundary then
+        parts, taken, rest = [], 0, []
+        for part in self._parts:
+            if taken >= rows:
+                rest.append(part)
+                continue
+            n = len(part[2])
+            if taken + n <= rows:
+                parts.append(part)
+                taken += n
+            else:
+                cut = rows - taken
+                logits, labels, ids, _ = part
+                head_stats = shard_stats(
+                    decode_logits(logits[:cut], self.dtype), torch.from_numpy(labels[:cut])
+                )
+                tail_stats = shard_stats(
+                    decode_logits(logits[cut:], self.dtype), torch.from_numpy(labels[cut:])
+                )
+                parts.append((logits[:cut], labels[:cut], ids[:cut], head_stats))
+                rest.append((logits[cut:], labels[cut:], ids[cut:], tail_stats))
+                taken = rows
+        self._parts, self._buffered = rest, self._buffered - rows
+        logits, labels, ids = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        stats = np.sum([p[3] for p in parts], axis=0)
+        self._queue.put((self.shards[self._next], logits, labels, ids, stats))
+        self._next += 1
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:

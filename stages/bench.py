@@ -181,7 +181,8 @@ def _bench_workload(w: Workload, tmp: Path, device: torch.device, reps: int, qui
 
     def dump() -> None:
         store = LogitStore.create(tmp / f"{w.name}-dump.zarr", manifest, overwrite=True)
-        store.finish(**write_logits(teacher, split, store, device, w.teacher_batch))
+        write_logits(teacher, split, store, device, w.teacher_batch)
+        store.finish()
 
     console.print("  dump overhead")
     t_bare, t_dump = _interleaved(bare, dump, reps)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -134,12 +133,12 @@ def _dump(
     store = LogitStore.create(path, manifest, overwrite=True)
 
     started = time.perf_counter()
-    stats = write_logits(teacher, split, store, device, preset.cache.batch_size, progress=True)
+    write_logits(teacher, split, store, device, preset.cache.batch_size, progress=True)
     n, seconds = len(split), time.perf_counter() - started
-    store.finish(**stats)
+    store.finish()
     console.print(
         f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
-        f"{stats['teacher_accuracy']:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, "
+        f"{store.manifest.teacher_accuracy:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, "
         f"{n / seconds:,.0f} samples/s)"
     )
     return path
@@ -152,20 +151,21 @@ def write_logits(
     device: torch.device,
     batch_size: int,
     *,
+    shards: list[int] | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
-    """Run the teacher over `split` in order and write every shard of `store` (a background thread
-    compresses and writes while the teacher computes). Returns the manifest's accuracy and logit stats."""
+) -> None:
+    """Run the teacher over the rows of `shards` (default: all) of `store` and write them: a background
+    thread compresses and writes each shard while the teacher computes the next. Batches never straddle
+    a shard, so a resumed dump computes every shard exactly as an uninterrupted one (same bytes)."""
+    shards = list(range(store.num_shards)) if shards is None else shards
     channels_last = split.inputs.dim() == 4 and prefers_channels_last(teacher)
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
-    inputs = (
-        split.inputs.pin_memory() if device.type == "cuda" else split.inputs
-    )  # async host-to-device copies
-    writer = ShardWriter(store)
-    correct, norm_sum, maxprob_sum = 0, 0.0, 0.0
+    inputs = split.inputs.pin_memory() if device.type == "cuda" else split.inputs  # async copies to the GPU
+    writer = ShardWriter(store, shards)
+    total = sum(b - a for a, b in map(store.shard_range, shards))
     bar = tqdm(
-        total=len(split),
+        total=total,
         desc=f"teacher-logits {split.split}",
         unit="sample",
         unit_scale=True,
@@ -174,25 +174,19 @@ def write_logits(
     )
     try:
         with torch.inference_mode():
-            for start in range(0, len(split), batch_size):
-                x = inputs[start : start + batch_size].to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                logits = teacher(x).float().cpu()  # (B, C) raw
-                labels, ids = split.labels[start : start + batch_size], split.ids[start : start + batch_size]
-                writer.add(logits, labels, ids)
-                correct += int((logits.argmax(1) == labels).sum())
-                norm_sum += float(logits.norm(dim=1).sum())
-                maxprob_sum += float(logits.softmax(1).max(1).values.sum())
-                bar.update(len(labels))
+            for shard in shards:
+                first, last = store.shard_range(shard)
+                for start in range(first, last, batch_size):
+                    stop = min(start + batch_size, last)
+                    x = inputs[start:stop].to(device, non_blocking=True)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    logits = teacher(x).float().cpu()  # (B, C) raw
+                    writer.add(logits, split.labels[start:stop], split.ids[start:stop])
+                    bar.update(stop - start)
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
     writer.close()
-    n = len(split)
-    return {
-        "teacher_accuracy": correct / n,
-        "logit_stats": {"mean_l2_norm": norm_sum / n, "mean_max_softmax": maxprob_sum / n},
-    }
