@@ -14,6 +14,7 @@ reading. Only raw logits are stored: temperatures and transforms are applied at 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -21,6 +22,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +39,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from pipeline.errors import KDError
 
 FORMAT_NAME = "kd-logits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard stats and sha256 arrays, shard_sha256 in the manifest
 # The on-disk dtype of each storage dtype: zarr has no bfloat16, so its bits are kept as uint16.
 DISK_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
@@ -353,12 +355,12 @@ class LogitStore:
 
     # -- opening and reading ----------------------------------------------------------------------
     @classmethod
-    def open(cls, store: Any) -> LogitStore:
+    def open(cls, store: Any, *, writable: bool = False) -> LogitStore:
         where = str(store)
         if isinstance(store, (str, Path)) and not Path(store).exists():
             raise KDError(f"no logit cache at {where}: run `kd teacher-logits` first (or check the path)")
         try:
-            group = zarr.open_group(store, mode="r", zarr_format=3)
+            group = zarr.open_group(store, mode="r+" if writable else "r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
             raise KDError(
                 f"{where} is not a Zarr v3 logit cache: run `kd teacher-logits` to make one"
@@ -514,6 +516,48 @@ class ShardWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """One writer per cache: an exclusive `<cache>.lock` file naming its pid and host. A lock left by
+    a dead process on this host (kill -9) is taken over; a live one stops the second writer."""
+    lock = path.with_name(path.name + ".lock")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):
+                owner = {}
+            if owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
+                lock.unlink(missing_ok=True)  # stale: its writer died; resume will redo its shards
+                continue
+            raise KDError(
+                f"cache {path} is being written by pid {owner.get('pid')} on {owner.get('host')} since "
+                f"{owner.get('started')}: wait for it to finish (or delete {lock} if that process is gone)"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def find_caches(

@@ -55,7 +55,7 @@ from pipeline.store import (
 from pipeline.train import make_optimizer, pick_device, train_epoch
 from stages.teacher_logits import write_logits
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 GOALS = {
     "dump_overhead": 1.10,
     "cached_kd_overhead": 1.05,

@@ -43,7 +43,9 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except KDError as err:
-            Console(stderr=True).print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+            Console(stderr=True, soft_wrap=True).print(
+                f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

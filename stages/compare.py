@@ -24,7 +24,7 @@ from pipeline.errors import KDError
 from pipeline.plots import plot_comparison
 from stages import distill
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def run(

@@ -42,7 +42,7 @@ from pipeline.schedules import (
 from pipeline.store import LogitStore, find_caches
 from pipeline.train import EpochRecord, fit, pick_device, seed_everything
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def run(
@@ -421,4 +421,4 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{summary['wall_time_s']:.1f}s",
     )
     Console().print(table)
-    Console().print(f"outputs: {summary['run_dir']}")
+    Console(soft_wrap=True).print(f"outputs: {summary['run_dir']}")

@@ -35,7 +35,7 @@ from pipeline.train import fit_many, pick_device, seed_everything
 from stages import distill
 from stages.compare import aggregate
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 SHORT_KEYS = {
     "method": "distill.method",
     "temperature": "distill.temperature",
@@ -333,7 +333,7 @@ def report(
             f"{c['wall_time_s']:.1f}s",
         )
     Console().print(table)
-    Console().print(f"best: {best['label']}  ->  {command}")
+    Console(soft_wrap=True).print(f"best: {best['label']}  ->  {command}")
     console.print(f"report: {out}/results.md, results.csv, best.json" + "".join(f", {p.name}" for p in plots))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from tqdm.auto import tqdm
@@ -29,13 +30,14 @@ from pipeline.store import (
     StorageInfo,
     TeacherInfo,
     cache_dirname,
+    cache_lock,
     find_caches,
     now_iso,
     software_versions,
 )
 from pipeline.train import pick_device
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def run(
@@ -121,27 +123,39 @@ def _dump(
         created=now_iso(),
     )
     path = paths.logits / cache_dirname(manifest)
-    if path.exists() and not force:
-        try:
-            existing = LogitStore.open(path)
-        except KDError:
-            existing = None
-        if existing is not None and existing.manifest.complete and existing.shards_done().all():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(path):  # a second process on the same key stops here with a clear message
+        existing = _existing(path)
+        if existing is not None and not force and existing.manifest.complete and existing.shards_done().all():
             console.print(f"cache hit ({split.split}): {path}")
             return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    store = LogitStore.create(path, manifest, overwrite=True)
-
-    started = time.perf_counter()
-    write_logits(teacher, split, store, device, preset.cache.batch_size, progress=True)
-    n, seconds = len(split), time.perf_counter() - started
-    store.finish()
+        if existing is not None and not force and existing.shards_done().any():
+            store = existing  # resume: the key in its name guarantees the same teacher, data and storage
+            shards = np.flatnonzero(~store.shards_done()).tolist()
+            console.print(f"resuming {path}: {store.num_shards - len(shards)}/{store.num_shards} shards done")
+        else:
+            store = LogitStore.create(path, manifest, overwrite=True)
+            shards = None
+        started = time.perf_counter()
+        write_logits(teacher, split, store, device, preset.cache.batch_size, shards=shards, progress=True)
+        n, seconds = len(split), time.perf_counter() - started
+        store.finish()
     console.print(
         f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
         f"{store.manifest.teacher_accuracy:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, "
         f"{n / seconds:,.0f} samples/s)"
     )
     return path
+
+
+def _existing(path: Path) -> LogitStore | None:
+    """The store at `path` opened for writing, or None when there is none (or it is unreadable)."""
+    if not path.exists():
+        return None
+    try:
+        return LogitStore.open(path, writable=True)
+    except KDError:
+        return None
 
 
 def write_logits(

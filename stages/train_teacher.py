@@ -19,7 +19,7 @@ from pipeline.losses import cross_entropy
 from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, architecture_record, build_model, save_checkpoint
 from pipeline.train import accuracy, fit, pick_device, predict, seed_everything
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str = "auto") -> Path:

@@ -41,7 +41,7 @@ def test_teacher_logits_writes_complete_caches_with_manifest(tiny_data: Paths) -
         store.require_complete()
         m = store.manifest
         data = load_split(preset.dataset, split)
-        assert m.format == {"name": "kd-logits", "version": 1}
+        assert m.format == {"name": "kd-logits", "version": 2}
         assert m.teacher.name == "tiny-cnn1d" and m.teacher.architecture["arch"] == "cnn1d"
         assert m.teacher.fingerprint == fingerprint(teacher, record["architecture"])
         assert m.teacher.train_accuracy == record["train_accuracy"]

@@ -1,0 +1,106 @@
+"""Stage 1 killed (-9) at several points resumes to a byte-identical store; one writer per cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Paths
+from pipeline.errors import KDError
+from pipeline.store import LogitStore, cache_lock
+from tests.conftest import cache_paths
+from tests.test_cli import kd
+
+ARRAYS = ("logits", "labels", "index", "stats", "sha256", "done")
+
+
+def dump(data: Path, *, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_DATA_DIR": str(data), "TQDM_DISABLE": "1"}
+    env.pop("KD_FAULT_AFTER_SHARDS", None)
+    if kill_after is not None:
+        env["KD_FAULT_AFTER_SHARDS"] = str(kill_after)
+    code = "from stages.cli import app; app()"
+    return subprocess.run(
+        [sys.executable, "-c", code, "teacher-logits", "--preset", "tiny", "--split", "train"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def array_files(store: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for name in ARRAYS
+        for p in sorted((store / name).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_identical_bytes(tiny_data: Paths, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_data.teachers, reference / "teachers")
+    assert dump(reference).returncode == 0
+    (expected_path,) = cache_paths(Paths(data=reference), "train")
+    expected = array_files(expected_path)
+
+    for kill_after in (1, 3):  # of the tiny train split's 4 shards
+        data = tmp_path / f"killed-{kill_after}"
+        shutil.copytree(tiny_data.teachers, data / "teachers")
+        killed = dump(data, kill_after=kill_after)
+        assert killed.returncode == -9, killed.stderr  # SIGKILL: no cleanup ran
+        (path,) = cache_paths(Paths(data=data), "train")
+        partial = LogitStore.open(path)
+        assert not partial.manifest.complete and int(partial.shards_done().sum()) == kill_after
+        with pytest.raises(KDError, match=f"incomplete \\({kill_after}/4 shards"):
+            partial.require_complete()
+        assert path.with_name(path.name + ".lock").exists()  # left behind by the dead writer
+
+        resumed = dump(data)
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resuming {path}: {kill_after}/4 shards done" in " ".join(resumed.stderr.split())
+        assert array_files(path) == expected  # every chunk of every array, byte for byte
+        final = LogitStore.open(path)
+        final.require_complete()
+        reference_manifest = LogitStore.open(expected_path).manifest
+        assert final.manifest.shard_sha256 == reference_manifest.shard_sha256
+        assert final.manifest.teacher_accuracy == reference_manifest.teacher_accuracy
+        assert not path.with_name(path.name + ".lock").exists()
+
+
+def test_second_writer_is_refused_while_the_first_lives(tiny_data: Paths, tmp_path: Path) -> None:
+    paths = Paths(data=tmp_path)
+    shutil.copytree(tiny_data.teachers, paths.teachers)
+    shutil.copytree(tiny_data.logits, paths.logits)
+    (train,) = cache_paths(paths, "train")
+    shutil.rmtree(train)  # force a dump of the train split
+    lock = train.with_name(train.name + ".lock")
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}))
+    result = kd(paths, "teacher-logits", "--preset", "tiny", "--split", "train")
+    assert result.exit_code == 2
+    assert f"is being written by pid {os.getpid()}" in " ".join(result.stderr.split())
+    assert lock.exists() and not train.exists()  # nothing written, the other writer's lock kept
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid is gone now
+    lock.write_text(json.dumps({"pid": finished.pid, "host": os.uname().nodename}))
+    result = kd(paths, "teacher-logits", "--preset", "tiny", "--split", "train")
+    assert result.exit_code == 0, result.output  # a dead writer's lock is taken over
+    LogitStore.open(train).require_complete()
+    assert not lock.exists()
+
+
+def test_lock_is_exclusive(tmp_path: Path) -> None:
+    path = tmp_path / "c.zarr"
+    with cache_lock(path), pytest.raises(KDError, match="is being written by pid"), cache_lock(path):
+        pass
+    with cache_lock(path):  # released on exit
+        pass
