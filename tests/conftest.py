@@ -30,8 +30,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Paths:
     return paths
 
 
-def cache_paths(paths: Paths, split: str) -> list[Path]:
-    return sorted(paths.logits.glob(f"*.{split}.*.zarr"))
+def cache_paths(paths: Paths, split: str, teacher: str = "tiny-cnn1d") -> list[Path]:
+    return sorted(paths.logits.glob(f"{teacher}.*.{split}.*.zarr"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
