@@ -17,7 +17,7 @@ from pipeline.store import LogitStore, cache_lock
 from tests.conftest import cache_paths
 from tests.test_cli import kd
 
-ARRAYS = ("logits", "labels", "index", "stats", "sha256", "done")
+ARRAYS = ("logits", "labels", "index", "stats", "crc32c", "done")
 
 
 def dump(data: Path, *, kill_after: int | None = None) -> subprocess.CompletedProcess:
@@ -71,7 +71,7 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_data: Paths, tmp_path: Pa
         final = LogitStore.open(path)
         final.require_complete()
         reference_manifest = LogitStore.open(expected_path).manifest
-        assert final.manifest.shard_sha256 == reference_manifest.shard_sha256
+        assert final.manifest.shard_crc32c == reference_manifest.shard_crc32c
         assert final.manifest.teacher_accuracy == reference_manifest.teacher_accuracy
         assert not path.with_name(path.name + ".lock").exists()
 
