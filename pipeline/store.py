@@ -474,14 +474,25 @@ class LogitStore:
     @functools.cached_property
     def ids(self) -> torch.Tensor:
         """The sample ids (N,), read once (8 bytes a row), so streaming reads fetch logits alone."""
-        return torch.from_numpy(np.asarray(self.array("index")[:]))
+        return torch.from_numpy(self.read("index"))
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of an array; a damaged file becomes a one-line KDError, not a codec trace."""
+        try:
+            return np.asarray(self.array(name)[start:stop])
+        except KDError:
+            raise
+        except Exception as err:
+            rows = "" if start is None else f" rows {start}-{stop}"
+            raise KDError(
+                f"cache {self.where}: '{name}'{rows} cannot be read ({type(err).__name__}: {err}): the "
+                "file is damaged; run `kd cache verify`, then `kd teacher-logits --force` to rebuild it"
+            ) from None
 
     def read_all(self, *, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits float32 (N, C), labels (N,), ids (N,)), each array read in one call; with `verify`,
         every shard is checked against its recorded CRC32C (hashing costs far less than the read)."""
-        raw = np.asarray(self.array("logits")[:])
-        labels = np.asarray(self.array("labels")[:])
-        ids = self.ids.numpy()
+        raw, labels, ids = self.read("logits"), self.read("labels"), self.ids.numpy()
         if verify:
             for shard in range(self.num_shards):
                 a, b = self.shard_range(shard)
@@ -511,9 +522,9 @@ class LogitStore:
             parts = []
             for i in blocks:
                 a, b = starts[i], min(starts[i] + block, self.num_rows)
-                raw = np.asarray(self.array("logits")[a:b])
+                raw = self.read("logits", a, b)
                 if block == self.shard_rows:  # a whole shard: check it against its checksum as it streams
-                    self.check_shard(i, raw, np.asarray(self.array("labels")[a:b]), self.ids[a:b].numpy())
+                    self.check_shard(i, raw, self.read("labels", a, b), self.ids[a:b].numpy())
                 parts.append(_as_tensor(raw))
             ranges = [(starts[i], min(starts[i] + block, self.num_rows)) for i in blocks]
             return torch.cat(parts), torch.cat([self.ids[a:b] for a, b in ranges])  # storage dtype, ids

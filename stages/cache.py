@@ -57,6 +57,25 @@ def info(path: Path, *, as_json: bool = False) -> None:
         console.print(f"  {name:17} {value}", highlight=False, soft_wrap=True)
 
 
+def verify(path: Path) -> bool:
+    """Re-read everything; print each problem; True when there is none."""
+    store = LogitStore.open(path)
+    console = Console(stderr=True, soft_wrap=True)
+    problems = store.verify()
+    if problems:
+        for problem in problems:
+            console.print(f"[red]problem:[/red] {path}: {problem}", highlight=False)
+        console.print(f"{len(problems)} problem(s): re-run `kd teacher-logits --force` to rebuild this cache")
+        return False
+    m = store.manifest
+    console.print(
+        f"ok: {path} ({m.dataset.length} x {m.dataset.num_classes} {m.storage.dtype}, {store.num_shards} "
+        f"shards, checksums, shapes, finite values and labels all check)",
+        highlight=False,
+    )
+    return True
+
+
 def ls(root: Path) -> None:
     if not root.is_dir():
         raise KDError(f"no cache directory at {root}: run `kd teacher-logits` first or name another DIR")

@@ -267,6 +267,16 @@ def cache_info(
     stage.info(path, as_json=json_)
 
 
+@cache_app.command("verify")
+@friendly
+def cache_verify(path: Annotated[Path, typer.Argument(help="A cache folder (.zarr).")]) -> None:
+    """Re-read a cache: checksums, shapes, dtype, NaN/Inf, labels, completeness; exit 1 on any problem."""
+    from stages import cache as stage
+
+    if not stage.verify(path):
+        raise typer.Exit(1)
+
+
 @cache_app.command("ls")
 @friendly
 def cache_ls(

@@ -104,3 +104,31 @@ def test_lock_is_exclusive(tmp_path: Path) -> None:
         pass
     with cache_lock(path):  # released on exit
         pass
+
+
+def damaged_copy(tiny_data: Paths, tmp_path: Path, how: str) -> Path:
+    (train,) = cache_paths(tiny_data, "train")
+    copy = tmp_path / train.name
+    shutil.copytree(train, copy)
+    shard_file = copy / "logits" / "c" / "0" / "0"  # the tiny train split's logits live in one shard file
+    data = bytearray(shard_file.read_bytes())
+    if how == "bit flip":
+        data[len(data) // 3] ^= 0x10
+        shard_file.write_bytes(bytes(data))
+    else:
+        shard_file.write_bytes(bytes(data[: len(data) // 2]))
+    return copy
+
+
+@pytest.mark.parametrize("how", ["bit flip", "truncated"])
+def test_damaged_shard_is_found_by_verify_and_refused_by_distill(
+    tiny_data: Paths, tmp_path: Path, how: str
+) -> None:
+    copy = damaged_copy(tiny_data, tmp_path, how)
+    result = kd(tiny_data, "cache", "verify", str(copy))
+    assert result.exit_code == 1
+    assert "problem:" in result.stderr and "shard 0" in result.stderr
+    result = kd(Paths(data=tmp_path / "empty"), "distill", "--preset", "tiny", "--cache", str(copy))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "shard 0" in result.stderr or "cannot be read" in result.stderr
+    assert kd(tiny_data, "cache", "verify", str(cache_paths(tiny_data, "train")[0])).exit_code == 0

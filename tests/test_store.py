@@ -148,3 +148,26 @@ def test_unsupported_format_version() -> None:
     raw["format"]["version"] = 99
     with pytest.raises(KDError, match="version 99 is not supported"):
         Manifest.from_dict(raw)
+
+
+def test_verify_passes_a_good_store_and_names_each_problem(tmp_path) -> None:
+    path = tmp_path / "c.zarr"
+    store = LogitStore.create(path, make_manifest("float16"))
+    logits = torch.randn(N, C)
+    writer = ShardWriter(store)
+    writer.add(logits, logits.argmax(1), torch.arange(N))  # labels = argmax: accuracy 1.0
+    writer.close()
+    store.finish()
+    assert LogitStore.open(path).verify() == []
+    assert store.manifest.teacher_accuracy == 1.0 and len(store.manifest.shard_crc32c) == 3
+
+    group = zarr.open_group(path, mode="r+")
+    group["logits"][0, 0] = float(
+        "nan"
+    )  # written through zarr: a valid file with a bad value and no matching checksum
+    group["labels"][9] = (int(logits[9].argmax()) + 1) % C
+    problems = LogitStore.open(path).verify()
+    assert any("shard 0" in p and "CRC32C" in p for p in problems)
+    assert any("shard 0 has 1 rows with NaN" in p for p in problems)
+    assert any("shard 1" in p and "CRC32C" in p for p in problems)
+    assert not any("shard 2" in p for p in problems)
