@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -81,6 +82,12 @@ class TeacherConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$", self.name)) and ".." not in self.name,
+            f"teacher.name '{self.name}' is not allowed: use letters, digits and _ . + = , - (no '/', '..')",
+        )
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ import hashlib
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -132,11 +134,30 @@ def cache_key(
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """A name that is one path component and cannot leave its folder (no '/', no '..', no leading dot)."""
+    if not SAFE_NAME.match(name) or ".." in name:
+        raise KDError(f"{what} '{name}' is not allowed: use letters, digits and _ . + = , - (no '/' or '..')")
+    return name
+
+
 def cache_dirname(manifest: Manifest) -> str:
     """`<teacher>.<dataset>.<split>.<key12>.zarr`: readable by people, unique by content."""
-    return (
-        f"{manifest.teacher.name}.{manifest.dataset.name}.{manifest.dataset.split}.{manifest.key[:12]}.zarr"
-    )
+    parts = (manifest.teacher.name, manifest.dataset.name, manifest.dataset.split)
+    for part in parts:
+        safe_name(part, "cache name part")
+    return f"{'.'.join(parts)}.{manifest.key[:12]}.zarr"
+
+
+def inside(root: Path, name: str) -> Path:
+    """root/name, refused when `name` would resolve outside `root` (path traversal)."""
+    path = (root / name).resolve()
+    if path.parent != root.resolve():
+        raise KDError(f"'{name}' is not a cache directly under {root}: names cannot leave the cache root")
+    return path
 
 
 def software_versions() -> dict[str, str]:
@@ -672,6 +693,42 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def stale_entries(root: Path, older_than_hours: float) -> list[tuple[Path, str]]:
+    """Entries under a cache root that `kd cache gc` removes: incomplete stores (no live writer) and
+    orphans (lock files of dead writers, folders that are no cache), untouched for `older_than_hours`."""
+    cutoff = time.time() - older_than_hours * 3600
+    found = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        newest = max(
+            [path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")]
+            if path.is_dir()
+            else [path.stat().st_mtime]
+        )
+        if newest > cutoff:
+            continue
+        if path.suffix == ".lock":
+            try:
+                owner = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                owner = {}
+            if owner.get("host") == socket.gethostname() and _alive(int(owner.get("pid", -1))):
+                continue
+            found.append((path, "lock of a writer that is gone"))
+            continue
+        if not path.is_dir():
+            continue
+        if path.with_name(path.name + ".lock").exists():
+            continue  # being written (or its lock is collected first)
+        try:
+            store = LogitStore.open(path)
+        except KDError:
+            found.append((path, "not a readable logit cache"))
+            continue
+        if not (store.manifest.complete and store.shards_done().all()):
+            found.append((path, f"incomplete ({int(store.shards_done().sum())}/{store.num_shards} shards)"))
+    return found
 
 
 def find_caches(

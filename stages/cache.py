@@ -7,13 +7,14 @@ kd cache ls [DIR]
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import KDError
-from pipeline.store import LogitStore
+from pipeline.store import LogitStore, inside, stale_entries
 
 
 def info(path: Path, *, as_json: bool = False) -> None:
@@ -74,6 +75,37 @@ def verify(path: Path) -> bool:
         highlight=False,
     )
     return True
+
+
+def rm(root: Path, names: list[str], *, yes: bool) -> None:
+    """Remove caches by name (directly under the root: names cannot escape it)."""
+    targets = [inside(root, name) for name in names]
+    for path in targets:
+        if not path.is_dir():
+            raise KDError(f"no cache named '{path.name}' in {root}: see `kd cache ls`")
+        LogitStore.open(path)  # refuse to delete anything that is not a logit cache
+    console = Console(stderr=True, soft_wrap=True)
+    for path in targets:
+        if not yes:
+            console.print(f"would remove {path} (pass --yes to remove)")
+            continue
+        shutil.rmtree(path)
+        path.with_name(path.name + ".lock").unlink(missing_ok=True)
+        console.print(f"removed {path}")
+
+
+def gc(root: Path, *, older_than_hours: float, yes: bool) -> None:
+    """Remove incomplete or orphaned entries older than N hours (dry run unless --yes)."""
+    console = Console(stderr=True, soft_wrap=True)
+    entries = stale_entries(root, older_than_hours)
+    if not entries:
+        console.print(f"nothing to collect in {root} (older than {older_than_hours:g} h)")
+    for path, why in entries:
+        if yes:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        console.print(f"{'removed' if yes else 'would remove'} {path}: {why}")
+    if entries and not yes:
+        console.print("dry run: pass --yes to remove")
 
 
 def ls(root: Path) -> None:

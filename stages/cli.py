@@ -277,6 +277,32 @@ def cache_verify(path: Annotated[Path, typer.Argument(help="A cache folder (.zar
         raise typer.Exit(1)
 
 
+@cache_app.command("rm")
+@friendly
+def cache_rm(
+    names: Annotated[list[str], typer.Argument(help="Cache folder names (see `kd cache ls`).")],
+    root: Annotated[Path | None, typer.Option(help="Cache root [default: the cache dir].")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Really remove (default: say what would go).")] = False,
+) -> None:
+    """Remove caches by name from the cache root."""
+    from stages import cache as stage
+
+    stage.rm(root or _state["paths"].logits, names, yes=yes)
+
+
+@cache_app.command("gc")
+@friendly
+def cache_gc(
+    older_than: Annotated[float, typer.Option(help="Only entries untouched for this many hours.")] = 24.0,
+    root: Annotated[Path | None, typer.Option(help="Cache root [default: the cache dir].")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Really remove (default: dry run).")] = False,
+) -> None:
+    """Remove incomplete caches and orphans (dead writers' locks, non-cache folders) older than N hours."""
+    from stages import cache as stage
+
+    stage.gc(root or _state["paths"].logits, older_than_hours=older_than, yes=yes)
+
+
 @cache_app.command("ls")
 @friendly
 def cache_ls(
