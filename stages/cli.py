@@ -303,6 +303,42 @@ def cache_gc(
     stage.gc(root or _state["paths"].logits, older_than_hours=older_than, yes=yes)
 
 
+@cache_app.command("export")
+@friendly
+def cache_export(
+    path: Annotated[Path, typer.Argument(help="A cache folder (.zarr).")],
+    out: Annotated[Path, typer.Option(help="The file to write (.h5 or .npz).")],
+    format_: Annotated[str, typer.Option("--format", help="hdf5 or npz.")] = "hdf5",
+) -> None:
+    """Write a cache's logits, labels, ids and manifest to an HDF5 or npz file."""
+    from stages import cache_interop as stage
+
+    stage.export(path, out, format_)
+
+
+@cache_app.command("import")
+@friendly
+def cache_import(
+    source: Annotated[Path, typer.Argument(help="An HDF5 (.h5/.hdf5) or .npz file with a 'logits' array.")],
+    preset: PresetOpt = "mnist1d",
+    split: Annotated[str, typer.Option(help="The dataset split the logits were computed on.")] = "train",
+    teacher_name: Annotated[str | None, typer.Option(help="Teacher name [default: from the file].")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing cache with the same key.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Make a cache from logits computed elsewhere, checked against the preset's dataset split."""
+    from stages import cache_interop as stage
+
+    stage.import_(
+        source,
+        _preset(preset, {}, set_),
+        _state["paths"].logits,
+        split=split,
+        teacher_name=teacher_name,
+        force=force,
+    )
+
+
 @cache_app.command("ls")
 @friendly
 def cache_ls(

@@ -1,0 +1,163 @@
+"""Move logits between our Zarr caches and HDF5 / npz files.
+
+    kd cache export data/logits/<name>.zarr --format hdf5 --out logits.h5
+    kd cache import logits.h5 --preset mnist1d --split train --teacher-name my-teacher
+
+An export holds `logits` (the stored dtype; bfloat16 is widened to float32, HDF5 has no bfloat16),
+`labels`, `index` and the manifest as a JSON attribute / entry. An import checks the file against the
+preset's dataset split (row count, and labels and ids when the file has them), then writes a complete
+cache that `kd distill` finds by teacher name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from pipeline.config import Preset
+from pipeline.datasets import load_split
+from pipeline.errors import KDError
+from pipeline.store import (
+    DatasetInfo,
+    LogitStore,
+    Manifest,
+    ShardWriter,
+    StorageInfo,
+    TeacherInfo,
+    cache_dirname,
+    cache_lock,
+    decode_logits,
+    now_iso,
+    software_versions,
+)
+
+console = Console(stderr=True, soft_wrap=True)
+FORMATS = ("hdf5", "npz")
+
+
+def export(path: Path, out: Path, fmt: str) -> Path:
+    if fmt not in FORMATS:
+        raise KDError(f"unknown export format '{fmt}': choose hdf5 or npz")
+    store = LogitStore.open(path)
+    store.require_complete()
+    raw, labels, ids = store.read("logits"), store.read("labels"), store.ids.numpy()
+    dtype = store.manifest.storage.dtype
+    logits = decode_logits(raw, dtype).numpy() if dtype == "bfloat16" else raw
+    manifest = json.dumps(store.manifest.to_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if fmt == "hdf5":
+        import h5py
+
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset(
+                "logits", data=logits, compression="gzip", chunks=(min(len(logits), 4096), logits.shape[1])
+            )
+            f.create_dataset("labels", data=labels)
+            f.create_dataset("index", data=ids)
+            f.attrs["manifest"] = manifest
+    else:
+        with tmp.open("wb") as f:
+            np.savez_compressed(f, logits=logits, labels=labels, index=ids, manifest=np.array(manifest))
+    tmp.replace(out)
+    console.print(f"exported {path} -> {out} ({logits.shape[0]} x {logits.shape[1]} {logits.dtype})")
+    return out
+
+
+def import_(
+    source: Path, preset: Preset, root: Path, *, split: str, teacher_name: str | None, force: bool = False
+) -> Path:
+    """A complete cache under `root` from an HDF5 or npz file of logits for `preset`'s `split`."""
+    arrays, manifest = _read(source)
+    logits = np.asarray(arrays["logits"])
+    if logits.ndim != 2 or not np.issubdtype(logits.dtype, np.floating):
+        raise KDError(f"{source}: 'logits' must be a 2-D float array, got {logits.dtype} {logits.shape}")
+    data = load_split(preset.dataset, split)
+    n, c = logits.shape
+    if n != len(data) or c != data.num_classes:
+        raise KDError(
+            f"{source} holds {n} x {c} logits but {data.dataset}/{split} has {len(data)} rows x "
+            f"{data.num_classes} classes: import it with the preset and split it was computed on"
+        )
+    ids = np.asarray(arrays["index"], dtype=np.int64) if "index" in arrays else data.ids.numpy()
+    if sorted(ids.tolist()) != sorted(data.ids.tolist()):
+        raise KDError(
+            f"{source}: its sample ids are not those of {data.dataset}/{split}: the rows would be "
+            "joined to the wrong inputs"
+        )
+    by_id = {int(i): k for k, i in enumerate(ids)}
+    pick = np.array([by_id[int(i)] for i in data.ids.tolist()])  # the file's row of each dataset row
+    logits, ids = logits[pick], ids[pick]
+    if "labels" in arrays and not np.array_equal(
+        np.asarray(arrays["labels"], dtype=np.int64)[pick], data.labels.numpy()
+    ):
+        raise KDError(f"{source}: its labels disagree with {data.dataset}/{split}: not the same data")
+
+    teacher = (manifest or {}).get("teacher", {})
+    name = teacher_name or teacher.get("name")
+    if not name:
+        raise KDError(f"{source} names no teacher: pass --teacher-name")
+    digest = hashlib.sha256(np.ascontiguousarray(logits).tobytes()).hexdigest()
+    dtype = "float32" if logits.dtype == np.float32 or logits.dtype == np.float64 else "float16"
+    chunk_rows = preset.cache.chunk_rows_for(c)
+    new = Manifest(
+        teacher=TeacherInfo(
+            name=name,
+            architecture=teacher.get("architecture", {"imported_from": str(source)}),
+            fingerprint=teacher.get("fingerprint") or f"imported-logits-sha256:{digest}",
+            train_accuracy=teacher.get("train_accuracy"),
+        ),
+        dataset=DatasetInfo(
+            name=data.dataset, split=split, length=n, num_classes=c, fingerprint=data.fingerprint
+        ),
+        storage=StorageInfo(
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            shard_rows=chunk_rows * preset.cache.shard_chunks,
+            codec=preset.cache.codec,
+            level=preset.cache.zstd_level,
+        ),
+        preprocessing={**data.preprocessing, "imported_from": source.name},
+        software=software_versions(),
+        created=now_iso(),
+    )
+    path = root / cache_dirname(new)
+    root.mkdir(parents=True, exist_ok=True)
+    with cache_lock(path):
+        store = LogitStore.create(path, new, overwrite=force)
+        writer = ShardWriter(store)
+        writer.add(torch.from_numpy(logits.astype(np.float32)), data.labels, torch.from_numpy(ids))
+        writer.close()
+        store.finish()
+    console.print(
+        f"imported {source} -> {path} ({n} x {c} {dtype}, teacher '{name}', accuracy "
+        f"{store.manifest.teacher_accuracy:.2%})"
+    )
+    return path
+
+
+def _read(source: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    if not source.is_file():
+        raise KDError(f"no file at {source}")
+    if source.suffix == ".npz":
+        with np.load(source, allow_pickle=False) as f:  # data only: never unpickle someone else's file
+            arrays = {k: f[k] for k in f.files}
+        manifest = json.loads(str(arrays.pop("manifest"))) if "manifest" in arrays else None
+        return arrays, manifest
+    import h5py
+
+    try:
+        with h5py.File(source, "r") as f:
+            arrays = {k: f[k][()] for k in ("logits", "labels", "index") if k in f}
+            manifest = json.loads(f.attrs["manifest"]) if "manifest" in f.attrs else None
+    except OSError as err:
+        raise KDError(f"{source} is not an HDF5 or .npz file of logits ({err})") from None
+    if "logits" not in arrays:
+        raise KDError(f"{source} has no 'logits' dataset")
+    return arrays, manifest
