@@ -380,9 +380,14 @@ class LogitStore:
     # -- opening and reading ----------------------------------------------------------------------
     @classmethod
     def open(cls, store: Any, *, writable: bool = False) -> LogitStore:
+        """A cache at a local path, a `.zip` file, an fsspec URL (s3://...) or any zarr store."""
+        from pipeline.remote import exists, zarr_store
+
         where = str(store)
-        if isinstance(store, (str, Path)) and not Path(store).exists():
-            raise KDError(f"no logit cache at {where}: run `kd teacher-logits` first (or check the path)")
+        if isinstance(store, (str, Path)):
+            if not exists(store):
+                raise KDError(f"no logit cache at {where}: run `kd teacher-logits` first (or check the path)")
+            store = zarr_store(store, writable=writable)
         try:
             group = zarr.open_group(store, mode="r+" if writable else "r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):

@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import KDError
+from pipeline.remote import copy_cache, list_root
 from pipeline.store import LogitStore, inside, stale_entries
 
 
-def info(path: Path, *, as_json: bool = False) -> None:
+def info(path: str | Path, *, as_json: bool = False) -> None:
     store = LogitStore.open(path)
     manifest = store.manifest.to_dict()
     if as_json:
@@ -58,7 +59,7 @@ def info(path: Path, *, as_json: bool = False) -> None:
         console.print(f"  {name:17} {value}", highlight=False, soft_wrap=True)
 
 
-def verify(path: Path) -> bool:
+def verify(path: str | Path) -> bool:
     """Re-read everything; print each problem; True when there is none."""
     store = LogitStore.open(path)
     console = Console(stderr=True, soft_wrap=True)
@@ -75,6 +76,14 @@ def verify(path: Path) -> bool:
         highlight=False,
     )
     return True
+
+
+def transfer(src: str | Path, dst: str | Path, *, force: bool) -> bool:
+    """Copy a complete cache (push to / pull from a URL, a zip or a folder), then verify the copy."""
+    LogitStore.open(src).require_complete()
+    copy_cache(src, dst, overwrite=force)
+    Console(stderr=True, soft_wrap=True).print(f"copied {src} -> {dst}; verifying the copy")
+    return verify(dst)
 
 
 def rm(root: Path, names: list[str], *, yes: bool) -> None:
@@ -108,22 +117,21 @@ def gc(root: Path, *, older_than_hours: float, yes: bool) -> None:
         console.print("dry run: pass --yes to remove")
 
 
-def ls(root: Path) -> None:
-    if not root.is_dir():
-        raise KDError(f"no cache directory at {root}: run `kd teacher-logits` first or name another DIR")
+def ls(root: str | Path) -> None:
+    entries = list_root(root)
     table = Table(title=f"logit caches in {root}")
     for column in ("name", "teacher", "dataset", "split", "rows", "classes", "dtype", "size", "complete"):
         table.add_column(column)
     count = 0
-    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+    for entry in entries:
         try:
-            store = LogitStore.open(path)
+            store = LogitStore.open(entry)
         except KDError:
             continue
         m = store.manifest
         complete = m.complete and bool(store.shards_done().all())
         table.add_row(
-            path.name,
+            entry.rstrip("/").rsplit("/", 1)[-1],
             m.teacher.name,
             m.dataset.name,
             m.dataset.split,

@@ -143,7 +143,10 @@ def distill(
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of init and data order.")] = None,
     cache: Annotated[
-        Path | None, typer.Option(help="Train-split cache [default: newest match under the cache dir].")
+        str | None,
+        typer.Option(
+            help="Train-split cache: folder, .zip or URL [default: newest match under the cache dir]."
+        ),
     ] = None,
     run_name: Annotated[str | None, typer.Option(help="Run folder name under DATA_DIR/runs.")] = None,
     set_: SetOpt = None,
@@ -258,7 +261,7 @@ def bench(
 @cache_app.command("info")
 @friendly
 def cache_info(
-    path: Annotated[Path, typer.Argument(help="A cache folder (.zarr).")],
+    path: Annotated[str, typer.Argument(help="A cache: folder (.zarr), .zip or URL (s3://...).")],
     json_: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Print a cache's manifest."""
@@ -269,11 +272,43 @@ def cache_info(
 
 @cache_app.command("verify")
 @friendly
-def cache_verify(path: Annotated[Path, typer.Argument(help="A cache folder (.zarr).")]) -> None:
+def cache_verify(
+    path: Annotated[str, typer.Argument(help="A cache: folder (.zarr), .zip or URL (s3://...).")],
+) -> None:
     """Re-read a cache: checksums, shapes, dtype, NaN/Inf, labels, completeness; exit 1 on any problem."""
     from stages import cache as stage
 
     if not stage.verify(path):
+        raise typer.Exit(1)
+
+
+@cache_app.command("push")
+@friendly
+def cache_push(
+    src: Annotated[str, typer.Argument(help="A local cache folder.")],
+    dst: Annotated[
+        str, typer.Argument(help="Where to: a URL (s3://bucket/prefix/name.zarr), a .zip or a folder.")
+    ],
+    force: Annotated[bool, typer.Option(help="Replace what is at DST.")] = False,
+) -> None:
+    """Copy a cache to shared or remote storage, then verify the copy (exit 1 on any problem)."""
+    from stages import cache as stage
+
+    if not stage.transfer(src, dst, force=force):
+        raise typer.Exit(1)
+
+
+@cache_app.command("pull")
+@friendly
+def cache_pull(
+    src: Annotated[str, typer.Argument(help="A cache: URL, .zip or folder.")],
+    dst: Annotated[str, typer.Argument(help="The local folder to write (.zarr).")],
+    force: Annotated[bool, typer.Option(help="Replace what is at DST.")] = False,
+) -> None:
+    """Copy a cache from shared or remote storage, then verify the copy (exit 1 on any problem)."""
+    from stages import cache as stage
+
+    if not stage.transfer(src, dst, force=force):
         raise typer.Exit(1)
 
 
@@ -342,9 +377,11 @@ def cache_import(
 @cache_app.command("ls")
 @friendly
 def cache_ls(
-    root: Annotated[Path | None, typer.Argument(help="Cache root [default: the cache dir].")] = None,
+    root: Annotated[
+        str | None, typer.Argument(help="Cache root, a folder or URL [default: the cache dir].")
+    ] = None,
 ) -> None:
-    """List the caches under a directory."""
+    """List the caches under a directory or URL prefix."""
     from stages import cache as stage
 
     stage.ls(root or _state["paths"].logits)

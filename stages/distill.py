@@ -30,6 +30,7 @@ from pipeline.errors import KDError
 from pipeline.losses import LABEL_ONLY, LOSSES
 from pipeline.models import architecture_record, build_model, save_checkpoint
 from pipeline.plots import plot_curves
+from pipeline.remote import copy_cache, is_url, read_through_path
 from pipeline.schedules import (
     alpha_at,
     annealing_temperature,
@@ -49,7 +50,7 @@ def run(
     preset: Preset,
     paths: Paths,
     *,
-    cache: Path | None = None,
+    cache: str | Path | None = None,
     run_name: str | None = None,
     run_dir: Path | None = None,
     device_name: str = "auto",
@@ -117,7 +118,7 @@ class Prepared:
         return self.test.inputs, self.test.labels
 
 
-def prepare(preset: Preset, paths: Paths, *, cache: Path | None, device: torch.device) -> Prepared:
+def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: torch.device) -> Prepared:
     """Data, validation carve, the checked cache and the batch source for `preset.distill`."""
     cfg = preset.distill
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
@@ -342,10 +343,13 @@ def default_run_name(preset: Preset) -> str:
 
 
 def _open_cache(
-    preset: Preset, paths: Paths, train: Split, cache: Path | None, *, required: bool
+    preset: Preset, paths: Paths, train: Split, cache: str | Path | None, *, required: bool
 ) -> LogitStore | None:
-    """The train-split cache: the given path, else the newest complete match under the cache root."""
-    if cache is not None:
+    """The train-split cache: the given path, zip or URL (read through a local copy), else the newest
+    complete match under the cache root."""
+    if cache is not None and is_url(cache):
+        store = _read_through(str(cache), paths)
+    elif cache is not None:
         store = LogitStore.open(cache)
     else:
         found = find_caches(
@@ -363,6 +367,23 @@ def _open_cache(
     store.require_complete()
     check_cache_matches(store, train)
     return store
+
+
+def _read_through(url: str, paths: Paths) -> LogitStore:
+    """A remote cache through its local copy under DATA_DIR/remote-cache (fetched again only when the
+    remote manifest's content key differs); shards are checked against their checksums as they load."""
+    remote = LogitStore.open(url)
+    remote.require_complete()
+    local = read_through_path(url, paths.data / "remote-cache")
+    try:
+        cached = LogitStore.open(local)
+        if cached.manifest.key == remote.manifest.key and cached.manifest.complete:
+            return cached
+    except KDError:
+        pass
+    console.print(f"fetching {url} -> {local}")
+    copy_cache(url, local, overwrite=True)
+    return LogitStore.open(local)
 
 
 def check_cache_matches(store: LogitStore, split: Split) -> None:

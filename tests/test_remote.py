@@ -1,0 +1,111 @@
+"""Caches on a real S3-protocol server (moto's standalone server on loopback) and in zip files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import Paths
+from pipeline.store import LogitStore
+from stages.cli import app
+from tests.conftest import cache_paths
+from tests.test_cli import kd, runner
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    """An S3 server on 127.0.0.1 (a thread of this process, real HTTP) with an empty bucket."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs("s3://team-bucket")
+    fs.mkdir("team-bucket")
+    try:
+        yield "s3://team-bucket/caches"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_push_ls_info_pull_and_train_from_s3(tiny_data: Paths, tmp_path: Path, s3: str) -> None:
+    (train,) = cache_paths(tiny_data, "train")
+    url = f"{s3}/{train.name}"
+    result = kd(tiny_data, "cache", "push", str(train), url)
+    assert result.exit_code == 0, result.output
+    assert "ok:" in result.stderr  # verified after the copy, on the server
+
+    listing = runner.invoke(app, ["cache", "ls", s3], env={"COLUMNS": "250"})
+    assert listing.exit_code == 0, listing.output
+    assert train.name in listing.stdout and "tiny-cnn1d" in listing.stdout
+    info = kd(tiny_data, "cache", "info", url, "--json")
+    assert json.loads(info.stdout) == LogitStore.open(train).manifest.to_dict()
+
+    pulled = tmp_path / "pulled.zarr"
+    result = kd(tiny_data, "cache", "pull", url, str(pulled))
+    assert result.exit_code == 0, result.output
+    assert torch.equal(LogitStore.open(pulled).read_all()[0], LogitStore.open(train).read_all()[0])
+    again = kd(tiny_data, "cache", "pull", url, str(pulled))
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+    paths = Paths(data=tmp_path / "elsewhere")  # no teacher, no local cache: only the bucket
+    result = kd(
+        paths, "distill", "--preset", "tiny", "--cache", url, "--epochs", "2", "--run-name", "from-s3"
+    )
+    assert result.exit_code == 0, result.output
+    assert "fetching" in result.stderr
+    local = list((paths.data / "remote-cache").iterdir())
+    assert len(local) == 1 and LogitStore.open(local[0]).verify() == []
+    result = kd(paths, "distill", "--preset", "tiny", "--cache", url, "--epochs", "1")
+    assert result.exit_code == 0 and "fetching" not in result.stderr  # read through the local copy
+
+
+def test_damaged_remote_copy_is_refused(tiny_data: Paths, tmp_path: Path, s3: str) -> None:
+    import fsspec
+
+    (train,) = cache_paths(tiny_data, "train")
+    url = f"{s3}/damaged-{train.name}"
+    assert kd(tiny_data, "cache", "push", str(train), url).exit_code == 0
+    fs, root = fsspec.core.url_to_fs(url)
+    shard = f"{root}/logits/c/0/0"
+    data = bytearray(fs.cat_file(shard))
+    data[len(data) // 3] ^= 0x01
+    fs.pipe_file(shard, bytes(data))
+    assert kd(tiny_data, "cache", "verify", url).exit_code == 1
+    result = kd(Paths(data=tmp_path), "distill", "--preset", "tiny", "--cache", url)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_zip_round_trip(tiny_data: Paths, tmp_path: Path) -> None:
+    (train,) = cache_paths(tiny_data, "train")
+    archive = tmp_path / "shared" / "train.zip"
+    result = kd(tiny_data, "cache", "push", str(train), str(archive))
+    assert result.exit_code == 0, result.output
+    assert LogitStore.open(archive).verify() == []
+    result = kd(
+        Paths(data=tmp_path / "x"), "distill", "--preset", "tiny", "--cache", str(archive), "--epochs", "1"
+    )
+    assert result.exit_code == 0, result.output
