@@ -391,11 +391,21 @@ class Paths:
     """Where things live on disk: data/ by default (KD_DATA_DIR), caches under data/logits (KD_CACHE_DIR)."""
 
     data: Path = Path("data")
-    cache: Path | None = None
+    cache: Path | str | None = None  # a folder, or a URL (s3://bucket/prefix) for a team's shared root
+
+    @property
+    def remote(self) -> str | None:
+        """The cache root URL when caches are shared through remote storage."""
+        return str(self.cache) if self.cache is not None and "://" in str(self.cache) else None
 
     @property
     def logits(self) -> Path:
-        return self.cache if self.cache is not None else self.data / "logits"
+        """The local cache root; with a remote root, the local staging and read-through copy of it."""
+        if self.remote is not None:
+            return (
+                self.data / "remote-cache" / re.sub(r"[^A-Za-z0-9._=-]+", "_", self.remote.split("://", 1)[1])
+            )
+        return Path(self.cache) if self.cache is not None else self.data / "logits"
 
     @property
     def teachers(self) -> Path:

@@ -737,15 +737,21 @@ def stale_entries(root: Path, older_than_hours: float) -> list[tuple[Path, str]]
 
 
 def find_caches(
-    root: Path,
+    root: Path | str,
     *,
     dataset_fingerprint: str | None = None,
     split: str | None = None,
     teacher: str | None = None,
 ) -> list[LogitStore]:
     """Complete caches under `root` matching the given fields, newest first."""
+    from pipeline.remote import is_url, list_root
+
     found = []
-    for path in sorted(root.glob("*.zarr")) if root.is_dir() else []:
+    if is_url(root):
+        entries: list[Any] = list_root(root)
+    else:
+        entries = sorted(Path(root).glob("*.zarr")) if Path(root).is_dir() else []
+    for path in entries:
         try:
             store = LogitStore.open(path)
         except KDError:

@@ -57,7 +57,10 @@ def main(
         Path, typer.Option(envvar="KD_DATA_DIR", help="Root of teachers/, logits/, runs/.")
     ] = Path("data"),
     cache_dir: Annotated[
-        Path | None, typer.Option(envvar="KD_CACHE_DIR", help="Logit cache root [default: DATA_DIR/logits].")
+        str | None,
+        typer.Option(
+            envvar="KD_CACHE_DIR", help="Logit cache root, a folder or URL [default: DATA_DIR/logits]."
+        ),
     ] = None,
 ) -> None:
     """Knowledge distillation from cached teacher logits: dump a teacher once, train many students."""

@@ -138,7 +138,15 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
         source = "cache streamed (shard-shuffled)"
         batches = StreamedBatches(store, train, train_rows, cfg.train.batch_size, device)
     return Prepared(
-        train, test, train_rows, val_rows, store, _teacher_test_accuracy(store, test), batches, source, device
+        train,
+        test,
+        train_rows,
+        val_rows,
+        store,
+        _teacher_test_accuracy(store, test, paths.remote),
+        batches,
+        source,
+        device,
     )
 
 
@@ -353,8 +361,13 @@ def _open_cache(
         store = LogitStore.open(cache)
     else:
         found = find_caches(
-            paths.logits, dataset_fingerprint=train.fingerprint, split="train", teacher=preset.teacher.name
+            paths.remote or paths.logits,
+            dataset_fingerprint=train.fingerprint,
+            split="train",
+            teacher=preset.teacher.name,
         )
+        if found and paths.remote:
+            found = [_read_through(found[0].where, paths)]
         if not found:
             if not required:
                 return None
@@ -374,7 +387,11 @@ def _read_through(url: str, paths: Paths) -> LogitStore:
     remote manifest's content key differs); shards are checked against their checksums as they load."""
     remote = LogitStore.open(url)
     remote.require_complete()
-    local = read_through_path(url, paths.data / "remote-cache")
+    local = (
+        paths.logits / read_through_path(url, Path()).name
+        if paths.remote
+        else read_through_path(url, paths.data / "remote-cache")
+    )
     try:
         cached = LogitStore.open(local)
         if cached.manifest.key == remote.manifest.key and cached.manifest.complete:
@@ -409,10 +426,11 @@ def check_cache_matches(store: LogitStore, split: Split) -> None:
         )
 
 
-def _teacher_test_accuracy(store: LogitStore | None, test: Split) -> float | None:
+def _teacher_test_accuracy(store: LogitStore | None, test: Split, remote: str | None = None) -> float | None:
+    """The same teacher's accuracy on the test split, from the test cache's manifest (no data read)."""
     if store is None:
         return None
-    root = Path(store.where).parent
+    root = remote or Path(store.where).parent
     for candidate in find_caches(
         root, dataset_fingerprint=test.fingerprint, split="test", teacher=store.manifest.teacher.name
     ):

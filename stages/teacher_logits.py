@@ -22,6 +22,8 @@ from pipeline.config import Paths, Preset
 from pipeline.datasets import Split, load_split
 from pipeline.errors import KDError
 from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, fingerprint, load_checkpoint, prefers_channels_last
+from pipeline.remote import copy_cache
+from pipeline.remote import exists as remote_exists
 from pipeline.store import (
     DatasetInfo,
     LogitStore,
@@ -83,7 +85,24 @@ def run(
         fingerprint=fingerprint(teacher, record["architecture"]),
         train_accuracy=record.get("train_accuracy"),
     )
-    return [_dump(teacher, teacher_info, data[name], preset, paths, device, force) for name in splits]
+    written = [_dump(teacher, teacher_info, data[name], preset, paths, device, force) for name in splits]
+    return [_publish(path, paths, force) for path in written] if paths.remote else written
+
+
+def _publish(path: Path, paths: Paths, force: bool) -> Path:
+    """With a remote cache root: the locally written (or found) cache is pushed there and verified."""
+    url = f"{str(paths.remote).rstrip('/')}/{path.name}"
+    if not force and remote_exists(url):
+        remote = LogitStore.open(url)
+        if remote.manifest.complete and remote.manifest.key == LogitStore.open(path).manifest.key:
+            console.print(f"cache hit (remote): {url}")
+            return path
+    copy_cache(path, url, overwrite=True)
+    problems = LogitStore.open(url).verify()
+    if problems:
+        raise KDError(f"the copy at {url} fails verification: {problems[0]}")
+    console.print(f"pushed {path} -> {url} (verified)")
+    return path
 
 
 def _dump(

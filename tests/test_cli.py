@@ -236,3 +236,15 @@ def test_dump_and_distill_on_cuda(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
     summary = json.loads((paths.runs / "cuda" / "summary.json").read_text())
     assert summary["device"] == "cuda" and summary["student_test_accuracy"] > 0.25
+
+
+def test_cache_hit_runs_no_teacher(tiny_data: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.teacher_logits as stage
+
+    def no_teacher(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher ran on a cache hit")
+
+    monkeypatch.setattr(stage, "write_logits", no_teacher)
+    result = kd(tiny_data, "teacher-logits", "--preset", "tiny")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("cache hit") == 2

@@ -109,3 +109,27 @@ def test_zip_round_trip(tiny_data: Paths, tmp_path: Path) -> None:
         Paths(data=tmp_path / "x"), "distill", "--preset", "tiny", "--cache", str(archive), "--epochs", "1"
     )
     assert result.exit_code == 0, result.output
+
+
+def test_a_team_shares_a_remote_cache_root(tiny_data: Paths, tmp_path: Path, s3: str) -> None:
+    """KD_CACHE_DIR=s3://...: stage 1 writes there (verified push); a colleague without the teacher or
+    any local file trains from it, found by teacher name and dataset."""
+    import shutil
+
+    root = f"{s3}/team-root"
+    writer = Paths(data=tmp_path / "alice", cache=root)
+    shutil.copytree(tiny_data.teachers, writer.teachers)
+    result = kd(writer, "--cache-dir", root, "teacher-logits", "--preset", "tiny")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("pushed") == 2 and "(verified)" in result.stderr
+    again = kd(writer, "--cache-dir", root, "teacher-logits", "--preset", "tiny")
+    assert again.exit_code == 0 and again.stderr.count("cache hit (remote)") == 2
+
+    reader = Paths(data=tmp_path / "bob", cache=root)
+    result = kd(
+        reader, "--cache-dir", root, "distill", "--preset", "tiny", "--epochs", "2", "--run-name", "bob"
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((reader.runs / "bob" / "summary.json").read_text())
+    assert summary["teacher"] == "tiny-cnn1d" and summary["teacher_test_accuracy"] is not None
+    assert str(reader.logits) in summary["cache"]  # trained from the local read-through copy
