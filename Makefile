@@ -4,6 +4,7 @@
 #   make compare                        every method x 3 seeds from one cache -> data/reports/
 #   make sweep ARGS="--grid temperature=1,2,4 --seeds 3 --mode one-pass"   grid -> data/sweeps/
 #   make bench                          timings and sizes -> data/bench/bench.md
+#   make distill NPROC=2                both stages under torchrun (2 processes)
 #   make test                           the test suite
 # Every target skips work already done (venv, teacher checkpoint, complete caches).
 
@@ -16,10 +17,14 @@ ALPHA  ?=
 EPOCHS ?=
 SEED   ?=
 ARGS   ?=
+NPROC  ?= 1
 
 BIN := $(VENV)/bin
 KD  := $(BIN)/kd
 STAMP := $(VENV)/.installed
+
+# NPROC > 1 runs the stage under torchrun (one process per GPU, or CPU processes with gloo).
+RUN := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli,$(KD))
 
 # Make variables become CLI options only when set, so presets keep their defaults.
 DISTILL_OPTS := $(if $(METHOD),--method $(METHOD)) $(if $(T),--temperature $(T)) \
@@ -40,10 +45,10 @@ train-teacher: setup
 teacher: train-teacher
 
 teacher-logits: teacher
-	$(KD) teacher-logits --preset $(PRESET)
+	$(RUN) teacher-logits --preset $(PRESET)
 
 distill: teacher-logits
-	$(KD) distill --preset $(PRESET) $(DISTILL_OPTS) $(ARGS)
+	$(RUN) distill --preset $(PRESET) $(DISTILL_OPTS) $(ARGS)
 
 compare: teacher-logits
 	$(KD) compare --preset $(PRESET) $(ARGS)

@@ -54,11 +54,16 @@ class InMemoryBatches:
         self.teacher_logits = None if teacher_logits is None else teacher_logits.to(device)
         self.rows = rows.to(device)
         self.batch_size = batch_size
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Under DDP: every rank walks the same global batches and takes rows rank, rank + world, ..."""
+        self.rank, self.world = rank, world
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
         order = self.rows[torch.randperm(len(self.rows), generator=generator).to(self.rows.device)]
         for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+            idx = order[start : start + self.batch_size][self.rank :: self.world]
             zt = None if self.teacher_logits is None else self.teacher_logits[idx]
             yield Batch(self.inputs[idx], self.labels[idx], zt)
 
@@ -88,6 +93,11 @@ class StreamedBatches:
         self.keep = torch.zeros(len(split), dtype=torch.bool)
         self.keep[rows] = True
         self.batch_size, self.device, self.buffer_blocks = batch_size, device, buffer_blocks
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Under DDP: every rank reads the same block-shuffled stream and takes its rows of each batch."""
+        self.rank, self.world = rank, world
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
         carry_pos = torch.empty(0, dtype=torch.int64)
@@ -104,6 +114,7 @@ class StreamedBatches:
             yield self._batch(carry_pos, carry_zt)
 
     def _batch(self, pos: torch.Tensor, zt: torch.Tensor) -> Batch:
+        pos, zt = pos[self.rank :: self.world], zt[self.rank :: self.world]
         parts = (self.split.inputs[pos], self.split.labels[pos], zt)
         if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
             parts = tuple(p.pin_memory() for p in parts)

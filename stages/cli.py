@@ -388,3 +388,7 @@ def cache_ls(
     from stages import cache as stage
 
     stage.ls(root or _state["paths"].logits)
+
+
+if __name__ == "__main__":  # torchrun -m stages.cli ...
+    app()

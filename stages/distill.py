@@ -26,6 +26,7 @@ from rich.table import Table
 from pipeline.batches import InMemoryBatches, StreamedBatches, cached_logits_for
 from pipeline.config import DistillConfig, OptimConfig, Paths, Preset
 from pipeline.datasets import Split, load_split, validation_rows
+from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import KDError
 from pipeline.losses import LABEL_ONLY, LOSSES
 from pipeline.models import architecture_record, build_model, save_checkpoint
@@ -57,16 +58,34 @@ def run(
     verbose: bool = True,
 ) -> dict[str, Any]:
     cfg = preset.distill
-    device = pick_device(device_name)
-    generator = seed_everything(cfg.seed)
+    ranks = init()
+    device = device_for(ranks, device_name, pick_device(device_name))
+    generator = seed_everything(cfg.seed)  # the same on every rank: same init, same global batches
     data = prepare(preset, paths, cache=cache, device=device)
-    student = build_model(preset.student, data.train.num_classes, data.train.input_shape)
+    student = build_model(preset.student, data.train.num_classes, data.train.input_shape).to(device)
+    model: torch.nn.Module = student
+    if ranks.active:
+        data.batches.shard(ranks.rank, ranks.world)
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
     name = run_name or default_run_name(preset)
-    recorder = RunRecorder(run_dir or paths.runs / name, name, preset, data)
-    if verbose:
+    recorder = (
+        RunRecorder(
+            run_dir or paths.runs / name,
+            name,
+            preset,
+            data,
+            mode=f"ddp x{ranks.world}" if ranks.active else "sequential",
+        )
+        if ranks.is_main
+        else None
+    )
+    if verbose and ranks.is_main:
         console.print(
             f"distilling {preset.student.arch} with '{cfg.method}' from {data.source}"
             f"{'' if data.store is None else ' ' + data.store.where} on {device}"
+            f"{f' x {ranks.world} processes (DDP)' if ranks.active else ''}"
         )
     offset, seconds = 0, 0.0
     plan = phases(cfg)
@@ -76,19 +95,24 @@ def run(
         # fit() starts a fresh optimizer and LR schedule and ends with the phase's best weights loaded,
         # so a following phase starts from the best checkpoint of the one before
         result = fit(
-            student,
+            model,
             phase.optim,
             batches=lambda epoch: data.batches.epoch(generator),
             loss_at=lambda epoch, phase=phase: phase.loss_at(epoch),
             val=data.val,
             test=data.test_set,
             device=device,
-            on_epoch=functools.partial(recorder.log_epoch, phase, offset, folder, student),
+            on_epoch=functools.partial(recorder.log_epoch, phase, offset, folder, student)
+            if recorder
+            else None,
             desc=phase.name,
         )
         best_epoch = result.best_epoch + offset
         offset += phase.optim.epochs
         seconds += result.seconds
+    barrier(ranks)
+    if recorder is None:  # metrics, checkpoints and the summary come from rank 0
+        return {}
     summary = recorder.finish(best_epoch, result.best_val_accuracy, result.test_accuracy, seconds)
     if verbose:
         print_summary(summary)

@@ -10,6 +10,7 @@ rewritten. Shards are written by a background thread while the teacher computes 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Paths, Preset
 from pipeline.datasets import Split, load_split
+from pipeline.distributed import Ranks, barrier, broadcast, device_for, init
 from pipeline.errors import KDError
 from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, fingerprint, load_checkpoint, prefers_channels_last
 from pipeline.remote import copy_cache
@@ -76,7 +78,8 @@ def run(
         )
         raise KDError(f"no teacher checkpoint at {folder}: {hint}")
 
-    device = pick_device(device_name)
+    ranks = init()
+    device = device_for(ranks, device_name, pick_device(device_name))
     teacher, record = load_checkpoint(folder)
     teacher.to(device).eval()
     teacher_info = TeacherInfo(
@@ -85,8 +88,13 @@ def run(
         fingerprint=fingerprint(teacher, record["architecture"]),
         train_accuracy=record.get("train_accuracy"),
     )
-    written = [_dump(teacher, teacher_info, data[name], preset, paths, device, force) for name in splits]
-    return [_publish(path, paths, force) for path in written] if paths.remote else written
+    written = [
+        _dump(teacher, teacher_info, data[name], preset, paths, device, force, ranks) for name in splits
+    ]
+    if paths.remote and ranks.is_main:
+        written = [_publish(path, paths, force) for path in written]
+    barrier(ranks)
+    return written
 
 
 def _publish(path: Path, paths: Paths, force: bool) -> Path:
@@ -113,6 +121,7 @@ def _dump(
     paths: Paths,
     device: torch.device,
     force: bool,
+    ranks: Ranks,
 ) -> Path:
     if teacher_info.architecture["num_classes"] != split.num_classes:
         raise KDError(
@@ -143,26 +152,49 @@ def _dump(
     )
     path = paths.logits / cache_dirname(manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with cache_lock(path):  # a second process on the same key stops here with a clear message
-        existing = _existing(path)
-        if existing is not None and not force and existing.manifest.complete and existing.shards_done().all():
-            console.print(f"cache hit ({split.split}): {path}")
+    # rank 0 holds the lock and decides (hit, resume, fresh); every rank then writes its own shards
+    with cache_lock(path) if ranks.is_main else contextlib.nullcontext():
+        plan: str | list[int] | None = None
+        if ranks.is_main:
+            existing = _existing(path)
+            if (
+                existing is not None
+                and not force
+                and existing.manifest.complete
+                and existing.shards_done().all()
+            ):
+                plan = "hit"
+            elif existing is not None and not force and existing.shards_done().any():
+                # resume: the key in its name guarantees the same teacher, data and storage
+                plan = np.flatnonzero(~existing.shards_done()).tolist()
+                done = existing.num_shards - len(plan)
+                console.print(f"resuming {path}: {done}/{existing.num_shards} shards done")
+            else:
+                plan = list(range(LogitStore.create(path, manifest, overwrite=True).num_shards))
+        plan = broadcast(ranks, plan)
+        if plan == "hit":
+            if ranks.is_main:
+                console.print(f"cache hit ({split.split}): {path}")
             return path
-        if existing is not None and not force and existing.shards_done().any():
-            store = existing  # resume: the key in its name guarantees the same teacher, data and storage
-            shards = np.flatnonzero(~store.shards_done()).tolist()
-            console.print(f"resuming {path}: {store.num_shards - len(shards)}/{store.num_shards} shards done")
-        else:
-            store = LogitStore.create(path, manifest, overwrite=True)
-            shards = None
+        assert isinstance(plan, list)
         started = time.perf_counter()
-        write_logits(teacher, split, store, device, preset.cache.batch_size, shards=shards, progress=True)
-        n, seconds = len(split), time.perf_counter() - started
-        store.finish()
+        store = LogitStore.open(path, writable=True)
+        mine = plan[ranks.rank :: ranks.world]  # every shard has exactly one writer
+        write_logits(
+            teacher, split, store, device, preset.cache.batch_size, shards=mine, progress=ranks.is_main
+        )
+        barrier(ranks)
+        if ranks.is_main:
+            store = LogitStore.open(path, writable=True)  # every rank's shards, as on disk
+            store.finish()
+        barrier(ranks)
+    if not ranks.is_main:
+        return path
+    n, seconds = len(split), time.perf_counter() - started
     console.print(
         f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
         f"{store.manifest.teacher_accuracy:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, "
-        f"{n / seconds:,.0f} samples/s)"
+        f"{n / seconds:,.0f} samples/s{f', {ranks.world} processes' if ranks.active else ''})"
     )
     return path
 

@@ -1,0 +1,68 @@
+"""Both stages under torchrun: two gloo processes on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Paths
+from pipeline.store import LogitStore
+from tests.conftest import cache_paths
+from tests.test_resume import array_files
+
+
+def torchrun(data: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("KD_FAULT_AFTER_SHARDS", None)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "stages.cli",
+        "--data-dir",
+        str(data),
+        *args,
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_process_dump_is_byte_identical(tiny_data: Paths, tmp_path: Path) -> None:
+    data = tmp_path / "ddp"
+    shutil.copytree(tiny_data.teachers, data / "teachers")
+    result = torchrun(data, "teacher-logits", "--preset", "tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("2 processes") == 2  # rank 0 reports, once per split
+    for split in ("train", "test"):
+        (single,) = cache_paths(tiny_data, split)
+        (double,) = cache_paths(Paths(data=data), split)
+        assert single.name == double.name  # same content address
+        assert array_files(double) == array_files(single)  # every chunk of every array, byte for byte
+        store = LogitStore.open(double)
+        store.require_complete()
+        assert store.manifest.shard_crc32c == LogitStore.open(single).manifest.shard_crc32c
+        assert not double.with_name(double.name + ".lock").exists()
+
+
+@pytest.mark.slow
+def test_ddp_distill_writes_one_summary(tiny_data: Paths, tmp_path: Path) -> None:
+    data = tmp_path / "ddp"
+    shutil.copytree(tiny_data.logits, data / "logits")
+    result = torchrun(data, "distill", "--preset", "tiny", "--epochs", "4", "--run-name", "ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((data / "runs").iterdir())
+    assert [r.name for r in runs] == ["ddp"]
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    metrics = (runs[0] / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 4  # written by rank 0 only
+    assert json.loads((runs[0] / "config.json").read_text())["mode"] == "ddp x2"
+    assert summary["student_test_accuracy"] > 0.2
