@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,7 +134,127 @@ def _synthetic_images(cfg: DatasetConfig) -> dict[str, Split]:
     return {"train": split("train", slice(0, num_train)), "test": split("test", slice(num_train, None))}
 
 
+def _npz(cfg: DatasetConfig) -> dict[str, Split]:
+    """Anything else, as .npz files: dataset.options.train / .test name files holding `x` (N, ...) and `y`
+    (N,), optionally `ids` (N,) stable sample ids (default: row numbers, test rows after train rows)."""
+    arrays = {}
+    for split in SPLITS:
+        path = cfg.options.get(split)
+        if not path:
+            raise KDError(f"dataset 'npz' needs dataset.options.{split}: the path of a .npz with x and y")
+        try:
+            with np.load(path, allow_pickle=False) as f:  # data only: never unpickle
+                arrays[split] = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as err:
+            raise KDError(f"cannot read {path}: {err}") from None
+        if "x" not in arrays[split] or "y" not in arrays[split]:
+            raise KDError(f"{path} must hold arrays 'x' and 'y' (it has {', '.join(arrays[split])})")
+    num_classes = int(cfg.options.get("num_classes", max(int(a["y"].max()) for a in arrays.values()) + 1))
+    out, first_id = {}, 0
+    for split, a in arrays.items():
+        n = len(a["y"])
+        ids = a.get("ids", np.arange(first_id, first_id + n))
+        first_id += n
+        out[split] = Split(
+            dataset=str(cfg.options.get("name", "npz")),
+            split=split,
+            inputs=torch.from_numpy(np.asarray(a["x"], dtype=np.float32)),
+            labels=torch.from_numpy(np.asarray(a["y"], dtype=np.int64)),
+            ids=torch.from_numpy(np.asarray(ids, dtype=np.int64)),
+            num_classes=num_classes,
+            preprocessing={"inputs": f"npz x as float32 ({Path(str(cfg.options[split])).name})"},
+        )
+    return out
+
+
+def _image_folder(cfg: DatasetConfig) -> dict[str, Split]:
+    """torchvision ImageFolder trees (class per subfolder) under dataset.options.train / .test, resized to
+    options.size (default 32) and scaled to [0, 1], then normalized by options.mean / .std if given.
+    Loaded into memory once; sample ids are positions in ImageFolder's sorted order (test after train)."""
+    from torchvision import datasets, transforms
+
+    size = int(cfg.options.get("size", 32))
+    steps: list[Any] = [transforms.Resize((size, size)), transforms.ToTensor()]
+    if "mean" in cfg.options:
+        steps.append(transforms.Normalize(cfg.options["mean"], cfg.options["std"]))
+    out, first_id, classes = {}, 0, None
+    for split in SPLITS:
+        root = cfg.options.get(split)
+        if not root or not Path(str(root)).is_dir():
+            raise KDError(
+                f"dataset 'imagefolder' needs dataset.options.{split}: a folder with one subfolder per class"
+            )
+        folder = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
+        if classes is not None and folder.classes != classes:
+            raise KDError(f"{root}: its classes {folder.classes} differ from the train split's {classes}")
+        classes = folder.classes
+        inputs = torch.stack([folder[i][0] for i in range(len(folder))])
+        out[split] = Split(
+            dataset=str(cfg.options.get("name", "imagefolder")),
+            split=split,
+            inputs=inputs,
+            labels=torch.tensor(folder.targets, dtype=torch.int64),
+            ids=torch.arange(first_id, first_id + len(folder)),
+            num_classes=len(classes),
+            preprocessing={
+                "resize": size,
+                "to_tensor": "[0, 1]",
+                "mean": cfg.options.get("mean"),
+                "std": cfg.options.get("std"),
+                "classes": classes,
+            },
+        )
+        first_id += len(folder)
+    return out
+
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _cifar(cfg: DatasetConfig) -> dict[str, Split]:
+    """CIFAR-10 / -100 from torchvision under dataset.options.root (default data/datasets); downloaded only
+    with options.download = true. Normalized by the usual channel mean / std; ids = row numbers."""
+    from torchvision import datasets
+
+    root = str(cfg.options.get("root", "data/datasets"))
+    cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in CIFAR_STATS[cfg.name])
+    out, first_id = {}, 0
+    for split in SPLITS:
+        try:
+            data = cls(root, train=split == "train", download=bool(cfg.options.get("download", False)))
+        except RuntimeError as err:
+            raise KDError(
+                f"{cfg.name} is not under {root} ({err}): pass --set dataset.options.download=true on a "
+                "machine with network, or copy the dataset folder there"
+            ) from None
+        inputs = (torch.from_numpy(data.data).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        out[split] = Split(
+            dataset=cfg.name,
+            split=split,
+            inputs=inputs.contiguous(),
+            labels=torch.tensor(data.targets),
+            ids=torch.arange(first_id, first_id + len(data.targets)),
+            num_classes=len(data.classes),
+            preprocessing={
+                "inputs": "uint8 / 255, normalized by channel",
+                "mean": CIFAR_STATS[cfg.name][0],
+                "std": CIFAR_STATS[cfg.name][1],
+                "augmentation": "none in the cache: the teacher saw the fixed view",
+            },
+        )
+        first_id += len(data.targets)
+    return out
+
+
 DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
     "mnist1d": _mnist1d,
     "synthetic-images": _synthetic_images,
+    "npz": _npz,
+    "imagefolder": _image_folder,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
 }

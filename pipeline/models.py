@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -114,12 +115,53 @@ def prefers_channels_last(model: nn.Module) -> bool:
 
 
 def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
-    if cfg.arch not in ARCHITECTURES:
-        raise KDError(f"unknown architecture '{cfg.arch}': choose one of {', '.join(sorted(ARCHITECTURES))}")
+    """A model by architecture name: one of ARCHITECTURES, `torchvision:<name>` (torchvision.models,
+    random init unless options.weights names torchvision weights), or `package.module:factory`, a
+    function called as factory(num_classes=..., input_shape=..., **options) for anything else."""
+    builder = _builder(cfg.arch)
     try:
-        return ARCHITECTURES[cfg.arch](num_classes, tuple(input_shape), **dict(cfg.options))
+        return builder(num_classes, tuple(input_shape), **dict(cfg.options))
     except (TypeError, ValueError) as err:
         raise KDError(f"cannot build '{cfg.arch}' with options {dict(cfg.options)}: {err}") from None
+
+
+def _builder(arch: str) -> Callable[..., nn.Module]:
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    if arch.startswith("torchvision:"):
+        return functools.partial(_torchvision_model, arch.split(":", 1)[1])
+    if ":" in arch:
+        module_name, _, attr = arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise KDError(f"cannot load model factory '{arch}': {err}") from None
+        return lambda num_classes, input_shape, **options: factory(
+            num_classes=num_classes, input_shape=input_shape, **options
+        )
+    raise KDError(
+        f"unknown architecture '{arch}': choose one of {', '.join(sorted(ARCHITECTURES))}, "
+        "torchvision:<name> or package.module:factory"
+    )
+
+
+def _torchvision_model(
+    name: str, num_classes: int, input_shape: Sequence[int], weights: str | None = None
+) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise KDError(f"unknown torchvision model '{name}': see torchvision.models.list_models()")
+    if weights is None:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    try:  # pretrained weights keep their own head size: the classes must match
+        model = torchvision.models.get_model(name, weights=weights)
+    except Exception as err:  # offline: the download fails
+        raise KDError(
+            f"cannot load torchvision weights '{weights}' for {name} ({type(err).__name__}): they "
+            "download on first use; offline, put them in the torch hub cache or leave weights unset"
+        ) from None
+    return model
 
 
 def architecture_record(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) -> dict[str, Any]:
@@ -132,7 +174,7 @@ def fingerprint(model: nn.Module, architecture: dict[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -151,13 +193,21 @@ def save_checkpoint(
     tmp.replace(folder / CONFIG_FILE)
 
 
-def load_checkpoint(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the module from config.json and load its safetensors weights."""
+def load_checkpoint(folder: Path, *, trusted_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the module from config.json and load its safetensors weights. A checkpoint naming a
+    `package.module:factory` runs that code, so it is built only when `trusted_arch` (the user's own
+    preset) names the same factory: reading someone else's checkpoint never imports their code."""
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
     if not (weights.is_file() and config.is_file()):
         raise KDError(f"no checkpoint at {folder} (expected {WEIGHTS_FILE} and {CONFIG_FILE})")
     record = json.loads(config.read_text())
     arch = record["architecture"]
+    factory = ":" in arch["arch"] and not arch["arch"].startswith("torchvision:")
+    if factory and arch["arch"] != trusted_arch:
+        raise KDError(
+            f"checkpoint {folder} is built by code ('{arch['arch']}'): name that architecture in your "
+            "preset's teacher.model.arch to trust it"
+        )
     model = build_model(
         ModelConfig(arch=arch["arch"], options=arch["options"]), arch["num_classes"], arch["input_shape"]
     )

@@ -80,7 +80,7 @@ def run(
 
     ranks = init()
     device = device_for(ranks, device_name, pick_device(device_name))
-    teacher, record = load_checkpoint(folder)
+    teacher, record = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
     teacher.to(device).eval()
     teacher_info = TeacherInfo(
         name=preset.teacher.name,

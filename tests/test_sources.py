@@ -1,0 +1,165 @@
+"""Other data and models: .npz files, ImageFolder trees, torchvision models, module:factory, CIFAR errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import Paths
+from tests.test_cli import assert_one_line_error, kd
+
+
+def write_preset(path: Path, dataset: str, teacher: str, student: str, extra: str = "") -> str:
+    path.write_text(
+        f"""
+[dataset]
+{dataset}
+val_size = 8
+[teacher]
+name = "t"
+[teacher.model]
+{teacher}
+[teacher.train]
+epochs = 3
+lr = 3e-3
+batch_size = 16
+[student]
+{student}
+[cache]
+batch_size = 16
+[distill]
+temperature = 2.0
+[distill.train]
+epochs = 3
+batch_size = 16
+{extra}
+"""
+    )
+    return str(path)
+
+
+def gaussian_npz(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(3, 12)) * 3
+    files = []
+    for split, n in (("train", 120), ("test", 60)):
+        y = rng.integers(0, 3, n)
+        x = centers[y] + rng.normal(size=(n, 12))
+        files.append(folder / f"{split}.npz")
+        np.savez(files[-1], x=x.astype(np.float32), y=y)
+    return files[0], files[1]
+
+
+def test_npz_data_with_a_factory_student(tmp_path: Path) -> None:
+    train, test = gaussian_npz(tmp_path)
+    preset = write_preset(
+        tmp_path / "npz.toml",
+        f'name = "npz"\noptions = {{ train = "{train}", test = "{test}" }}',
+        'arch = "mlp"\noptions = { hidden = [32] }',
+        'arch = "tests.factories:small_net"\noptions = { width = 8 }',
+    )
+    paths = Paths(data=tmp_path / "data")
+    for args in (["train-teacher"], ["teacher-logits"], ["distill", "--run-name", "npz"]):
+        result = kd(paths, *args, "--preset", preset)
+        assert result.exit_code == 0, result.output
+    summary = json.loads((paths.runs / "npz" / "summary.json").read_text())
+    assert summary["student_test_accuracy"] > 0.6  # three well separated clusters; chance is 1/3
+    record = json.loads((paths.runs / "npz" / "checkpoint" / "config.json").read_text())
+    assert record["architecture"]["arch"] == "tests.factories:small_net"
+
+
+def test_factory_checkpoints_need_trust(tmp_path: Path) -> None:
+    train, test = gaussian_npz(tmp_path)
+    dataset = f'name = "npz"\noptions = {{ train = "{train}", test = "{test}" }}'
+    trusted = write_preset(tmp_path / "a.toml", dataset, 'arch = "tests.factories:small_net"', 'arch = "mlp"')
+    paths = Paths(data=tmp_path / "data")
+    assert kd(paths, "train-teacher", "--preset", trusted).exit_code == 0
+    assert kd(paths, "teacher-logits", "--preset", trusted, "--force").exit_code == 0
+    other = write_preset(tmp_path / "b.toml", dataset, 'arch = "mlp"', 'arch = "mlp"')
+    result = kd(paths, "teacher-logits", "--preset", other, "--force")
+    assert_one_line_error(result, "is built by code ('tests.factories:small_net')")
+
+
+def make_images(root: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for label, color in (("cat", (200, 40, 40)), ("dog", (40, 40, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            pixels = np.clip(np.array(color) + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+
+
+def test_image_folder_with_a_torchvision_teacher(tmp_path: Path) -> None:
+    make_images(tmp_path / "train", 16, 0)
+    make_images(tmp_path / "test", 6, 1)
+    preset = write_preset(
+        tmp_path / "img.toml",
+        f'name = "imagefolder"\noptions = {{ train = "{tmp_path / "train"}", '
+        f'test = "{tmp_path / "test"}", size = 32 }}',
+        'arch = "torchvision:resnet18"',
+        'arch = "resnet8"',
+    )
+    paths = Paths(data=tmp_path / "data")
+    for args in (["train-teacher"], ["teacher-logits"], ["distill", "--run-name", "img"]):
+        result = kd(paths, *args, "--preset", preset)
+        assert result.exit_code == 0, result.output
+    summary = json.loads((paths.runs / "img" / "summary.json").read_text())
+    assert summary["teacher"] == "t" and 0 <= summary["student_test_accuracy"] <= 1
+    cache = next(paths.logits.glob("t.imagefolder.train.*.zarr"))
+    manifest = json.loads(kd(paths, "cache", "info", str(cache), "--json").stdout)
+    assert manifest["preprocessing"]["classes"] == ["cat", "dog"] and manifest["dataset"]["length"] == 32
+
+
+def test_source_errors_are_one_line(tmp_path: Path) -> None:
+    paths = Paths(data=tmp_path)
+    result = kd(
+        paths,
+        "distill",
+        "--preset",
+        "tiny",
+        "--method",
+        "ce",
+        "--set",
+        "dataset.name=cifar10",
+        "--set",
+        f"dataset.options.root={tmp_path / 'nothing'}",
+    )
+    assert_one_line_error(result, "cifar10 is not under")
+    result = kd(
+        paths,
+        "distill",
+        "--preset",
+        "tiny",
+        "--method",
+        "ce",
+        "--set",
+        "student.arch=torchvision:nope",
+        "--set",
+        "student.options={}",
+    )
+    assert_one_line_error(result, "unknown torchvision model 'nope'")
+    result = kd(
+        paths, "distill", "--preset", "tiny", "--method", "ce", "--set", "student.arch=nosuch.module:f"
+    )
+    assert_one_line_error(result, "cannot load model factory 'nosuch.module:f'")
+    result = kd(paths, "distill", "--preset", "tiny", "--method", "ce", "--set", "dataset.name=npz")
+    assert_one_line_error(result, "dataset 'npz' needs dataset.options.train")
+
+
+def test_labels_must_fit_the_teacher(tiny_data: Paths, tmp_path: Path) -> None:
+    train, test = gaussian_npz(tmp_path)
+    preset = write_preset(
+        tmp_path / "m.toml",
+        f'name = "npz"\noptions = {{ train = "{train}", test = "{test}" }}',
+        'arch = "mlp"',
+        'arch = "mlp"',
+    )
+    paths = Paths(data=tmp_path / "data")
+    (paths.teachers / "t").mkdir(parents=True)
+    for f in (tiny_data.teachers / "tiny-cnn1d").iterdir():  # a 10-class teacher for 3-class data
+        (paths.teachers / "t" / f.name).write_bytes(f.read_bytes())
+    result = kd(paths, "teacher-logits", "--preset", preset)
+    assert_one_line_error(result, "teacher 't' has 10 classes but npz has 3")
