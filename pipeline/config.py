@@ -34,13 +34,13 @@ def _require(ok: bool, message: str) -> None:
 @dataclass(frozen=True)
 class DatasetConfig:
     name: str = "mnist1d"
-    num_samples: int = 5000  # mnist1d: total rows before its 80/20 train/test split
+    num_samples: int = 5000  # generated datasets: total rows before their 80/20 split (0: not used)
     seed: int = 42  # generation seed of the data itself, not of training
     val_size: int = 500  # rows carved from train (deterministically) to select checkpoints
     options: Mapping[str, Any] = field(default_factory=dict)  # builder-specific, e.g. synthetic shapes
 
     def __post_init__(self) -> None:
-        _require(self.num_samples > 0, f"dataset.num_samples must be positive, got {self.num_samples}")
+        _require(self.num_samples >= 0, f"dataset.num_samples must be >= 0, got {self.num_samples}")
         _require(self.val_size >= 1, f"dataset.val_size must be at least 1, got {self.val_size}")
 
 
@@ -60,9 +60,13 @@ class OptimConfig:
     weight_decay: float = 0.0
     batch_size: int = 128
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
-    schedule: str = "cosine"  # cosine | constant, stepped per epoch
+    schedule: str = "cosine"  # cosine | constant | step (x0.1 at 50% and 75% of the epochs, the papers')
+    augment: str = "none"  # none | crop-flip (images); the cached teacher logits stay those of the fixed view
 
     def __post_init__(self) -> None:
+        _require(
+            self.augment in ("none", "crop-flip"), f"unknown augment '{self.augment}': use none or crop-flip"
+        )
         _require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
         _require(self.lr > 0, f"lr must be positive, got {self.lr}")
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -71,8 +75,8 @@ class OptimConfig:
             self.optimizer in ("adamw", "sgd"), f"unknown optimizer '{self.optimizer}': use adamw or sgd"
         )
         _require(
-            self.schedule in ("cosine", "constant"),
-            f"unknown schedule '{self.schedule}': use cosine or constant",
+            self.schedule in ("cosine", "constant", "step"),
+            f"unknown schedule '{self.schedule}': use cosine, constant or step",
         )
 
 

@@ -12,9 +12,11 @@ from pipeline.config import ContinuationConfig, DistillConfig, OptimConfig
 
 
 def lr_at(epoch: int, cfg: OptimConfig) -> float:
-    """Learning rate: constant, or cosine from cfg.lr down to 0 over cfg.epochs."""
+    """Learning rate: constant, cosine from cfg.lr down to 0 over cfg.epochs, or step (x0.1 at 50%, 75%)."""
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * (0.1 ** ((epoch >= cfg.epochs // 2) + (epoch >= (3 * cfg.epochs) // 4)))
     return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
 
 

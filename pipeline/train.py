@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.augment import augment
 from pipeline.batches import Batch
 from pipeline.config import OptimConfig
 from pipeline.errors import KDError
@@ -89,7 +90,11 @@ class FitResult:
 
 
 def train_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], loss_fn: BatchLoss
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    loss_fn: BatchLoss,
+    augment_kind: str = "none",
 ) -> tuple[float, float]:
     """One pass; returns (mean loss, accuracy) over the samples seen."""
     model.train()
@@ -97,7 +102,7 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.int64)
     seen = 0
     for batch in batches:
-        logits = model(batch.inputs)  # (B, C)
+        logits = model(augment(batch.inputs, augment_kind))  # (B, C)
         loss = loss_fn(logits, batch.teacher_logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,7 +138,7 @@ def fit(
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        train_loss, train_acc = train_epoch(model, optimizer, batches(epoch), loss_at(epoch))
+        train_loss, train_acc = train_epoch(model, optimizer, batches(epoch), loss_at(epoch), cfg.augment)
         val_acc = accuracy(predict(model, val[0], device), val[1])
         test_acc = None if test is None else accuracy(predict(model, test[0], device), test[1])
         record = EpochRecord(
@@ -221,7 +226,7 @@ def fit_many(
         seen = 0
         vectorized = _stacked_kd_settings(losses, device)
         for batch in batches(epoch):
-            logits = stacked(params, batch.inputs)  # (N, B, C)
+            logits = stacked(params, augment(batch.inputs, cfg.augment))  # (N, B, C), one view for all
             if vectorized is not None:  # kd / ce students: all N losses in the ops of one
                 per_model = hinton_kd_stacked(logits, batch.teacher_logits, batch.labels, **vectorized)
             else:

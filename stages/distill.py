@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.augment import check_augment
 from pipeline.batches import InMemoryBatches, StreamedBatches, cached_logits_for
 from pipeline.config import DistillConfig, OptimConfig, Paths, Preset
 from pipeline.datasets import Split, load_split, validation_rows
@@ -146,6 +147,7 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
     """Data, validation carve, the checked cache and the batch source for `preset.distill`."""
     cfg = preset.distill
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
+    check_augment(cfg.train.augment, train.inputs)
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     store = _open_cache(preset, paths, train, cache, required=cfg.method not in LABEL_ONLY)
     batches: InMemoryBatches | StreamedBatches

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pipeline.augment import check_augment
 from pipeline.batches import InMemoryBatches
 from pipeline.config import Paths, Preset
 from pipeline.datasets import load_split, validation_rows
@@ -31,6 +32,7 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
     cfg, device = preset.teacher, pick_device(device_name)
     generator = seed_everything(cfg.seed)
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
+    check_augment(cfg.train.augment, train.inputs)
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     model = build_model(cfg.model, train.num_classes, train.input_shape)
     batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device)

@@ -86,3 +86,27 @@ def test_dkd_warmup_and_lr() -> None:
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(5, cfg) == pytest.approx(0.05)
     assert lr_at(9, cfg) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.9)))
     assert lr_at(7, OptimConfig(epochs=10, lr=0.1, schedule="constant")) == 0.1
+
+
+def test_step_schedule_of_the_papers() -> None:
+    cfg = OptimConfig(epochs=200, lr=0.1, schedule="step")
+    assert [lr_at(e, cfg) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
+
+
+def test_crop_flip_keeps_shapes_and_content() -> None:
+    import torch
+
+    from pipeline.augment import augment, crop_flip
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    out = crop_flip(x, padding=0)  # no room to move: each image is itself or its mirror
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    moved = crop_flip(x, padding=2)
+    assert moved.shape == x.shape
+    assert set(moved.unique().tolist()) <= set(x.unique().tolist()) | {
+        0.0
+    }  # crops of the image or zero padding
+    assert torch.equal(augment(x, "none"), x)

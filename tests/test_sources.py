@@ -103,7 +103,8 @@ def test_image_folder_with_a_torchvision_teacher(tmp_path: Path) -> None:
         'arch = "resnet8"',
     )
     paths = Paths(data=tmp_path / "data")
-    for args in (["train-teacher"], ["teacher-logits"], ["distill", "--run-name", "img"]):
+    distill = ["distill", "--run-name", "img", "--set", "distill.train.augment=crop-flip"]
+    for args in (["train-teacher"], ["teacher-logits"], distill):
         result = kd(paths, *args, "--preset", preset)
         assert result.exit_code == 0, result.output
     summary = json.loads((paths.runs / "img" / "summary.json").read_text())
@@ -145,6 +146,10 @@ def test_source_errors_are_one_line(tmp_path: Path) -> None:
         paths, "distill", "--preset", "tiny", "--method", "ce", "--set", "student.arch=nosuch.module:f"
     )
     assert_one_line_error(result, "cannot load model factory 'nosuch.module:f'")
+    result = kd(
+        paths, "distill", "--preset", "tiny", "--method", "ce", "--set", "distill.train.augment=crop-flip"
+    )
+    assert_one_line_error(result, "augment 'crop-flip' needs images")
     result = kd(paths, "distill", "--preset", "tiny", "--method", "ce", "--set", "dataset.name=npz")
     assert_one_line_error(result, "dataset 'npz' needs dataset.options.train")
 
