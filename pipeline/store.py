@@ -525,12 +525,6 @@ class LogitStore:
                 self.check_shard(shard, raw[a:b], labels[a:b], ids[a:b])
         return decode_logits(raw, self.manifest.storage.dtype), torch.from_numpy(labels), self.ids
 
-    def read_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits float32, ids) of rows [start, stop): use chunk- or shard-aligned ranges."""
-        return decode_logits(self.array("logits")[start:stop], self.manifest.storage.dtype), self.ids[
-            start:stop
-        ]
-
     def iter_shuffled(
         self, generator: torch.Generator, *, block_rows: int | None = None, buffer_blocks: int = 4
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -544,16 +538,16 @@ class LogitStore:
         order = torch.randperm(len(starts), generator=generator).tolist()
         buffers = [order[i : i + buffer_blocks] for i in range(0, len(order), buffer_blocks)]
 
-        def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            parts = []
+        def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # (logits in storage dtype, ids)
+            raws, ids = [], []
             for i in blocks:
                 a, b = starts[i], min(starts[i] + block, self.num_rows)
                 raw = self.read("logits", a, b)
                 if block == self.shard_rows:  # a whole shard: check it against its checksum as it streams
                     self.check_shard(i, raw, self.read("labels", a, b), self.ids[a:b].numpy())
-                parts.append(_as_tensor(raw))
-            ranges = [(starts[i], min(starts[i] + block, self.num_rows)) for i in blocks]
-            return torch.cat(parts), torch.cat([self.ids[a:b] for a, b in ranges])  # storage dtype, ids
+                raws.append(_as_tensor(raw))
+                ids.append(self.ids[a:b])
+            return torch.cat(raws), torch.cat(ids)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool:
             pending = pool.submit(load, buffers[0]) if buffers else None
