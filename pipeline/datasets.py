@@ -250,6 +250,80 @@ def _cifar(cfg: DatasetConfig) -> dict[str, Split]:
     return out
 
 
+def _hf_text(cfg: DatasetConfig) -> dict[str, Split]:
+    """Text classification through Hugging Face `datasets`, tokenized with the model's tokenizer.
+
+    options: `hub` (+ `config`, e.g. "glue" / "sst2") or `format` ("csv", "json", "parquet") with `train` /
+    `test` files, or `disk` (+ `train` / `test` folders written by save_to_disk); `text` (a column, or two
+    for sentence pairs), `label` (default "label"), `test_split` (default "test"; GLUE: "validation"),
+    `tokenizer` (hub id or local path) and `max_length` (default 128). Inputs are (N, 2, L) int64:
+    input_ids and attention_mask, padded to max_length; the manifest records tokenizer and max length."""
+    import datasets as hf
+    from transformers import AutoTokenizer
+
+    o = cfg.options
+    tokenizer_name = o.get("tokenizer")
+    if not tokenizer_name:
+        raise KDError("dataset 'hf-text' needs dataset.options.tokenizer: the model's hub id or local folder")
+    max_length = int(o.get("max_length", 128))
+    text = o.get("text", "text")
+    columns = [text] if isinstance(text, str) else list(text)
+    label = o.get("label", "label")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
+        if "hub" in o:
+            loaded = hf.load_dataset(str(o["hub"]), o.get("config"))
+            parts = {"train": loaded["train"], "test": loaded[str(o.get("test_split", "test"))]}
+        elif "format" in o:
+            files = {"train": str(o["train"]), "test": str(o["test"])}
+            loaded = hf.load_dataset(str(o["format"]), data_files=files)
+            parts = {"train": loaded["train"], "test": loaded["test"]}
+        elif "disk" in o or "train" in o:
+            parts = {split: hf.load_from_disk(str(o[split])) for split in SPLITS}
+        else:
+            raise KDError(
+                "dataset 'hf-text' needs options.hub, options.format + train/test, or train/test folders"
+            )
+    except KDError:
+        raise
+    except Exception as err:  # offline hub lookups, missing files
+        raise KDError(
+            f"cannot load the text data or tokenizer ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            ": offline, pass local paths (a save_pretrained tokenizer folder, csv/json/parquet or "
+            "save_to_disk data)"
+        ) from None
+    labels_all = [list(parts[split][label]) for split in SPLITS]
+    num_classes = int(o.get("num_classes", max(max(v) for v in labels_all) + 1))
+    out, first_id = {}, 0
+    for split in SPLITS:
+        rows = parts[split]
+        encoded = tokenizer(
+            *[list(rows[c]) for c in columns],
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        inputs = torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1).long()  # (N, 2, L)
+        n = len(rows)
+        out[split] = Split(
+            dataset=str(o.get("name", o.get("config") or o.get("hub") or "hf-text")),
+            split=split,
+            inputs=inputs,
+            labels=torch.tensor(list(rows[label]), dtype=torch.int64),
+            ids=torch.arange(first_id, first_id + n),
+            num_classes=num_classes,
+            preprocessing={
+                "tokenizer": str(tokenizer_name),
+                "max_length": max_length,
+                "text": columns,
+                "padding": "max_length",
+            },
+        )
+        first_id += n
+    return out
+
+
 DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
     "mnist1d": _mnist1d,
     "synthetic-images": _synthetic_images,
@@ -257,4 +331,5 @@ DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
     "imagefolder": _image_folder,
     "cifar10": _cifar,
     "cifar100": _cifar,
+    "hf-text": _hf_text,
 }

@@ -128,6 +128,8 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) 
 def _builder(arch: str) -> Callable[..., nn.Module]:
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
+    if arch.startswith("hf:"):
+        return functools.partial(_hf_model, arch.split(":", 1)[1])
     if arch.startswith("torchvision:"):
         return functools.partial(_torchvision_model, arch.split(":", 1)[1])
     if ":" in arch:
@@ -143,6 +145,31 @@ def _builder(arch: str) -> Callable[..., nn.Module]:
         f"unknown architecture '{arch}': choose one of {', '.join(sorted(ARCHITECTURES))}, "
         "torchvision:<name> or package.module:factory"
     )
+
+
+class HFClassifier(nn.Module):
+    """A Hugging Face sequence classifier taking (B, 2, L) int64 [input_ids; attention_mask] -> (B, C)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=inputs[:, 0], attention_mask=inputs[:, 1]).logits
+
+
+def _hf_model(name_or_path: str, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
+    """AutoModelForSequenceClassification from a hub id or a local save_pretrained folder."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_classes)
+    except Exception as err:  # offline hub ids, missing folders
+        raise KDError(
+            f"cannot load Hugging Face model '{name_or_path}' ({type(err).__name__}): offline, pass the path "
+            "of a local save_pretrained folder"
+        ) from None
+    return HFClassifier(model)
 
 
 def _torchvision_model(
@@ -183,7 +210,9 @@ def save_checkpoint(
 ) -> None:
     """Write model.safetensors and config.json (architecture + `info`) into `folder`, atomically each."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+    }  # no shared storage
     tmp = folder / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(folder / WEIGHTS_FILE)

@@ -440,6 +440,13 @@ def check_cache_matches(store: LogitStore, split: Split) -> None:
             f"cache {store.where} has {d.length} rows but the {split.dataset} {split.split} split has "
             f"{len(split)}: {fix}"
         )
+    for key in ("tokenizer", "max_length"):
+        cached, current = store.manifest.preprocessing.get(key), split.preprocessing.get(key)
+        if cached != current:
+            raise KDError(
+                f"cache {store.where} was tokenized with {key} {cached!r}, this dataset uses {current!r}: "
+                "use the same tokenizer and max length, or re-run `kd teacher-logits`"
+            )
     if d.fingerprint != split.fingerprint:
         raise KDError(
             f"cache {store.where} was computed on different data (fingerprint {d.fingerprint[:12]} != "

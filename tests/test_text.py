@@ -1,0 +1,105 @@
+"""Hugging Face text: a tiny random BERT saved with save_pretrained as teacher and student, on a small
+datasets.Dataset of generated text, fully offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Paths
+from tests.test_cli import assert_one_line_error, kd
+
+WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was", "very"]
+
+
+@pytest.fixture(scope="module")
+def text_setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import datasets
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("text")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    config = BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    import random
+
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("test", 24)):
+        labels = [rng.randint(0, 1) for _ in range(n)]
+        texts = [
+            " ".join(["the", "movie", "was", rng.choice(WORDS[:4] if y else WORDS[4:8])]) for y in labels
+        ]
+        datasets.Dataset.from_dict({"text": texts, "label": labels}).save_to_disk(root / split)
+    return root
+
+
+def preset(root: Path, max_length: int = 8) -> str:
+    path = root / f"text-{max_length}.toml"
+    bert, train, test = root / "bert", root / "train", root / "test"
+    path.write_text(f"""
+[dataset]
+name = "hf-text"
+val_size = 8
+options = {{ train = "{train}", test = "{test}", tokenizer = "{bert}", max_length = {max_length} }}
+[teacher]
+name = "tiny-bert"
+[teacher.model]
+arch = "hf:{bert}"
+[teacher.train]
+epochs = 2
+lr = 1e-3
+batch_size = 16
+[student]
+arch = "hf:{bert}"
+[cache]
+batch_size = 16
+[distill.train]
+epochs = 2
+lr = 1e-3
+batch_size = 16
+""")
+    return str(path)
+
+
+def test_tiny_bert_teacher_and_student(text_setup: Path, tmp_path: Path) -> None:
+    paths = Paths(data=tmp_path)
+    for args in (["train-teacher"], ["teacher-logits"], ["distill", "--run-name", "bert"]):
+        result = kd(paths, *args, "--preset", preset(text_setup))
+        assert result.exit_code == 0, result.output
+    summary = json.loads((paths.runs / "bert" / "summary.json").read_text())
+    assert summary["teacher"] == "tiny-bert" and 0 <= summary["student_test_accuracy"] <= 1
+    cache = next(paths.logits.glob("tiny-bert.*.train.*.zarr"))
+    manifest = json.loads(kd(paths, "cache", "info", str(cache), "--json").stdout)
+    assert manifest["preprocessing"]["tokenizer"] == str(text_setup / "bert")
+    assert manifest["preprocessing"]["max_length"] == 8
+
+    # another max length: stage 2 refuses the cache by name rather than training on misaligned tokens
+    result = kd(paths, "distill", "--preset", preset(text_setup, 12), "--cache", str(cache))
+    assert_one_line_error(result, "was tokenized with max_length 8, this dataset uses 12")
+
+
+def test_hub_id_while_offline_is_a_one_line_error(text_setup: Path, tmp_path: Path) -> None:
+    result = kd(
+        Paths(data=tmp_path),
+        "distill",
+        "--preset",
+        preset(text_setup),
+        "--method",
+        "ce",
+        "--set",
+        "student.arch=hf:no-such-org/no-such-model",
+    )
+    assert_one_line_error(result, "offline, pass the path of a local save_pretrained folder")
