@@ -102,8 +102,15 @@ class CacheConfig:
     codec: str = "zstd"  # zstd | blosc-zstd (byte shuffle) | blosc-bitshuffle: see `make bench` for sizes
     zstd_level: int = 3
     batch_size: int = 512  # teacher inference batch
+    precision: str = (
+        "bf16"  # teacher inference on GPU: bf16 | fp16 autocast, or fp32; the CPU always runs fp32
+    )
 
     def __post_init__(self) -> None:
+        _require(
+            self.precision in ("bf16", "fp16", "fp32"),
+            f"cache.precision must be bf16, fp16 or fp32, got '{self.precision}'",
+        )
         _require(
             self.dtype in STORAGE_DTYPES,
             f"unknown cache dtype '{self.dtype}': choose one of {', '.join(STORAGE_DTYPES)}",

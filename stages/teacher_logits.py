@@ -136,6 +136,7 @@ def _dump(
         codec=preset.cache.codec,
         level=preset.cache.zstd_level,
     )
+    precision = preset.cache.precision if device.type == "cuda" else "fp32"
     manifest = Manifest(
         teacher=teacher_info,
         dataset=DatasetInfo(
@@ -146,7 +147,7 @@ def _dump(
             fingerprint=split.fingerprint,
         ),
         storage=storage,
-        preprocessing=split.preprocessing,
+        preprocessing={**split.preprocessing, "teacher_precision": precision},  # part of the key
         software=software_versions(),
         created=now_iso(),
     )
@@ -181,7 +182,14 @@ def _dump(
         store = LogitStore.open(path, writable=True)
         mine = plan[ranks.rank :: ranks.world]  # every shard has exactly one writer
         write_logits(
-            teacher, split, store, device, preset.cache.batch_size, shards=mine, progress=ranks.is_main
+            teacher,
+            split,
+            store,
+            device,
+            preset.cache.batch_size,
+            shards=mine,
+            progress=ranks.is_main,
+            precision=precision,
         )
         barrier(ranks)
         if ranks.is_main:
@@ -218,6 +226,7 @@ def write_logits(
     *,
     shards: list[int] | None = None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> None:
     """Run the teacher over the rows of `shards` (default: all) of `store` and write them: a background
     thread compresses and writes each shard while the teacher computes the next. Batches never straddle
@@ -238,7 +247,9 @@ def write_logits(
         dynamic_ncols=True,
     )
     try:
-        with torch.inference_mode():
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:  # logits stored raw, as the teacher computed them
             for shard in shards:
                 first, last = store.shard_range(shard)
                 for start in range(first, last, batch_size):

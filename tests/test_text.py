@@ -103,3 +103,27 @@ def test_hub_id_while_offline_is_a_one_line_error(text_setup: Path, tmp_path: Pa
         "student.arch=hf:no-such-org/no-such-model",
     )
     assert_one_line_error(result, "offline, pass the path of a local save_pretrained folder")
+
+
+def test_csv_files_through_datasets(text_setup: Path, tmp_path: Path) -> None:
+    import datasets
+
+    files = {}
+    for split in ("train", "test"):
+        files[split] = tmp_path / f"{split}.csv"
+        datasets.load_from_disk(str(text_setup / split)).to_csv(str(files[split]), index=False)
+    path = tmp_path / "csv.toml"
+    path.write_text(
+        Path(preset(text_setup))
+        .read_text()
+        .replace(
+            f'train = "{text_setup / "train"}", test = "{text_setup / "test"}"',
+            f'format = "csv", train = "{files["train"]}", test = "{files["test"]}"',
+        )
+    )
+    result = kd(
+        Paths(data=tmp_path / "d"), "distill", "--preset", str(path), "--method", "ce", "--run-name", "csv"
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "d" / "runs" / "csv" / "config.json").read_text())
+    assert config["preset"]["dataset"]["options"]["format"] == "csv"
