@@ -188,16 +188,13 @@ def shard_digest(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> byt
     return int(crc).to_bytes(4, "big")
 
 
-def shard_stats(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """(correct, sum of row L2 norms, sum of max-softmax) over float logits (B, C): summed per shard."""
+def row_stats(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Per row (B, 3): correct (0/1), L2 norm, max softmax of float logits (B, C); summed per shard."""
     logits = logits.float()
-    return np.array(
-        [
-            float((logits.argmax(1) == labels).sum()),
-            float(logits.norm(dim=1).sum()),
-            float(logits.softmax(1).max(1).values.sum()),
-        ]
-    )
+    correct = (logits.argmax(1) == labels).double()
+    return torch.stack(
+        [correct, logits.norm(dim=1).double(), logits.softmax(1).max(1).values.double()], 1
+    ).numpy()
 
 
 # Testing hook: `KD_FAULT_AFTER_SHARDS=N` kills the process (SIGKILL, as kill -9) once N shards are done,
@@ -585,7 +582,7 @@ class ShardWriter:
         """Rows of float logits (B, C) with their labels and ids, continuing the current shard."""
         self._raise_if_failed()
         labels = labels.cpu()
-        stats = shard_stats(logits, labels)
+        stats = row_stats(logits, labels)
         self._parts.append((encode_logits(logits, self.dtype), labels.numpy(), ids.cpu().numpy(), stats))
         self._buffered += len(ids)
         while self._next < len(self.shards):
@@ -610,33 +607,13 @@ class ShardWriter:
         self._thread.join()
 
     def _submit(self, rows: int) -> None:
-        # rows arrive batch-aligned to shards (write_logits batches within a shard), so a part never
-        # straddles two shards unless a caller adds across them; split exactly at the boundary then
-        parts, taken, rest = [], 0, []
-        for part in self._parts:
-            if taken >= rows:
-                rest.append(part)
-                continue
-            n = len(part[2])
-            if taken + n <= rows:
-                parts.append(part)
-                taken += n
-            else:
-                cut = rows - taken
-                logits, labels, ids, _ = part
-                head_stats = shard_stats(
-                    decode_logits(logits[:cut], self.dtype), torch.from_numpy(labels[:cut])
-                )
-                tail_stats = shard_stats(
-                    decode_logits(logits[cut:], self.dtype), torch.from_numpy(labels[cut:])
-                )
-                parts.append((logits[:cut], labels[:cut], ids[:cut], head_stats))
-                rest.append((logits[cut:], labels[cut:], ids[cut:], tail_stats))
-                taken = rows
-        self._parts, self._buffered = rest, self._buffered - rows
-        logits, labels, ids = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        stats = np.sum([p[3] for p in parts], axis=0)
-        self._queue.put((self.shards[self._next], logits, labels, ids, stats))
+        logits, labels, ids, stats = (np.concatenate(a) for a in zip(*self._parts, strict=True))
+        rest = (logits[rows:], labels[rows:], ids[rows:], stats[rows:])
+        self._parts = [rest] if len(ids) > rows else []
+        self._buffered = len(ids) - rows
+        self._queue.put(
+            (self.shards[self._next], logits[:rows], labels[:rows], ids[:rows], stats[:rows].sum(0))
+        )
         self._next += 1
 
     def _run(self) -> None:

@@ -20,12 +20,13 @@ Timings are reported, never asserted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ import zarr
 from rich.console import Console
 
 from pipeline.batches import InMemoryBatches
-from pipeline.config import CacheConfig, DatasetConfig, ModelConfig, Paths, load_preset
+from pipeline.config import CacheConfig, DatasetConfig, ModelConfig, OptimConfig, Paths, load_preset
 from pipeline.datasets import Split, load_split
 from pipeline.losses import cross_entropy, hinton_kd
 from pipeline.models import CONFIG_FILE, build_model, load_checkpoint, prefers_channels_last
@@ -198,24 +199,20 @@ def _bench_workload(w: Workload, tmp: Path, device: torch.device, reps: int, qui
     rows = torch.arange(len(split))
     with_logits = InMemoryBatches(split, rows, cached, w.student_batch, device)
     labels_only = InMemoryBatches(split, rows, None, w.student_batch, device)
-    kd_loss = _kd_loss_fn()
+    kd_loss = functools.partial(hinton_kd, temperature=4.0, alpha=0.9)
+    optim = OptimConfig()  # AdamW, as the presets; built outside the timed functions
 
-    def epoch(batches: InMemoryBatches, loss: Callable[..., torch.Tensor]) -> Callable[[], None]:
-        def go() -> None:
-            torch.manual_seed(0)
-            student = build_model(w.student, split.num_classes, split.input_shape).to(device)
-            optimizer = make_optimizer(student, load_preset("mnist1d").distill.train)
-            train_epoch(student, optimizer, batches.epoch(torch.Generator().manual_seed(0)), loss)
-            _sync(device)
-
-        return go
-
-    def online() -> None:
+    def student_epoch(batches: Iterable[Any], loss: Callable[..., torch.Tensor]) -> None:
         torch.manual_seed(0)
         student = build_model(w.student, split.num_classes, split.input_shape).to(device)
-        optimizer = make_optimizer(student, load_preset("mnist1d").distill.train)
-        train_epoch(student, optimizer, _with_teacher(labels_only, teacher, channels_last), kd_loss)
+        train_epoch(student, make_optimizer(student, optim), batches, loss)
         _sync(device)
+
+    def epoch(batches: InMemoryBatches, loss: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        return lambda: student_epoch(batches.epoch(torch.Generator().manual_seed(0)), loss)
+
+    def online() -> None:
+        student_epoch(_with_teacher(labels_only, teacher, channels_last), kd_loss)
 
     def teacher_forward() -> None:
         for _ in _with_teacher(labels_only, teacher, channels_last):
@@ -253,13 +250,6 @@ def _bench_workload(w: Workload, tmp: Path, device: torch.device, reps: int, qui
         logits32, w.cache, tmp / w.name, reps, min_rows=20_000 if quick else 200_000
     )
     return result
-
-
-def _kd_loss_fn() -> Callable[..., torch.Tensor]:
-    def loss(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return hinton_kd(zs, zt, y, temperature=4.0, alpha=0.9)
-
-    return loss
 
 
 def _with_teacher(batches: InMemoryBatches, teacher: torch.nn.Module, channels_last: bool):  # noqa: ANN202

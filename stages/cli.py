@@ -285,6 +285,13 @@ def cache_verify(
         raise typer.Exit(1)
 
 
+def _transfer(src: str, dst: str, force: bool) -> None:
+    from stages import cache as stage
+
+    if not stage.transfer(src, dst, force=force):
+        raise typer.Exit(1)
+
+
 @cache_app.command("push")
 @friendly
 def cache_push(
@@ -295,10 +302,7 @@ def cache_push(
     force: Annotated[bool, typer.Option(help="Replace what is at DST.")] = False,
 ) -> None:
     """Copy a cache to shared or remote storage, then verify the copy (exit 1 on any problem)."""
-    from stages import cache as stage
-
-    if not stage.transfer(src, dst, force=force):
-        raise typer.Exit(1)
+    _transfer(src, dst, force)
 
 
 @cache_app.command("pull")
@@ -309,10 +313,7 @@ def cache_pull(
     force: Annotated[bool, typer.Option(help="Replace what is at DST.")] = False,
 ) -> None:
     """Copy a cache from shared or remote storage, then verify the copy (exit 1 on any problem)."""
-    from stages import cache as stage
-
-    if not stage.transfer(src, dst, force=force):
-        raise typer.Exit(1)
+    _transfer(src, dst, force)
 
 
 @cache_app.command("rm")

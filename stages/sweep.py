@@ -256,7 +256,8 @@ _worker_device = "cpu"
 def _claim_device(slots: Any) -> None:
     global _worker_device
     _worker_device = slots.get()
-    torch.set_num_threads(max(1, torch.get_num_threads() // 2)) if _worker_device == "cpu" else None
+    if _worker_device == "cpu":  # CPU workers share the cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
 
 
 def _worker_run(label: str, preset_dict: dict[str, Any], paths: Paths, out: Path) -> dict[str, Any]:
