@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import tomllib
 
@@ -299,9 +301,15 @@ def load_preset(name_or_path: str) -> Preset:
             "or pass the path of a .toml file"
         )
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise KDError(f"preset {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise KDError(
+            f"preset {path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise KDError(f"preset {path} cannot be read: {err.strerror}") from None
     raw.setdefault("name", path.stem)
     return _build(Preset, raw, "")
 
@@ -389,7 +397,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 raise ValueError(value)
             return int(value)
         if hint is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise KDError(f"setting '{key}' must be a finite number, got {value!r}")
+            return number
         if hint is str:
             return str(value)
     except ValueError:
@@ -407,7 +418,8 @@ class Paths:
     @property
     def remote(self) -> str | None:
         """The cache root URL when caches are shared through remote storage."""
-        return str(self.cache) if self.cache is not None and "://" in str(self.cache) else None
+        text = str(self.cache)
+        return text if self.cache is not None and "://" in text and not text.startswith("file://") else None
 
     @property
     def logits(self) -> Path:
@@ -416,7 +428,10 @@ class Paths:
             return (
                 self.data / "remote-cache" / re.sub(r"[^A-Za-z0-9._=-]+", "_", self.remote.split("://", 1)[1])
             )
-        return Path(self.cache) if self.cache is not None else self.data / "logits"
+        if self.cache is None:
+            return self.data / "logits"
+        text = str(self.cache)  # file:///shared/caches is the folder /shared/caches
+        return Path(unquote(urlparse(text).path)) if text.startswith("file://") else Path(text)
 
     @property
     def teachers(self) -> Path:

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import importlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline import strict_json
 from pipeline.config import ModelConfig
 from pipeline.errors import KDError
 
@@ -215,11 +217,18 @@ def save_checkpoint(
     }  # no shared storage
     tmp = folder / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600: teammates must read a shared teacher
     tmp.replace(folder / WEIGHTS_FILE)
     record = {"architecture": architecture, **info}
     tmp = folder / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.write_text(strict_json.dumps(record, indent=2) + "\n")
     tmp.replace(folder / CONFIG_FILE)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(folder: Path, *, trusted_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:

@@ -1,40 +1,68 @@
-"""Caches on shared and remote storage: fsspec URLs (s3://, gs://, file://, ...), zip files, folders.
+"""Caches on shared and remote storage: fsspec URLs (s3://, gs://, ...), zip files, folders, file:// URLs.
 
-A cache is a folder of files (Zarr v3), so moving one is copying files; reading a remote one goes
-through a local read-through copy, checked against its per-shard checksums before use. Credentials and
-endpoints come from the usual environment of each filesystem (for S3: AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible servers).
+A cache is a folder of files (Zarr v3), so moving one is copying files. Copies behave like `cp` and
+`aws s3 cp`: a destination ending in `.zarr` or `.zip` is the cache itself, anything else is a folder
+(prefix, bucket root) that receives `<dst>/<name>.zarr`. Only a previous copy of a kd cache is ever
+replaced (with `force`), never other files, and a copy becomes visible only once complete: folders and
+zip files are written under a temporary name and renamed; on object stores the group metadata (the
+manifest, with `complete`) is uploaded last and removed first. Reading a remote cache goes through a
+local read-through copy, checked against its per-shard checksums before use. Credentials and endpoints
+come from the usual environment of each filesystem (S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL for S3-compatible servers).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import secrets
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import zarr
 
 from pipeline.errors import KDError
+from pipeline.store.housekeeping import TMP_MARK, cache_like
+from pipeline.store.manifest import FORMAT_NAME
+
+ROOT_METADATA = "zarr.json"
+
+
+def local_path(location: str | Path) -> str | Path:
+    """file:// URLs become plain paths (one code path for every local folder); other values unchanged."""
+    text = str(location)
+    if text.startswith("file://"):
+        parsed = urlparse(text)
+        return Path(unquote(parsed.netloc + parsed.path)) if parsed.netloc else Path(unquote(parsed.path))
+    return location
 
 
 def is_url(location: str | Path) -> bool:
-    return "://" in str(location)
+    return "://" in str(location) and not str(location).startswith("file://")
 
 
 def is_zip(location: str | Path) -> bool:
-    return str(location).endswith(".zip")
+    return str(location).rstrip("/").endswith(".zip")
 
 
 def zarr_store(location: str | Path, *, writable: bool = False) -> Any:
     """What zarr opens for a location: a URL string (fsspec), a ZipStore, or a local path."""
+    location = local_path(location)
     if is_url(location):
         return str(location)
     if is_zip(location):
         if not Path(location).is_file():
             raise KDError(f"no zip file at {location}")
+        try:
+            with zipfile.ZipFile(location) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise KDError(f"{location} is not a readable zip file ({err})") from None
         return zarr.storage.ZipStore(str(location), mode="a" if writable else "r")
     return Path(location)
 
@@ -43,22 +71,75 @@ def _fs(url: str) -> tuple[Any, str]:
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as err:
         raise KDError(f"cannot open {url}: {err} (install the fsspec filesystem for this protocol)") from None
+    return fs, path.rstrip("/")
 
 
 def exists(location: str | Path) -> bool:
+    """Whether a cache (its group metadata) is at `location`."""
+    location = local_path(location)
     if is_url(location):
         fs, path = _fs(str(location))
-        return bool(fs.exists(path.rstrip("/") + "/zarr.json"))
+        return bool(fs.exists(f"{path}/{ROOT_METADATA}"))
     return Path(location).exists()
 
 
+def _occupied(location: str | Path) -> bool:
+    """Whether anything at all is at `location` (a cache, other files, a half-written copy)."""
+    if is_url(location):
+        fs, path = _fs(str(location))
+        return bool(fs.exists(path))
+    return Path(location).exists() or Path(location).is_symlink()
+
+
+def _is_kd_cache(location: str | Path) -> bool:
+    """Whether `location` holds a kd cache (or, for local folders, the remains of one): what --force
+    may replace."""
+    if is_url(location):
+        fs, path = _fs(str(location))
+        try:
+            attrs = json.loads(fs.cat_file(f"{path}/{ROOT_METADATA}")).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            return False
+        return isinstance(attrs, dict) and (attrs.get("format") or {}).get("name") == FORMAT_NAME
+    if is_zip(location):
+        try:
+            with zipfile.ZipFile(location) as z:
+                attrs = json.loads(z.read(ROOT_METADATA)).get("attributes", {})
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, AttributeError):
+            return False
+        return isinstance(attrs, dict) and (attrs.get("format") or {}).get("name") == FORMAT_NAME
+    return cache_like(Path(location))
+
+
+def destination(src: str | Path, dst: str | Path, default_name: str) -> str | Path:
+    """Where a copy of `src` lands: `dst` itself when it ends in .zarr or .zip, else `dst/<name>.zarr`
+    (the source's name when it ends in .zarr or .zarr.zip, else `default_name`)."""
+    dst = local_path(dst)
+    text = str(dst).rstrip("/")
+    if text.endswith((".zarr", ".zip")):
+        return text if is_url(text) else Path(text)
+    base = str(local_path(src)).rstrip("/").rsplit("/", 1)[-1]
+    base = base[: -len(".zip")] if base.endswith(".zarr.zip") else base
+    name = base if base.endswith(".zarr") else default_name
+    return f"{text}/{name}" if is_url(text) else Path(text) / name
+
+
 def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> None:
-    """Copy a cache between any two of: a local folder, a URL folder, a zip file."""
-    if exists(dst) and not overwrite:
-        raise KDError(f"{dst} already exists: pass --force to replace it")
+    """Copy a cache between any two of: a local folder, a URL folder, a zip file. `dst` is the cache
+    itself (see `destination`); what is there is replaced only with `overwrite` and only when it is a
+    kd cache; the copy becomes visible when complete."""
+    src, dst = local_path(src), local_path(dst)
+    if _occupied(dst):
+        if not _is_kd_cache(dst):
+            raise KDError(
+                f"{dst} exists and is not a logit cache: not replacing it (even with --force); "
+                "choose another destination"
+            )
+        if not overwrite:
+            raise KDError(f"{dst} already exists: pass --force to replace that cache")
     with tempfile.TemporaryDirectory(prefix="kd-copy-") as tmp:
         local = _materialize(src, Path(tmp) / "store")
         _publish(local, dst)
@@ -67,7 +148,6 @@ def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
 def _materialize(src: str | Path, tmp: Path) -> Path:
     if is_url(src):
         fs, root = _fs(str(src))
-        root = root.rstrip("/")
         files = fs.find(root)
         if not files:
             raise KDError(f"nothing at {src}")
@@ -77,52 +157,74 @@ def _materialize(src: str | Path, tmp: Path) -> Path:
             fs.get_file(remote, str(target))
         return tmp
     if is_zip(src):
-        with zipfile.ZipFile(src) as z:
-            for member in z.namelist():  # refuse members that would land outside the folder
-                if member.startswith("/") or ".." in Path(member).parts:
-                    raise KDError(f"{src}: member '{member}' would leave the cache folder")
-            z.extractall(tmp)
+        try:
+            with zipfile.ZipFile(src) as z:
+                for member in z.namelist():  # refuse members that would land outside the folder
+                    if member.startswith("/") or ".." in Path(member).parts:
+                        raise KDError(f"{src}: member '{member}' would leave the cache folder")
+                z.extractall(tmp)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise KDError(f"{src} is not a readable zip file ({err})") from None
         return tmp
     if not Path(src).is_dir():
         raise KDError(f"no cache at {src}")
     return Path(src)
 
 
+def _files(local: Path) -> list[Path]:
+    return sorted(p for p in local.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+
+
 def _publish(local: Path, dst: str | Path) -> None:
-    files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    files = _files(local)
+    token = f"{TMP_MARK}{os.getpid()}-{secrets.token_hex(3)}"
     if is_url(dst):
         fs, root = _fs(str(dst))
-        root = root.rstrip("/")
+        if fs.exists(f"{root}/{ROOT_METADATA}"):
+            fs.rm_file(f"{root}/{ROOT_METADATA}")  # first: readers stop seeing the old cache
         if fs.exists(root):
-            fs.rm(root, recursive=True)
+            fs.rm(root, recursive=True)  # a kd cache (checked by the caller): only its own files
+        metadata = local / ROOT_METADATA
         for path in files:
-            fs.put_file(str(path), f"{root}/{path.relative_to(local).as_posix()}")
+            if path != metadata:
+                fs.put_file(str(path), f"{root}/{path.relative_to(local).as_posix()}")
+        fs.put_file(str(metadata), f"{root}/{ROOT_METADATA}")  # last: the copy is now visible
     elif is_zip(dst):
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(dst) + ".tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # chunks are compressed already
-            for path in files:
-                z.write(path, path.relative_to(local).as_posix())
-        tmp.replace(dst)
+        dst = Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + token)
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # chunks are compressed
+                for path in files:
+                    z.write(path, path.relative_to(local).as_posix())
+            tmp.replace(dst)
+        finally:
+            tmp.unlink(missing_ok=True)
     else:
         dst = Path(dst)
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(local, dst, ignore=shutil.ignore_patterns("*.lock"))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp, old = dst.with_name(dst.name + token), dst.with_name(dst.name + token + "-old")
+        try:
+            shutil.copytree(local, tmp, ignore=shutil.ignore_patterns("*.lock"))
+            if dst.exists():
+                dst.rename(old)  # the previous copy of this cache, set aside until the new one is in place
+            tmp.rename(dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_root(root: str | Path) -> list[str]:
     """The entries directly under a cache root, local or remote."""
+    root = local_path(root)
     if is_url(root):
         fs, path = _fs(str(root))
         protocol = str(root).split("://", 1)[0]
-        return sorted(
-            f"{protocol}://{p}" for p in fs.ls(path.rstrip("/"), detail=False) if not p.endswith(".lock")
-        )
+        return sorted(f"{protocol}://{p}" for p in fs.ls(path, detail=False) if not p.endswith(".lock"))
     root = Path(root)
     if not root.is_dir():
         raise KDError(f"no cache directory at {root}: run `kd teacher-logits` first or name another DIR")
-    return sorted(str(p) for p in root.iterdir() if p.is_dir() or is_zip(p))
+    return sorted(str(p) for p in root.iterdir() if (p.is_dir() or is_zip(p)) and TMP_MARK not in p.name)
 
 
 def read_through_path(url: str, local_root: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from pipeline.augment import augment
 from pipeline.batches import Batch
 from pipeline.config import OptimConfig
-from pipeline.errors import KDError
+from pipeline.errors import DivergedError, KDError
 from pipeline.losses import cross_entropy, hinton_kd, hinton_kd_stacked
 from pipeline.schedules import lr_at
 
@@ -139,6 +140,9 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = lr
         train_loss, train_acc = train_epoch(model, optimizer, batches(epoch), loss_at(epoch), cfg.augment)
+        if not math.isfinite(train_loss):
+            bar.close()
+            raise DivergedError(epoch + 1, train_loss)
         val_acc = accuracy(predict(model, val[0], device), val[1])
         test_acc = None if test is None else accuracy(predict(model, test[0], device), test[1])
         record = EpochRecord(
@@ -239,6 +243,9 @@ def fit_many(
             total_loss += per_model.detach().double() * len(batch.labels)
             correct += (logits.detach().argmax(2) == batch.labels).sum(1)
             seen += len(batch.labels)
+        for i in range(n):
+            if not math.isfinite(float(total_loss[i])):
+                raise DivergedError(epoch + 1, float(total_loss[i]), f" of student {i + 1} of {n}")
         val_logits = predict_all(val[0])
         test_logits = None if test is None else predict_all(test[0])
         seconds = (time.perf_counter() - t0) / n  # each model's share of the epoch

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import platform
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ import torch
 import zarr
 from rich.console import Console
 
+from pipeline import strict_json
 from pipeline.batches import InMemoryBatches
 from pipeline.config import CacheConfig, DatasetConfig, ModelConfig, OptimConfig, Paths, load_preset
 from pipeline.datasets import Split, load_split
@@ -103,7 +103,7 @@ def run(
             report["workloads"][workload.name] = _bench_workload(workload, Path(tmp), device, reps, quick)
     out = paths.data / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.json").write_text(strict_json.dumps(report, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(report))
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     print((out / "bench.md").read_text())

@@ -1,7 +1,14 @@
-"""Inspect logit caches.
+"""Inspect, verify, copy and delete logit caches.
 
-kd cache info data/logits/<name>.zarr [--json]
-kd cache ls [DIR]
+    kd cache info data/logits/<name>.zarr [--json]
+    kd cache ls [DIR|URL]
+    kd cache verify PATH|URL
+    kd cache push data/logits/<name>.zarr s3://team/caches/      # -> s3://team/caches/<name>.zarr
+    kd cache pull s3://team/caches/<name>.zarr data/logits/
+    kd cache rm NAME [--yes]      kd cache gc [--older-than H] [--yes]
+
+Deleting commands remove only caches (and their remains, interrupted copies, dead writers' locks), never
+other files, and never a cache a live writer holds.
 """
 
 from __future__ import annotations
@@ -13,23 +20,24 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import strict_json
 from pipeline.errors import KDError
-from pipeline.remote import copy_cache, list_root
-from pipeline.store import LogitStore, inside, stale_entries
+from pipeline.remote import copy_cache, destination, list_root
+from pipeline.store import LogitStore, cache_dirname, cache_like, cache_lock, holder, inside, stale_entries
 
 
 def info(path: str | Path, *, as_json: bool = False) -> None:
     store = LogitStore.open(path)
     manifest = store.manifest.to_dict()
     if as_json:
-        print(json.dumps(manifest, indent=2))
+        print(strict_json.dumps(manifest, indent=2))
         return
     m = store.manifest
     console = Console()
     console.print(f"[bold]{path}[/bold]")
     rows = [
         ("format", f"{m.format['name']} v{m.format['version']}"),
-        ("complete", f"{m.complete} ({int(store.shards_done().sum())}/{store.num_shards} shards done)"),
+        ("complete", _completeness(store)),
         (
             "teacher",
             f"{m.teacher.name} ({m.teacher.architecture.get('arch')}), sha256 {m.teacher.fingerprint[:16]}",
@@ -67,7 +75,12 @@ def verify(path: str | Path) -> bool:
     if problems:
         for problem in problems:
             console.print(f"[red]problem:[/red] {path}: {problem}", highlight=False)
-        console.print(f"{len(problems)} problem(s): re-run `kd teacher-logits --force` to rebuild this cache")
+        if store.is_complete and not store.damaged_records():
+            console.print(
+                f"{len(problems)} problem(s): rebuild this cache with `kd teacher-logits --force` "
+                "(or pull a sound copy)",
+                highlight=False,
+            )
         return False
     m = store.manifest
     console.print(
@@ -79,40 +92,69 @@ def verify(path: str | Path) -> bool:
 
 
 def transfer(src: str | Path, dst: str | Path, *, force: bool) -> bool:
-    """Copy a complete cache (push to / pull from a URL, a zip or a folder), then verify the copy."""
-    LogitStore.open(src).require_complete()
-    copy_cache(src, dst, overwrite=force)
-    Console(stderr=True, soft_wrap=True).print(f"copied {src} -> {dst}; verifying the copy")
-    return verify(dst)
+    """Copy a sound, complete cache (push to / pull from a URL, a zip or a folder), then verify the
+    copy. DST ending in .zarr or .zip is the cache itself; anything else is a folder receiving
+    DST/<name>.zarr. The source is verified first: a damaged cache is never copied."""
+    store = LogitStore.open(src)
+    store.require_complete()
+    problems = store.verify()
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise KDError(
+            f"{src} fails verification, not copied: {problems[0]}{more}; see `kd cache verify {src}`"
+        )
+    target = destination(src, dst, cache_dirname(store.manifest))
+    copy_cache(src, target, overwrite=force)
+    Console(stderr=True, soft_wrap=True).print(
+        f"copied {src} -> {target}; verifying the copy", highlight=False
+    )
+    return verify(target)
 
 
 def rm(root: Path, names: list[str], *, yes: bool) -> None:
-    """Remove caches by name (directly under the root: names cannot escape it)."""
-    targets = [inside(root, name) for name in names]
-    for path in targets:
-        if not path.is_dir():
+    """Remove caches by name (directly under the root: names cannot escape it). Only caches and their
+    remains are removed, never while a live writer holds the cache's lock."""
+    targets = []
+    for name in names:
+        path = inside(root, name)
+        if not path.exists():
             raise KDError(f"no cache named '{path.name}' in {root}: see `kd cache ls`")
-        LogitStore.open(path)  # refuse to delete anything that is not a logit cache
+        if not cache_like(path):
+            raise KDError(f"{path} is not a logit cache: not removing it")
+        owner = holder(path)
+        if owner is not None:
+            raise KDError(
+                f"cache {path} is being written by pid {owner.get('pid')} on {owner.get('host')}: "
+                "wait for it to finish (or stop it) before removing it"
+            )
+        targets.append(path)
     console = Console(stderr=True, soft_wrap=True)
     for path in targets:
         if not yes:
-            console.print(f"would remove {path} (pass --yes to remove)")
+            console.print(f"would remove {path} (pass --yes to remove)", highlight=False)
             continue
-        shutil.rmtree(path)
-        path.with_name(path.name + ".lock").unlink(missing_ok=True)
-        console.print(f"removed {path}")
+        with cache_lock(path):  # no writer may start while it goes
+            shutil.rmtree(path)
+        console.print(f"removed {path}", highlight=False)
 
 
 def gc(root: Path, *, older_than_hours: float, yes: bool) -> None:
-    """Remove incomplete or orphaned entries older than N hours (dry run unless --yes)."""
+    """Remove incomplete caches, remains of caches, interrupted copies and dead writers' lock files
+    untouched for N hours (dry run unless --yes); anything else is left alone and named."""
     console = Console(stderr=True, soft_wrap=True)
-    entries = stale_entries(root, older_than_hours)
+    entries, skipped = stale_entries(root, older_than_hours)
+    for path, why in skipped:
+        console.print(f"left alone: {path}: {why}", highlight=False)
     if not entries:
-        console.print(f"nothing to collect in {root} (older than {older_than_hours:g} h)")
+        console.print(f"nothing to collect in {root} (older than {older_than_hours:g} h)", highlight=False)
     for path, why in entries:
         if yes:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        console.print(f"{'removed' if yes else 'would remove'} {path}: {why}")
+            if path.is_dir():
+                with cache_lock(path):
+                    shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        console.print(f"{'removed' if yes else 'would remove'} {path}: {why}", highlight=False)
     if entries and not yes:
         console.print("dry run: pass --yes to remove")
 
@@ -123,13 +165,17 @@ def ls(root: str | Path) -> None:
     for column in ("name", "teacher", "dataset", "split", "rows", "classes", "dtype", "size", "complete"):
         table.add_column(column)
     count = 0
+    warn = Console(stderr=True, soft_wrap=True)
     for entry in entries:
+        if not entry.rstrip("/").endswith((".zarr", ".zip")):
+            continue  # not named as a cache: someone else's folder
         try:
             store = LogitStore.open(entry)
-        except KDError:
+        except KDError as err:
+            warn.print(f"warning: skipping {err}", highlight=False)
             continue
         m = store.manifest
-        complete = m.complete and bool(store.shards_done().all())
+        complete = store.is_complete and not store.damaged_records()
         table.add_row(
             entry.rstrip("/").rsplit("/", 1)[-1],
             m.teacher.name,
@@ -147,6 +193,15 @@ def ls(root: str | Path) -> None:
         console.print(table)
     else:
         console.print(f"no logit caches in {root}")
+
+
+def _completeness(store: LogitStore) -> str:
+    done = int(store.shards_done().sum())
+    damaged = store.damaged_records()
+    state = f"{store.is_complete and not damaged} ({done}/{store.num_shards} shards done"
+    if damaged:
+        state += "; unreadable records: " + ", ".join(f"{k} of shards {v}" for k, v in damaged.items())
+    return state + ")"
 
 
 def _pct(x: float | None) -> str:

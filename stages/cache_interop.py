@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from pipeline import strict_json
 from pipeline.config import Preset
 from pipeline.datasets import load_split
 from pipeline.errors import KDError
@@ -49,7 +50,7 @@ def export(path: Path, out: Path, fmt: str) -> Path:
     raw, labels, ids = store.read("logits"), store.read("labels"), store.ids.numpy()
     dtype = store.manifest.storage.dtype
     logits = decode_logits(raw, dtype).numpy() if dtype == "bfloat16" else raw
-    manifest = json.dumps(store.manifest.to_dict())
+    manifest = strict_json.dumps(store.manifest.to_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if fmt == "hdf5":

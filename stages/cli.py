@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.config import Paths, Preset, preset_names, resolve
 from pipeline.errors import KDError
@@ -43,12 +44,23 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except KDError as err:
-            Console(stderr=True, soft_wrap=True).print(
-                f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True
+            _error(str(err))
+        except OSError as err:  # permissions, a full disk, a read-only or vanished folder
+            where = f": {err.filename}" if err.filename else ""
+            _error(
+                f"{err.strerror or type(err).__name__}{where} (check permissions and free space; "
+                "whatever was already written is kept)"
             )
-            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _error(message: str) -> None:
+    """One line on stderr, exit code 2."""
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True
+    )
+    raise typer.Exit(2)
 
 
 @app.callback()
@@ -295,13 +307,19 @@ def _transfer(src: str, dst: str, force: bool) -> None:
 @cache_app.command("push")
 @friendly
 def cache_push(
-    src: Annotated[str, typer.Argument(help="A local cache folder.")],
+    src: Annotated[str, typer.Argument(help="A cache: folder (.zarr) or .zip.")],
     dst: Annotated[
-        str, typer.Argument(help="Where to: a URL (s3://bucket/prefix/name.zarr), a .zip or a folder.")
+        str,
+        typer.Argument(
+            help="A folder, prefix or bucket (receives DST/<name>.zarr), or the cache itself: "
+            "a path or URL ending in .zarr or .zip."
+        ),
     ],
-    force: Annotated[bool, typer.Option(help="Replace what is at DST.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace a previous copy of a cache at the destination (nothing else).")
+    ] = False,
 ) -> None:
-    """Copy a cache to shared or remote storage, then verify the copy (exit 1 on any problem)."""
+    """Verify a cache, copy it to shared or remote storage, then verify the copy (exit 1 on a problem)."""
     _transfer(src, dst, force)
 
 
@@ -309,10 +327,17 @@ def cache_push(
 @friendly
 def cache_pull(
     src: Annotated[str, typer.Argument(help="A cache: URL, .zip or folder.")],
-    dst: Annotated[str, typer.Argument(help="The local folder to write (.zarr).")],
-    force: Annotated[bool, typer.Option(help="Replace what is at DST.")] = False,
+    dst: Annotated[
+        str,
+        typer.Argument(
+            help="A folder (receives DST/<name>.zarr, e.g. data/logits/) or the cache itself (.zarr, .zip)."
+        ),
+    ],
+    force: Annotated[
+        bool, typer.Option(help="Replace a previous copy of a cache at the destination (nothing else).")
+    ] = False,
 ) -> None:
-    """Copy a cache from shared or remote storage, then verify the copy (exit 1 on any problem)."""
+    """Verify a cache, copy it from shared or remote storage, then verify the copy (exit 1 on a problem)."""
     _transfer(src, dst, force)
 
 

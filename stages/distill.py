@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import strict_json
 from pipeline.augment import check_augment
 from pipeline.batches import InMemoryBatches, StreamedBatches, cached_logits_for
 from pipeline.config import DistillConfig, OptimConfig, Paths, Preset
@@ -196,7 +197,7 @@ class RunRecorder:
             "mode": mode,
             "note": "teacher logits are for the fixed (un-augmented) inputs, as cached",
         }
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (run_dir / "config.json").write_text(strict_json.dumps(config, indent=2) + "\n")
         (run_dir / "summary.json").unlink(missing_ok=True)  # a run is finished only once this is back
         self.metrics = run_dir / "metrics.jsonl"
         self.metrics.write_text("")
@@ -214,7 +215,7 @@ class RunRecorder:
         record = dataclasses.replace(record, epoch=record.epoch + offset)
         self.history.append(record)
         with self.metrics.open("a") as f:
-            f.write(json.dumps({"phase": phase.name, **dataclasses.asdict(record), **settings}) + "\n")
+            f.write(strict_json.dumps({"phase": phase.name, **dataclasses.asdict(record), **settings}) + "\n")
         if improved:
             info = {
                 "run_name": self.name,
@@ -257,7 +258,7 @@ class RunRecorder:
             best_epoch=best_epoch,
             teacher_test=self.data.teacher_test_accuracy,
         )
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.run_dir / "summary.json").write_text(strict_json.dumps(summary, indent=2) + "\n")
         return summary
 
 

@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import strict_json
 from pipeline.config import Paths, Preset, load_preset, resolve
 from pipeline.errors import KDError
 from pipeline.models import build_model
@@ -301,7 +302,7 @@ def report(
     best = combos[0]
     sets = " ".join(f"--set {k}={v}" for k, v in {**overrides, **best["combo"]}.items())
     command = f"kd distill --preset {preset_name} {sets}".strip()
-    (out / "best.json").write_text(json.dumps({"best": best, "command": command}, indent=2) + "\n")
+    (out / "best.json").write_text(strict_json.dumps({"best": best, "command": command}, indent=2) + "\n")
 
     plots = plot_sweep(combos, keys, out)
     lines = [

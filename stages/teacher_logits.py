@@ -14,7 +14,6 @@ import contextlib
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from tqdm.auto import tqdm
@@ -58,19 +57,11 @@ def run(
     data = {name: load_split(preset.dataset, name) for name in splits}
     if not have_teacher:
         # The teacher may be gone (deleted, or never here: a colleague's cache): complete caches suffice.
-        found = {
-            name: find_caches(
-                paths.logits,
-                dataset_fingerprint=data[name].fingerprint,
-                split=name,
-                teacher=preset.teacher.name,
-            )
-            for name in splits
-        }
-        if all(found.values()) and not force:
-            for name in splits:
-                console.print(f"cache hit ({name}, teacher checkpoint absent): {found[name][0].where}")
-            return [Path(found[name][0].where) for name in splits]
+        found = existing_caches(preset, paths, data) if not force else None
+        if found is not None:
+            for name, where in found.items():
+                console.print(f"cache hit ({name}, teacher checkpoint absent): {where}", highlight=False)
+            return [Path(where) for where in found.values()]
         hint = (
             "pass a folder holding model.safetensors and config.json"
             if teacher_dir is not None
@@ -95,6 +86,28 @@ def run(
         written = [_publish(path, paths, force) for path in written]
     barrier(ranks)
     return written
+
+
+def existing_caches(preset: Preset, paths: Paths, data: dict[str, Split]) -> dict[str, str] | None:
+    """{split: where} when every split has a complete cache of the preset's teacher (by name) for this
+    data under the cache root (local, or the remote root), else None. Without the teacher's weights its
+    fingerprint is unknown, so the teacher's name and the data's fingerprint decide, as in `kd distill`."""
+    found = {}
+    for name, split in data.items():
+        skipped: list[str] = []
+        stores = find_caches(
+            paths.remote or paths.logits,
+            dataset_fingerprint=split.fingerprint,
+            split=name,
+            teacher=preset.teacher.name,
+            skipped=skipped,
+        )
+        for problem in skipped:
+            console.print(f"warning: skipping {problem}", highlight=False)
+        if not stores:
+            return None
+        found[name] = stores[0].where
+    return found
 
 
 def _publish(path: Path, paths: Paths, force: bool) -> Path:
@@ -152,24 +165,27 @@ def _dump(
         created=now_iso(),
     )
     path = paths.logits / cache_dirname(manifest)
+    # a cache hit is decided by reading alone (no lock, so read-only cache folders work)
+    hit = ranks.is_main and not force and _is_hit(path)
+    if broadcast(ranks, hit):
+        if ranks.is_main:
+            console.print(f"cache hit ({split.split}): {path}", highlight=False)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # rank 0 holds the lock and decides (hit, resume, fresh); every rank then writes its own shards
     with cache_lock(path) if ranks.is_main else contextlib.nullcontext():
         plan: str | list[int] | None = None
         if ranks.is_main:
             existing = _existing(path)
-            if (
-                existing is not None
-                and not force
-                and existing.manifest.complete
-                and existing.shards_done().all()
-            ):
-                plan = "hit"
-            elif existing is not None and not force and existing.shards_done().any():
+            redo = existing.shards_to_write() if existing is not None else []
+            if existing is not None and not force and existing.is_complete and not redo:
+                plan = "hit"  # finished by another writer while this one waited for the lock
+            elif existing is not None and not force and len(redo) < existing.num_shards:
                 # resume: the key in its name guarantees the same teacher, data and storage
-                plan = np.flatnonzero(~existing.shards_done()).tolist()
+                existing.reopen_for_writing()
+                plan = redo
                 done = existing.num_shards - len(plan)
-                console.print(f"resuming {path}: {done}/{existing.num_shards} shards done")
+                console.print(f"resuming {path}: {done}/{existing.num_shards} shards done", highlight=False)
             else:
                 plan = list(range(LogitStore.create(path, manifest, overwrite=True).num_shards))
         plan = broadcast(ranks, plan)
@@ -205,6 +221,16 @@ def _dump(
         f"{n / seconds:,.0f} samples/s{f', {ranks.world} processes' if ranks.active else ''})"
     )
     return path
+
+
+def _is_hit(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        store = LogitStore.open(path)
+    except KDError:
+        return False
+    return store.is_complete and not store.damaged_records()
 
 
 def _existing(path: Path) -> LogitStore | None:

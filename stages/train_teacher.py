@@ -28,10 +28,21 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
     if (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file() and not force:
         console.print(f"teacher checkpoint exists: {folder} (pass --force to retrain)")
         return folder
+    generator = seed_everything(preset.teacher.seed)  # before the data, as always: same teacher bytes
+    train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
+    if not force:
+        from stages.teacher_logits import existing_caches
+
+        found = existing_caches(preset, paths, {"train": train, "test": test})
+        if found is not None:
+            console.print(
+                f"not training teacher '{preset.teacher.name}': complete caches of its logits for this data "
+                f"exist ({', '.join(found.values())}); pass --force to train it anyway",
+                highlight=False,
+            )
+            return folder
 
     cfg, device = preset.teacher, pick_device(device_name)
-    generator = seed_everything(cfg.seed)
-    train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
     check_augment(cfg.train.augment, train.inputs)
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     model = build_model(cfg.model, train.num_classes, train.input_shape)

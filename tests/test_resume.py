@@ -76,6 +76,17 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_data: Paths, tmp_path: Pa
         assert not path.with_name(path.name + ".lock").exists()
 
 
+def hold_lock(path: Path) -> subprocess.Popen:
+    """A live writer: another process holding the cache's lock until killed."""
+    code = (
+        "import sys, time; from pathlib import Path; from pipeline.store import cache_lock\n"
+        "with cache_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def test_second_writer_is_refused_while_the_first_lives(tiny_data: Paths, tmp_path: Path) -> None:
     paths = Paths(data=tmp_path)
     shutil.copytree(tiny_data.teachers, paths.teachers)
@@ -83,17 +94,19 @@ def test_second_writer_is_refused_while_the_first_lives(tiny_data: Paths, tmp_pa
     (train,) = cache_paths(paths, "train")
     shutil.rmtree(train)  # force a dump of the train split
     lock = train.with_name(train.name + ".lock")
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}))
+    writer = hold_lock(train)
+    try:
+        result = kd(paths, "teacher-logits", "--preset", "tiny", "--split", "train")
+        assert result.exit_code == 2
+        assert f"is being written by pid {writer.pid}" in " ".join(result.stderr.split())
+        assert lock.exists() and not train.exists()  # nothing written, the other writer's lock kept
+    finally:
+        writer.kill()
+        writer.wait()
+    # the writer died (kill -9): its lock file stays, unheld, and is taken over
+    assert lock.exists()
     result = kd(paths, "teacher-logits", "--preset", "tiny", "--split", "train")
-    assert result.exit_code == 2
-    assert f"is being written by pid {os.getpid()}" in " ".join(result.stderr.split())
-    assert lock.exists() and not train.exists()  # nothing written, the other writer's lock kept
-
-    finished = subprocess.Popen([sys.executable, "-c", "pass"])
-    finished.wait()  # its pid is gone now
-    lock.write_text(json.dumps({"pid": finished.pid, "host": os.uname().nodename}))
-    result = kd(paths, "teacher-logits", "--preset", "tiny", "--split", "train")
-    assert result.exit_code == 0, result.output  # a dead writer's lock is taken over
+    assert result.exit_code == 0, result.output
     LogitStore.open(train).require_complete()
     assert not lock.exists()
 

@@ -1,4 +1,4 @@
-"""LogitStore: one Zarr v3 group of raw teacher logits per teacher x dataset split.
+"""LogitStore: the dense layout, one Zarr v3 group of raw teacher logits per teacher x dataset split.
 
 Layout (readable with plain `zarr`, see README "Cache format"):
 
@@ -6,7 +6,8 @@ Layout (readable with plain `zarr`, see README "Cache format"):
     logits/     (N, C) float16 | float32 | uint16 (bfloat16 bits); chunks (R, C), shards (S*R, C), zstd
     labels/     (N,) int64, chunked and sharded like logits
     index/      (N,) int64 dataset sample ids: the join key
-    done/       (num_shards,) bool, one chunk per shard: set after that shard is fully written
+    stats/      (num_shards, 3) float64   crc32c/ (num_shards, 4) uint8   done/ (num_shards,) bool:
+                per-shard records, one chunk per shard; `done` is set after the shard is fully written
 
 A shard is the unit of writing (one writer per shard, whole shards at a time); a chunk is the unit of
 reading. Only raw logits are stored: temperatures and transforms are applied at training time.
@@ -14,188 +15,28 @@ reading. Only raw logits are stored: temperatures and transforms are applied at 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import queue
-import re
 import signal
-import socket
 import threading
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import KDError
+from pipeline.store.encoding import as_tensor, compressors, decode_logits, encode_logits, to_float
+from pipeline.store.integrity import nonfinite_rows, row_stats, shard_digest
+from pipeline.store.manifest import DISK_DTYPES, Manifest
 
-FORMAT_NAME = "kd-logits"
-FORMAT_VERSION = 2  # 2: per-shard stats and crc32c arrays, shard_crc32c in the manifest
-# The on-disk dtype of each storage dtype: zarr has no bfloat16, so its bits are kept as uint16.
-DISK_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
-
-
-@dataclass(frozen=True)
-class TeacherInfo:
-    name: str
-    architecture: dict[str, Any]
-    fingerprint: str  # sha256 of weights + architecture record
-    train_accuracy: float | None = None  # on the split it was trained on: a hint of how soft it is
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    split: str
-    length: int
-    num_classes: int
-    fingerprint: str  # sha256 of the split's ids, labels and inputs
-
-
-@dataclass(frozen=True)
-class StorageInfo:
-    dtype: str
-    chunk_rows: int
-    shard_rows: int
-    codec: str = "zstd"
-    level: int = 3
-
-
-@dataclass(frozen=True)
-class Manifest:
-    teacher: TeacherInfo
-    dataset: DatasetInfo
-    storage: StorageInfo
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    software: dict[str, str] = field(default_factory=dict)
-    created: str = ""
-    teacher_accuracy: float | None = None  # teacher accuracy on this split, from the stored logits
-    logit_stats: dict[str, float] = field(default_factory=dict)  # mean L2 norm, mean max-softmax
-    shard_crc32c: list[str] = field(default_factory=list)  # per shard, hex: logits bytes + labels + ids
-    complete: bool = False
-    format: dict[str, Any] = field(default_factory=lambda: {"name": FORMAT_NAME, "version": FORMAT_VERSION})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Manifest:
-        fmt = raw.get("format", {})
-        if fmt.get("name") != FORMAT_NAME:
-            raise KDError("not a kd logit cache (its attributes have no kd-logits format marker)")
-        if fmt.get("version") != FORMAT_VERSION:
-            raise KDError(
-                f"cache format version {fmt.get('version')} is not supported "
-                f"(this kd reads {FORMAT_VERSION}): "
-                "re-run `kd teacher-logits` or upgrade kd"
-            )
-        return cls(
-            teacher=TeacherInfo(**raw["teacher"]),
-            dataset=DatasetInfo(**raw["dataset"]),
-            storage=StorageInfo(**raw["storage"]),
-            preprocessing=dict(raw.get("preprocessing", {})),
-            software=dict(raw.get("software", {})),
-            created=raw.get("created", ""),
-            teacher_accuracy=raw.get("teacher_accuracy"),
-            logit_stats=dict(raw.get("logit_stats", {})),
-            shard_crc32c=list(raw.get("shard_crc32c", [])),
-            complete=bool(raw.get("complete", False)),
-            format=dict(fmt),
-        )
-
-    @property
-    def key(self) -> str:
-        return cache_key(self.teacher.fingerprint, self.dataset, self.preprocessing, self.storage)
-
-
-def cache_key(
-    teacher_fingerprint: str, dataset: DatasetInfo, preprocessing: Mapping[str, Any], storage: StorageInfo
-) -> str:
-    """Content address of a cache: what was run on what, and how it is stored."""
-    record = {
-        "teacher": teacher_fingerprint,
-        "dataset": dataset.fingerprint,
-        "split": dataset.split,
-        "preprocessing": preprocessing,
-        "storage": dataclasses.asdict(storage),
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
-
-
-def safe_name(name: str, what: str = "name") -> str:
-    """A name that is one path component and cannot leave its folder (no '/', no '..', no leading dot)."""
-    if not SAFE_NAME.match(name) or ".." in name:
-        raise KDError(f"{what} '{name}' is not allowed: use letters, digits and _ . + = , - (no '/' or '..')")
-    return name
-
-
-def cache_dirname(manifest: Manifest) -> str:
-    """`<teacher>.<dataset>.<split>.<key12>.zarr`: readable by people, unique by content."""
-    parts = (manifest.teacher.name, manifest.dataset.name, manifest.dataset.split)
-    for part in parts:
-        safe_name(part, "cache name part")
-    return f"{'.'.join(parts)}.{manifest.key[:12]}.zarr"
-
-
-def inside(root: Path, name: str) -> Path:
-    """root/name, refused when `name` would resolve outside `root` (path traversal)."""
-    path = (root / name).resolve()
-    if path.parent != root.resolve():
-        raise KDError(f"'{name}' is not a cache directly under {root}: names cannot leave the cache root")
-    return path
-
-
-def software_versions() -> dict[str, str]:
-    import numcodecs
-
-    import pipeline
-
-    return {
-        "kd": pipeline.__version__,
-        "torch": torch.__version__,
-        "zarr": zarr.__version__,
-        "numcodecs": numcodecs.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def shard_digest(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> bytes:
-    """CRC32C of a shard's stored logits bytes, labels and ids (C order), 4 bytes big-endian. CRC32C finds
-    bit flips and truncation at ~13 GB/s here (sha256: 1.8 GB/s, enough to slow streaming reads); the
-    content address of a cache stays sha256."""
-    crc = 0
-    for array in (logits, labels, ids):
-        crc = google_crc32c.extend(crc, np.ascontiguousarray(array).tobytes())
-    return int(crc).to_bytes(4, "big")
-
-
-def row_stats(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """Per row (B, 3): correct (0/1), L2 norm, max softmax of float logits (B, C); summed per shard."""
-    logits = logits.float()
-    correct = (logits.argmax(1) == labels).double()
-    return torch.stack(
-        [correct, logits.norm(dim=1).double(), logits.softmax(1).max(1).values.double()], 1
-    ).numpy()
-
+RECORDS = ("done", "stats", "crc32c")  # per-shard arrays, one chunk per shard
+MEMBERS = ("zarr.json", "logits", "labels", "index", *RECORDS)  # everything a dense cache folder holds
 
 # Testing hook: `KD_FAULT_AFTER_SHARDS=N` kills the process (SIGKILL, as kill -9) once N shards are done,
 # so tests can interrupt stage 1 at exact points. Never set outside tests.
@@ -210,41 +51,6 @@ def _fault_injection(shard: int) -> None:
     _written += 1
     if _FAULT_AFTER_SHARDS is not None and _written >= _FAULT_AFTER_SHARDS:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-CODECS = ("zstd", "blosc-zstd", "blosc-bitshuffle")
-
-
-def compressors(codec: str, level: int, itemsize: int) -> list[Any]:
-    """Zarr v3 codecs by name: plain zstd, or Blosc-zstd after a byte (or bit) shuffle."""
-    if codec == "zstd":
-        return [ZstdCodec(level=level)]
-    if codec in ("blosc-zstd", "blosc-bitshuffle"):
-        shuffle = "shuffle" if codec == "blosc-zstd" else "bitshuffle"
-        return [BloscCodec(cname="zstd", clevel=min(level, 9), shuffle=shuffle, typesize=itemsize)]
-    raise KDError(f"unknown codec '{codec}': choose one of {', '.join(CODECS)}")
-
-
-def encode_logits(logits: torch.Tensor, dtype: str) -> np.ndarray:
-    """float logits (B, C) -> the on-disk array for a storage dtype."""
-    if dtype == "bfloat16":
-        return logits.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return logits.detach().to("cpu", getattr(torch, dtype)).numpy()
-
-
-def decode_logits(stored: np.ndarray, dtype: str) -> torch.Tensor:
-    """The on-disk array -> float32 logits (B, C)."""
-    return _to_float(_as_tensor(stored), dtype)
-
-
-def _as_tensor(stored: np.ndarray) -> torch.Tensor:
-    """Zero-copy torch view of an on-disk array (uint16 bfloat16 bits as int16)."""
-    stored = np.ascontiguousarray(stored)
-    return torch.from_numpy(stored.view(np.int16) if stored.dtype == np.uint16 else stored)
-
-
-def _to_float(raw: torch.Tensor, dtype: str) -> torch.Tensor:
-    return (raw.view(torch.bfloat16) if dtype == "bfloat16" else raw).float()
 
 
 class LogitStore:
@@ -350,15 +156,57 @@ class LogitStore:
         if _FAULT_AFTER_SHARDS is not None:
             _fault_injection(shard)
 
+    def records(self, name: str) -> tuple[np.ndarray, list[int]]:
+        """A per-shard record array (done, stats or crc32c) and the shards whose chunk cannot be read
+        (a damaged file): those read as the fill value, so a damaged `done` means "not done"."""
+        array = self.array(name)
+        try:
+            return np.asarray(array[:]), []
+        except Exception:  # a damaged chunk fails in the codec: read the others one by one
+            values = np.full(array.shape, array.fill_value, dtype=array.dtype)
+            damaged = []
+            for shard in range(array.shape[0]):
+                try:
+                    values[shard] = array[shard]
+                except Exception:
+                    damaged.append(shard)
+            return values, damaged
+
+    def damaged_records(self) -> dict[str, list[int]]:
+        """{record name: shards whose chunk of it cannot be read}, for the records that have any."""
+        return {name: damaged for name in RECORDS if (damaged := self.records(name)[1])}
+
     def shards_done(self) -> np.ndarray:
-        return np.asarray(self.array("done")[:], dtype=bool)
+        """(num_shards,) bool: shards fully written (an unreadable `done` chunk counts as not done)."""
+        return np.asarray(self.records("done")[0], dtype=bool)
+
+    def shards_to_write(self) -> list[int]:
+        """What a resumed dump (re)writes: shards not done, and shards with any unreadable record."""
+        redo = set(np.flatnonzero(~self.shards_done()).tolist())
+        for damaged in self.damaged_records().values():
+            redo.update(damaged)
+        return sorted(redo)
+
+    @property
+    def is_complete(self) -> bool:
+        """The manifest's `complete` flag *and* every shard's `done` flag (both halves)."""
+        return self.manifest.complete and bool(self.shards_done().all())
+
+    def reopen_for_writing(self) -> None:
+        """Before shards of a store are rewritten: clear `complete`, so no reader trusts it meanwhile."""
+        if self.manifest.complete:
+            self.manifest = dataclasses.replace(self.manifest, complete=False)
+            self.group.attrs.put(self.manifest.to_dict())
 
     def finish(self, **updates: Any) -> None:
         """Record the teacher's accuracy and logit statistics (summed from the per-shard records),
         the per-shard checksums, then `complete: true`, last, once every shard is done."""
-        missing = np.flatnonzero(~self.shards_done())
-        if missing.size:
-            raise RuntimeError(f"cannot complete {self.where}: shards {missing.tolist()} are not written")
+        redo = self.shards_to_write()
+        if redo:
+            raise KDError(
+                f"cannot complete {self.where}: shards {redo} are not written (or their records are "
+                "unreadable): re-run `kd teacher-logits` to write them"
+            )
         totals = np.asarray(self.array("stats")[:]).sum(0)
         n = self.num_rows
         derived = {
@@ -384,19 +232,29 @@ class LogitStore:
         if isinstance(store, (str, Path)):
             if not exists(store):
                 raise KDError(f"no logit cache at {where}: run `kd teacher-logits` first (or check the path)")
-            store = zarr_store(store, writable=writable)
+            try:
+                store = zarr_store(store, writable=writable)
+            except KDError:
+                raise
+            except Exception as err:  # a corrupt zip file
+                raise KDError(f"{where} cannot be opened ({type(err).__name__}: {err})") from None
         try:
             group = zarr.open_group(store, mode="r+" if writable else "r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
             raise KDError(
                 f"{where} is not a Zarr v3 logit cache: run `kd teacher-logits` to make one"
             ) from None
+        except Exception as err:  # unreadable metadata, a permission problem, a server error
+            raise KDError(f"{where} cannot be opened ({type(err).__name__}: {err})") from None
         try:
             return cls(group, where)
         except KDError as err:
             raise KDError(f"{where}: {err}") from None
-        except (KeyError, TypeError) as err:
-            raise KDError(f"{where}: the manifest is malformed ({err}): re-run `kd teacher-logits`") from None
+        except Exception as err:
+            raise KDError(
+                f"{where}: the manifest is malformed ({type(err).__name__}: {err}): "
+                "re-run `kd teacher-logits`"
+            ) from None
 
     def require_complete(self) -> None:
         """The cheap checks training runs before the first batch: complete, shaped as its manifest says."""
@@ -450,49 +308,10 @@ class LogitStore:
             )
 
     def verify(self) -> list[str]:
-        """Every check: completeness, structure, then each shard re-read: checksum, NaN/Inf, ids unique,
-        and the teacher accuracy recomputed from the stored logits against the manifest's."""
-        problems = []
-        if not self.manifest.complete:
-            problems.append("the manifest is not marked complete")
-        missing = np.flatnonzero(~self.shards_done())
-        if missing.size:
-            problems.append(f"shards {missing.tolist()} are not written")
-        problems += self.structure_problems()
-        if problems:
-            return problems
-        correct, seen = 0, set()
-        for shard in range(self.num_shards):
-            start, stop = self.shard_range(shard)
-            try:
-                raw = np.asarray(self.array("logits")[start:stop])
-                labels = np.asarray(self.array("labels")[start:stop])
-                ids = np.asarray(self.array("index")[start:stop])
-            except Exception as err:  # a damaged file can fail in the codec itself
-                problems.append(
-                    f"shard {shard} (rows {start}-{stop}) cannot be read: {type(err).__name__}: {err}"
-                )
-                continue
-            try:
-                self.check_shard(shard, raw, labels, ids)
-            except KDError:
-                problems.append(f"shard {shard} (rows {start}-{stop}) fails its CRC32C checksum")
-            logits = decode_logits(raw, self.manifest.storage.dtype)
-            bad = int((~torch.isfinite(logits)).any(1).sum())
-            if bad:
-                problems.append(f"shard {shard} has {bad} rows with NaN or Inf logits")
-            correct += int((logits.argmax(1) == torch.from_numpy(labels)).sum())
-            if len(seen.intersection(ids.tolist())) or len(set(ids.tolist())) != len(ids):
-                problems.append(f"shard {shard} repeats sample ids")
-            seen.update(ids.tolist())
-        recorded = self.manifest.teacher_accuracy
-        accuracy = correct / max(self.num_rows, 1)
-        if recorded is not None and abs(accuracy - recorded) > 0.005:  # float16 rounding may flip rare ties
-            problems.append(
-                f"labels disagree with the manifest: teacher accuracy from the stored logits is "
-                f"{accuracy:.4f}, the manifest says {recorded:.4f}"
-            )
-        return problems
+        """Every check, each problem a line (empty: the cache is sound); see integrity.verify."""
+        from pipeline.store.integrity import verify
+
+        return verify(self)
 
     @functools.cached_property
     def ids(self) -> torch.Tensor:
@@ -520,7 +339,19 @@ class LogitStore:
             for shard in range(self.num_shards):
                 a, b = self.shard_range(shard)
                 self.check_shard(shard, raw[a:b], labels[a:b], ids[a:b])
-        return decode_logits(raw, self.manifest.storage.dtype), torch.from_numpy(labels), self.ids
+        logits = decode_logits(raw, self.manifest.storage.dtype)
+        self.refuse_nonfinite(logits, self.ids)
+        return logits, torch.from_numpy(labels), self.ids
+
+    def refuse_nonfinite(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        """A KDError naming the rows when any logit is NaN or Inf: nobody trains on them."""
+        bad = nonfinite_rows(logits)
+        if bad.any():
+            raise KDError(
+                f"cache {self.where} holds NaN or Inf logits in {int(bad.sum())} rows (sample ids "
+                f"{_first_ids(ids[bad])}): refusing to train on it; "
+                "rebuild it with `kd teacher-logits --force`"
+            )
 
     def iter_shuffled(
         self, generator: torch.Generator, *, block_rows: int | None = None, buffer_blocks: int = 4
@@ -542,7 +373,8 @@ class LogitStore:
                 raw = self.read("logits", a, b)
                 if block == self.shard_rows:  # a whole shard: check it against its checksum as it streams
                     self.check_shard(i, raw, self.read("labels", a, b), self.ids[a:b].numpy())
-                raws.append(_as_tensor(raw))
+                self.refuse_nonfinite(decode_logits(raw, self.manifest.storage.dtype), self.ids[a:b])
+                raws.append(as_tensor(raw))
                 ids.append(self.ids[a:b])
             return torch.cat(raws), torch.cat(ids)
 
@@ -554,7 +386,7 @@ class LogitStore:
                 if k + 1 < len(buffers):
                     pending = pool.submit(load, buffers[k + 1])
                 perm = torch.randperm(len(ids), generator=generator)
-                yield _to_float(raw[perm], self.manifest.storage.dtype), ids[perm]  # gather, then widen
+                yield to_float(raw[perm], self.manifest.storage.dtype), ids[perm]  # gather, then widen
 
     def nbytes_stored(self) -> int:
         return sum(int(self.array(name).nbytes_stored()) for name in ("logits", "labels", "index", "done"))
@@ -581,9 +413,20 @@ class ShardWriter:
     def add(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
         """Rows of float logits (B, C) with their labels and ids, continuing the current shard."""
         self._raise_if_failed()
-        labels = labels.cpu()
+        labels, ids = labels.cpu(), ids.cpu()
+        encoded = encode_logits(logits, self.dtype)
+        bad = nonfinite_rows(logits)
+        if self.dtype == "float16":  # |z| > 65504 overflows to Inf
+            bad |= torch.from_numpy(~np.isfinite(encoded).all(1))
+        if bad.any():
+            raise KDError(
+                f"the teacher's logits are NaN or Inf{' in float16' if self.dtype == 'float16' else ''} for "
+                f"{int(bad.sum())} rows (sample ids {_first_ids(ids[bad])}): {self.store.where} is left "
+                "incomplete; check the teacher and its inputs"
+                + (" or store float32 (--dtype float32)" if self.dtype == "float16" else "")
+            )
         stats = row_stats(logits, labels)
-        self._parts.append((encode_logits(logits, self.dtype), labels.numpy(), ids.cpu().numpy(), stats))
+        self._parts.append((encoded, labels.numpy(), ids.numpy(), stats))
         self._buffered += len(ids)
         while self._next < len(self.shards):
             start, stop = self.store.shard_range(self.shards[self._next])
@@ -629,112 +472,6 @@ class ShardWriter:
             raise self._error
 
 
-@contextlib.contextmanager
-def cache_lock(path: Path) -> Iterator[None]:
-    """One writer per cache: an exclusive `<cache>.lock` file naming its pid and host. A lock left by
-    a dead process on this host (kill -9) is taken over; a live one stops the second writer."""
-    lock = path.with_name(path.name + ".lock")
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text())
-            except (OSError, json.JSONDecodeError):
-                owner = {}
-            if owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
-                lock.unlink(missing_ok=True)  # stale: its writer died; resume will redo its shards
-                continue
-            raise KDError(
-                f"cache {path} is being written by pid {owner.get('pid')} on {owner.get('host')} since "
-                f"{owner.get('started')}: wait for it to finish (or delete {lock} if that process is gone)"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stale_entries(root: Path, older_than_hours: float) -> list[tuple[Path, str]]:
-    """Entries under a cache root that `kd cache gc` removes: incomplete stores (no live writer) and
-    orphans (lock files of dead writers, folders that are no cache), untouched for `older_than_hours`."""
-    cutoff = time.time() - older_than_hours * 3600
-    found = []
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        newest = max(
-            [path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")]
-            if path.is_dir()
-            else [path.stat().st_mtime]
-        )
-        if newest > cutoff:
-            continue
-        if path.suffix == ".lock":
-            try:
-                owner = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                owner = {}
-            if owner.get("host") == socket.gethostname() and _alive(int(owner.get("pid", -1))):
-                continue
-            found.append((path, "lock of a writer that is gone"))
-            continue
-        if not path.is_dir():
-            continue
-        if path.with_name(path.name + ".lock").exists():
-            continue  # being written (or its lock is collected first)
-        try:
-            store = LogitStore.open(path)
-        except KDError:
-            found.append((path, "not a readable logit cache"))
-            continue
-        if not (store.manifest.complete and store.shards_done().all()):
-            found.append((path, f"incomplete ({int(store.shards_done().sum())}/{store.num_shards} shards)"))
-    return found
-
-
-def find_caches(
-    root: Path | str,
-    *,
-    dataset_fingerprint: str | None = None,
-    split: str | None = None,
-    teacher: str | None = None,
-) -> list[LogitStore]:
-    """Complete caches under `root` matching the given fields, newest first."""
-    from pipeline.remote import is_url, list_root
-
-    found = []
-    if is_url(root):
-        entries: list[Any] = list_root(root)
-    else:
-        entries = sorted(Path(root).glob("*.zarr")) if Path(root).is_dir() else []
-    for path in entries:
-        try:
-            store = LogitStore.open(path)
-        except KDError:
-            continue
-        m = store.manifest
-        if not m.complete:
-            continue
-        if dataset_fingerprint and m.dataset.fingerprint != dataset_fingerprint:
-            continue
-        if split and m.dataset.split != split:
-            continue
-        if teacher and m.teacher.name != teacher:
-            continue
-        found.append(store)
-    return sorted(found, key=lambda s: s.manifest.created, reverse=True)
+def _first_ids(ids: torch.Tensor, limit: int = 5) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:limit])
+    return shown + (f", ... {len(ids) - limit} more" if len(ids) > limit else "")

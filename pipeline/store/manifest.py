@@ -1,0 +1,161 @@
+"""The cache manifest (a frozen dataclass, stored as the group's JSON attributes), content keys and names."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.errors import KDError
+
+FORMAT_NAME = "kd-logits"
+FORMAT_VERSION = 2  # 2: per-shard stats and crc32c arrays, shard_crc32c in the manifest
+# The on-disk dtype of each storage dtype: zarr has no bfloat16, so its bits are kept as uint16.
+DISK_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    name: str
+    architecture: dict[str, Any]
+    fingerprint: str  # sha256 of weights + architecture record
+    train_accuracy: float | None = None  # on the split it was trained on: a hint of how soft it is
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    split: str
+    length: int
+    num_classes: int
+    fingerprint: str  # sha256 of the split's ids, labels and inputs
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    dtype: str
+    chunk_rows: int
+    shard_rows: int
+    codec: str = "zstd"
+    level: int = 3
+
+
+@dataclass(frozen=True)
+class Manifest:
+    teacher: TeacherInfo
+    dataset: DatasetInfo
+    storage: StorageInfo
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    software: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    teacher_accuracy: float | None = None  # teacher accuracy on this split, from the stored logits
+    logit_stats: dict[str, float] = field(default_factory=dict)  # mean L2 norm, mean max-softmax
+    shard_crc32c: list[str] = field(default_factory=list)  # per shard, hex: logits bytes + labels + ids
+    complete: bool = False
+    format: dict[str, Any] = field(default_factory=lambda: {"name": FORMAT_NAME, "version": FORMAT_VERSION})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Manifest:
+        fmt = raw.get("format", {})
+        if fmt.get("name") != FORMAT_NAME:
+            raise KDError("not a kd logit cache (its attributes have no kd-logits format marker)")
+        if fmt.get("version") != FORMAT_VERSION:
+            raise KDError(
+                f"cache format version {fmt.get('version')} is not supported "
+                f"(this kd reads {FORMAT_VERSION}): "
+                "re-run `kd teacher-logits` or upgrade kd"
+            )
+        return cls(
+            teacher=TeacherInfo(**raw["teacher"]),
+            dataset=DatasetInfo(**raw["dataset"]),
+            storage=StorageInfo(**raw["storage"]),
+            preprocessing=dict(raw.get("preprocessing", {})),
+            software=dict(raw.get("software", {})),
+            created=raw.get("created", ""),
+            teacher_accuracy=raw.get("teacher_accuracy"),
+            logit_stats=dict(raw.get("logit_stats", {})),
+            shard_crc32c=list(raw.get("shard_crc32c", [])),
+            complete=bool(raw.get("complete", False)),
+            format=dict(fmt),
+        )
+
+    @property
+    def key(self) -> str:
+        return cache_key(self.teacher.fingerprint, self.dataset, self.preprocessing, self.storage)
+
+
+def cache_key(
+    teacher_fingerprint: str, dataset: DatasetInfo, preprocessing: Mapping[str, Any], storage: StorageInfo
+) -> str:
+    """Content address of a cache: what was run on what, and how it is stored."""
+    record = {
+        "teacher": teacher_fingerprint,
+        "dataset": dataset.fingerprint,
+        "split": dataset.split,
+        "preprocessing": preprocessing,
+        "storage": dataclasses.asdict(storage),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=,-]*$")
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """A name that is one path component and cannot leave its folder (no '/', no '..', no leading dot)."""
+    if not SAFE_NAME.match(name) or ".." in name:
+        raise KDError(f"{what} '{name}' is not allowed: use letters, digits and _ . + = , - (no '/' or '..')")
+    return name
+
+
+def cache_dirname(manifest: Manifest) -> str:
+    """`<teacher>.<dataset>.<split>.<key12>.zarr`: readable by people, unique by content."""
+    parts = (manifest.teacher.name, manifest.dataset.name, manifest.dataset.split)
+    for part in parts:
+        safe_name(part, "cache name part")
+    return f"{'.'.join(parts)}.{manifest.key[:12]}.zarr"
+
+
+def inside(root: Path, name: str) -> Path:
+    """root/name, refused when `name` would resolve outside `root` (path traversal)."""
+    path = (root / name).resolve()
+    if path.parent != root.resolve():
+        raise KDError(f"'{name}' is not a cache directly under {root}: names cannot leave the cache root")
+    return path
+
+
+def software_versions() -> dict[str, str]:
+    import numcodecs
+
+    import pipeline
+
+    return {
+        "kd": pipeline.__version__,
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_manifest(attrs: Mapping[str, Any]) -> bool:
+    """Whether group attributes carry our format marker (any version): the group is a kd logit cache."""
+    fmt = attrs.get("format")
+    return isinstance(fmt, Mapping) and fmt.get("name") == FORMAT_NAME
