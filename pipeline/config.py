@@ -278,6 +278,31 @@ class Preset:
         return _jsonable(dataclasses.asdict(self))
 
 
+def flat_settings(preset: Preset) -> dict[str, Any]:
+    """{dotted key: value} of every setting a run uses (not the compare/sweep/method_defaults tables)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping) and not prefix.endswith(".options"):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+
+    raw = preset.to_dict()
+    for key in ("name", "method_defaults", "compare", "sweep"):
+        raw.pop(key, None)
+    walk("", raw)
+    return out
+
+
+def changed_settings(preset: Preset, source: str) -> dict[str, Any]:
+    """The settings of `preset` that differ from the preset file `source` with the same method (and that
+    method's tuned defaults): what a command line changed."""
+    base = flat_settings(resolve(source, {"distill.method": preset.distill.method}))
+    return {k: v for k, v in flat_settings(preset).items() if base.get(k) != v}
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _jsonable(v) for k, v in value.items()}
@@ -341,7 +366,7 @@ def _replace_path(obj: Any, parts: list[str], value: Any, key: str) -> Any:
     if len(parts) == 1:
         new = _coerce(value, hints[name], key)
     elif isinstance(current, Mapping):  # e.g. student.options.hidden=[128,128]
-        new = {**current, ".".join(parts[1:]): _parse_literal(value)}
+        new = {**current, ".".join(parts[1:]): parse_literal(value)}
     else:
         if not dataclasses.is_dataclass(current):
             raise KDError(f"unknown setting '{key}': '{name}' has no sub-settings")
@@ -349,7 +374,7 @@ def _replace_path(obj: Any, parts: list[str], value: Any, key: str) -> Any:
     return dataclasses.replace(obj, **{name: new})
 
 
-def _parse_literal(value: Any) -> Any:
+def parse_literal(value: Any) -> Any:
     """A CLI string as JSON when it parses (numbers, lists, true/false), else the string itself."""
     if not isinstance(value, str):
         return value
@@ -381,7 +406,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
         origin = typing.get_origin(hint)
     if origin is not None and issubclass(origin, Mapping):
-        parsed = _parse_literal(value)  # a CLI table arrives as JSON: '{"channels": 8}'
+        parsed = parse_literal(value)  # a CLI table arrives as JSON: '{"channels": 8}'
         if isinstance(parsed, Mapping):
             return dict(parsed)
         raise KDError(f"setting '{key}' must be a table (JSON object on the command line), got {value!r}")

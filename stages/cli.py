@@ -181,7 +181,12 @@ def distill(
         "distill.seed": seed,
     }
     stage.run(
-        _preset(preset, overrides, set_), _state["paths"], cache=cache, run_name=run_name, device_name=device
+        _preset(preset, overrides, set_),
+        _state["paths"],
+        cache=cache,
+        run_name=run_name,
+        device_name=device,
+        source=preset,
     )
 
 

@@ -11,6 +11,8 @@ accuracy, validation accuracy, wall time per run), results.csv (one row per run)
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import re
 import statistics
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import strict_json
 from pipeline.config import Paths, load_preset, resolve
 from pipeline.errors import KDError
 from pipeline.plots import plot_comparison
@@ -51,7 +54,13 @@ def run(
         entries = {label: entries[label] for label in only}
     if seeds < 1:
         raise KDError(f"--seeds must be at least 1, got {seeds}")
-    name = name or base.name
+    spec = {"labels": list(entries), "seeds": seeds, "overrides": dict(overrides or {})}
+    default = {"labels": list(base.compare), "seeds": 3, "overrides": {}}
+    name = name or spec_name(base.name, spec, default)
+    report_dir = paths.data / "reports" / name
+    claim_report_folder(report_dir, "compare.json", spec, "--name")
+    # runs are shared by reports of the same settings (a subset of labels or seeds reuses them)
+    runs = spec_name(base.name, {"overrides": spec["overrides"]}, {"overrides": {}})
     # resolve every configuration first, so a bad one fails before any training
     plans = {
         label: [
@@ -64,7 +73,7 @@ def run(
     results: list[dict[str, Any]] = []
     for label, presets in plans.items():
         for preset in presets:
-            run_name = f"compare-{name}/{_slug(label)}-s{preset.distill.seed}"
+            run_name = f"compare-{runs}/{_slug(label)}-s{preset.distill.seed}"
             summary = None if force else distill.finished_summary(paths.runs / run_name, preset)
             if summary is None:
                 console.print(f"[bold]{label}[/bold] seed {preset.distill.seed}")
@@ -75,8 +84,6 @@ def run(
                 console.print(f"{label} seed {preset.distill.seed}: reusing {paths.runs / run_name}")
             results.append({"label": label, **summary})
 
-    report_dir = paths.data / "reports" / name
-    report_dir.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results)
     _write_csv(report_dir / "results.csv", results)
     teacher = next(
@@ -89,6 +96,33 @@ def run(
     _print(rows, teacher)
     console.print(f"report: {report_dir}/report.md, comparison.png, results.csv")
     return report_dir
+
+
+def spec_name(base: str, spec: dict[str, Any], default: dict[str, Any]) -> str:
+    """`base` for the preset's own configuration, else `base-<hash of spec>`: reports and run folders of
+    other configurations never replace it."""
+    if spec == default:
+        return base
+    return f"{base}-{hashlib.sha256(strict_json.dumps(spec).encode()).hexdigest()[:6]}"
+
+
+def claim_report_folder(folder: Path, spec_file: str, spec: dict[str, Any], option: str) -> None:
+    """Make `folder` hold reports of `spec` (written to `spec_file`), refusing one made for another."""
+    record = folder / spec_file
+    if record.is_file():
+        try:
+            previous = json.loads(record.read_text())
+        except ValueError:
+            previous = None
+        if previous != json.loads(strict_json.dumps(spec)):
+            raise KDError(
+                f"{folder} holds a report of another configuration ({record}): not replacing it; "
+                f"pass {option} NAME for a new one"
+            )
+    elif folder.exists() and any(folder.iterdir()):
+        raise KDError(f"{folder} exists and holds other files: not writing into it; pass {option} NAME")
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(strict_json.dumps(spec, indent=2) + "\n")
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +27,10 @@ from rich.table import Table
 from pipeline import strict_json
 from pipeline.augment import check_augment
 from pipeline.batches import InMemoryBatches, StreamedBatches, cached_logits_for
-from pipeline.config import DistillConfig, OptimConfig, Paths, Preset
+from pipeline.config import DistillConfig, OptimConfig, Paths, Preset, changed_settings, flat_settings
 from pipeline.datasets import Split, load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
-from pipeline.errors import KDError
+from pipeline.errors import DivergedError, KDError
 from pipeline.losses import LABEL_ONLY, LOSSES
 from pipeline.models import architecture_record, build_model, save_checkpoint
 from pipeline.plots import plot_curves
@@ -58,8 +59,15 @@ def run(
     run_dir: Path | None = None,
     device_name: str = "auto",
     verbose: bool = True,
+    source: str | None = None,
 ) -> dict[str, Any]:
+    """Train one student; `source` (the preset's name or path) lets the run name and summary say which
+    settings differ from the preset file."""
     cfg = preset.distill
+    changes = changed_settings(preset, source) if source else {}
+    name = run_name or default_run_name(preset, changes)
+    folder_of_run = run_dir or paths.runs / name
+    check_run_folder(folder_of_run, preset)  # before any work: never replace another run's folder
     ranks = init()
     device = device_for(ranks, device_name, pick_device(device_name))
     generator = seed_everything(cfg.seed)  # the same on every rank: same init, same global batches
@@ -71,14 +79,14 @@ def run(
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
-    name = run_name or default_run_name(preset)
     recorder = (
         RunRecorder(
-            run_dir or paths.runs / name,
+            folder_of_run,
             name,
             preset,
             data,
             mode=f"ddp x{ranks.world}" if ranks.active else "sequential",
+            changes=changes,
         )
         if ranks.is_main
         else None
@@ -87,8 +95,11 @@ def run(
         console.print(
             f"distilling {preset.student.arch} with '{cfg.method}' from {data.source}"
             f"{'' if data.store is None else ' ' + data.store.where} on {device}"
-            f"{f' x {ranks.world} processes (DDP)' if ranks.active else ''}"
+            f"{f' x {ranks.world} processes (DDP)' if ranks.active else ''}",
+            highlight=False,
         )
+        if changes:
+            console.print(f"settings changed from the preset: {describe(changes)}", highlight=False)
     offset, seconds = 0, 0.0
     plan = phases(cfg)
     for i, phase in enumerate(plan):
@@ -96,19 +107,27 @@ def run(
         folder = "checkpoint" if i == len(plan) - 1 else f"checkpoint-{phase.name}"
         # fit() starts a fresh optimizer and LR schedule and ends with the phase's best weights loaded,
         # so a following phase starts from the best checkpoint of the one before
-        result = fit(
-            model,
-            phase.optim,
-            batches=lambda epoch: data.batches.epoch(generator),
-            loss_at=lambda epoch, phase=phase: phase.loss_at(epoch),
-            val=data.val,
-            test=data.test_set,
-            device=device,
-            on_epoch=functools.partial(recorder.log_epoch, phase, offset, folder, student)
-            if recorder
-            else None,
-            desc=phase.name,
-        )
+        try:
+            result = fit(
+                model,
+                phase.optim,
+                batches=lambda epoch: data.batches.epoch(generator),
+                loss_at=lambda epoch, phase=phase: phase.loss_at(epoch),
+                val=data.val,
+                test=data.test_set,
+                device=device,
+                on_epoch=functools.partial(recorder.log_epoch, phase, offset, folder, student)
+                if recorder
+                else None,
+                desc=phase.name,
+            )
+        except DivergedError as err:
+            used = describe({**_numbers(phase.settings(err.epoch - 1)), "lr": phase.optim.lr})
+            raise KDError(
+                f"training stopped at epoch {err.epoch + offset} ({phase.name}): the loss is {err.loss} "
+                f"(not finite) with {used}; lower the learning rate or the temperature, or check the "
+                "cache with `kd cache verify`"
+            ) from None
         best_epoch = result.best_epoch + offset
         offset += phase.optim.epochs
         seconds += result.seconds
@@ -182,9 +201,18 @@ class RunRecorder:
     when done, summary.json."""
 
     def __init__(
-        self, run_dir: Path, name: str, preset: Preset, data: Prepared, mode: str = "sequential"
+        self,
+        run_dir: Path,
+        name: str,
+        preset: Preset,
+        data: Prepared,
+        mode: str = "sequential",
+        changes: dict[str, Any] | None = None,
     ) -> None:
+        check_run_folder(run_dir, preset)
         self.run_dir, self.name, self.preset, self.data = run_dir, name, preset, data
+        self.changes = dict(changes or {})
+        self.mode = mode
         self.history: list[EpochRecord] = []
         self.arch = architecture_record(preset.student, data.train.num_classes, data.train.input_shape)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +223,7 @@ class RunRecorder:
             "device": str(data.device),
             "batches": data.source,
             "mode": mode,
+            "changed_settings": self.changes,
             "note": "teacher logits are for the fixed (un-augmented) inputs, as cached",
         }
         (run_dir / "config.json").write_text(strict_json.dumps(config, indent=2) + "\n")
@@ -238,7 +267,9 @@ class RunRecorder:
             "label_smoothing": cfg.label_smoothing,
             "standardize": cfg.standardize,
             "method_settings": method_settings(cfg),
+            "changed_settings": self.changes,  # what differs from the preset file
             "seed": cfg.seed,
+            "mode": self.mode,  # sequential, one-pass xN (trained with N-1 others) or ddp xW
             "epochs": cfg.train.epochs,
             "lr": cfg.train.lr,
             "best_epoch": best_epoch,
@@ -371,10 +402,54 @@ def _numbers(settings: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in settings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def default_run_name(preset: Preset) -> str:
+NAMED = ("distill.method", "distill.temperature", "distill.alpha", "distill.seed")  # in every run name
+
+
+def default_run_name(preset: Preset, changes: dict[str, Any] | None = None) -> str:
+    """`<preset>-<method>[-T<T>-a<alpha>]-s<seed>`, plus a short hash of any other setting changed from
+    the preset file, so runs with different settings never share a folder."""
     cfg = preset.distill
     soft = "" if cfg.method in LABEL_ONLY else f"-T{cfg.temperature:g}-a{cfg.alpha:g}"
-    return f"{preset.name}-{cfg.method}{soft}-s{cfg.seed}"
+    rest = {k: v for k, v in (changes or {}).items() if k not in NAMED}
+    tag = (
+        "-" + hashlib.sha256(strict_json.dumps(sorted(rest.items())).encode()).hexdigest()[:6] if rest else ""
+    )
+    return f"{preset.name}-{cfg.method}{soft}-s{cfg.seed}{tag}"
+
+
+def describe(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
+
+
+def check_run_folder(run_dir: Path, preset: Preset) -> None:
+    """Refuse to write into a folder holding anything but a run of exactly this resolved preset."""
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    try:
+        previous = json.loads((run_dir / "config.json").read_text())["preset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise KDError(
+            f"{run_dir} exists and is not a run folder of kd: not writing into it; "
+            "pass --run-name NAME (or remove that folder)"
+        ) from None
+    if previous == preset.to_dict():
+        return  # the same experiment again: its folder is rewritten
+    old, new = flat_settings_of(previous), flat_settings(preset)
+    differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:3])
+    raise KDError(
+        f"run folder {run_dir} holds a run with other settings ({shown}"
+        f"{', ...' if len(differ) > 3 else ''}): not replacing it; pass --run-name NAME for a new folder"
+    )
+
+
+def flat_settings_of(raw: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.config import _build
+
+    try:
+        return flat_settings(_build(Preset, raw, ""))
+    except (KDError, TypeError, ValueError):
+        return {}
 
 
 def _open_cache(
@@ -387,12 +462,16 @@ def _open_cache(
     elif cache is not None:
         store = LogitStore.open(cache)
     else:
+        skipped: list[str] = []
         found = find_caches(
             paths.remote or paths.logits,
             dataset_fingerprint=train.fingerprint,
             split="train",
             teacher=preset.teacher.name,
+            skipped=skipped,
         )
+        for problem in skipped:
+            console.print(f"warning: skipping {problem}", highlight=False)
         if found and paths.remote:
             found = [_read_through(found[0].where, paths)]
         if not found:

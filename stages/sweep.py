@@ -28,13 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import strict_json
-from pipeline.config import Paths, Preset, load_preset, resolve
+from pipeline.config import Paths, Preset, load_preset, parse_literal, resolve
 from pipeline.errors import KDError
 from pipeline.models import build_model
 from pipeline.plots import plot_sweep
 from pipeline.train import fit_many, pick_device, seed_everything
 from stages import distill
-from stages.compare import aggregate
+from stages.compare import aggregate, claim_report_folder, spec_name
 
 console = Console(stderr=True, soft_wrap=True)
 SHORT_KEYS = {
@@ -86,8 +86,11 @@ def run(
         raise KDError(f"--seeds must be at least 1, got {seeds}")
     base = load_preset(preset_name)
     axes = parse_grid(base.sweep, grid)
-    name = name or base.name
+    spec = {"grid": axes, "seeds": seeds, "overrides": dict(overrides or {}), "mode": mode}
+    default = {"grid": parse_grid(base.sweep, []) if base.sweep else None, "seeds": 1, "overrides": {}}
+    name = name or spec_name(base.name, spec, {**default, "mode": "sequential"})
     out = paths.data / "sweeps" / name
+    claim_report_folder(out, "sweep.json", spec, "--name")
     plan = []  # (label, combination, preset)
     for values in itertools.product(*axes.values()):
         combo = dict(zip(axes, values, strict=True))
@@ -121,7 +124,7 @@ def run(
     console.print(f"trained {len(todo)} runs in {time.perf_counter() - started:.1f}s")
 
     rows = [{"label": plan[i][0], **plan[i][1], **done[i]} for i in range(len(plan))]
-    report(rows, axes, out, preset_name, overrides or {})
+    report(rows, axes, out, preset_name, overrides or {}, seeds=seeds)
     return out
 
 
@@ -134,7 +137,9 @@ def parse_grid(preset_grid: Mapping[str, Any], cli: Sequence[str]) -> dict[str, 
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise KDError(f"--grid expects KEY=V1,V2,..., got '{item}'")
-        axes[SHORT_KEYS.get(key.strip(), key.strip())] = [v.strip() for v in values.split(",") if v.strip()]
+        axes[SHORT_KEYS.get(key.strip(), key.strip())] = [
+            parse_literal(v.strip()) for v in values.split(",") if v.strip()
+        ]  # typed: 2 is a number in every report, not the string "2"
     if not axes:
         raise KDError(
             "empty grid: pass --grid KEY=V1,V2 (e.g. --grid temperature=1,2,4) or add a [sweep] table"
@@ -268,12 +273,70 @@ def _worker_run(label: str, preset_dict: dict[str, Any], paths: Paths, out: Path
     return _sequential(label, preset, paths, out, _worker_device)
 
 
+def reproduce(
+    rows: list[dict[str, Any]],
+    best: dict[str, Any],
+    axes: Mapping[str, list[Any]],
+    out: Path,
+    preset_name: str,
+    overrides: Mapping[str, Any],
+    seeds: int,
+) -> list[dict[str, Any]]:
+    """Each run of the best combination with the command that reproduces its numbers: `kd distill` for a
+    run trained alone; for a run trained in one pass with others (whose floating-point path differs
+    from a lone run's), the one-pass sweep that trained it, into a new folder."""
+    sets = " ".join(f"--set {k}={_arg(v)}" for k, v in overrides.items())
+    alone = " ".join(f"--set {k}={_arg(v)}" for k, v in {**overrides, **best["combo"]}.items())
+    grid = " ".join(f"--grid {k}={','.join(_arg(v) for v in values)}" for k, values in axes.items())
+    runs = []
+    for r in (r for r in rows if r["label"] == best["label"]):
+        one_pass = str(r.get("mode", "")).startswith("one-pass")
+        command = (
+            f"kd sweep --preset {preset_name} {grid} {sets} --seeds {seeds} --mode one-pass "
+            f"--name {out.name}-repro"
+            if one_pass
+            else f"kd distill --preset {preset_name} {alone} --seed {r['seed']}"
+        )
+        runs.append(
+            {
+                "seed": r["seed"],
+                "mode": r.get("mode", "sequential"),
+                "student_val_accuracy": r["student_val_accuracy"],
+                "student_test_accuracy": r["student_test_accuracy"],
+                "command": " ".join(command.split()),
+                "run_dir": r["run_dir"],
+            }
+        )
+    return runs
+
+
+def reproduce_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The same lines in results.md and on the console."""
+    return [
+        f"seed {r['seed']} ({r['mode']}): val {100 * r['student_val_accuracy']:.2f}, test "
+        f"{100 * r['student_test_accuracy']:.2f}: `{r['command']}`"
+        + (
+            f" (students of this sweep's seed {r['seed']} trained together: the sweep reproduces the "
+            "numbers; `kd distill` with the same settings trains alone, a different floating-point path)"
+            if r["mode"].startswith("one-pass")
+            else ""
+        )
+        for r in runs
+    ]
+
+
+def _arg(value: Any) -> str:
+    text = value if isinstance(value, str) else strict_json.dumps(value)
+    return f"'{text}'" if any(c in text for c in " {}[]\"'") else text
+
+
 def report(
     rows: list[dict[str, Any]],
     axes: Mapping[str, list[Any]],
     out: Path,
     preset_name: str,
     overrides: Mapping[str, Any],
+    seeds: int = 1,
 ) -> None:
     """results.csv, results.md, plots and best.json under `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -300,18 +363,20 @@ def report(
         combo["combo"] = {k: first[k] for k in keys}
     combos.sort(key=lambda c: c["val_mean"], reverse=True)
     best = combos[0]
-    sets = " ".join(f"--set {k}={v}" for k, v in {**overrides, **best["combo"]}.items())
-    command = f"kd distill --preset {preset_name} {sets}".strip()
-    (out / "best.json").write_text(strict_json.dumps({"best": best, "command": command}, indent=2) + "\n")
+    runs = reproduce(rows, best, axes, out, preset_name, overrides, seeds)
+    (out / "best.json").write_text(
+        strict_json.dumps({"best": best, "runs": runs, "command": runs[0]["command"]}, indent=2) + "\n"
+    )
 
     plots = plot_sweep(combos, keys, out)
     lines = [
         f"# Sweep `{out.name}`",
         "",
         f"Best by mean validation accuracy: **{best['label']}** — val {best['val_mean']:.2f}, test "
-        f"{best['test_mean']:.2f} ± {best['test_std']:.2f} ({best['seeds']} seeds). Reproduce with:",
+        f"{best['test_mean']:.2f} ± {best['test_std']:.2f} ({best['seeds']} seeds). Each run, and the "
+        "command that reproduces its numbers:",
         "",
-        f"    {command} --seed 0",
+        *[f"- {line}" for line in reproduce_lines(runs)],
         "",
         "| combination | val acc. (%) | test acc. (%) | seeds | wall time / run |",
         "|---|---|---|---|---|",
@@ -335,7 +400,9 @@ def report(
             f"{c['wall_time_s']:.1f}s",
         )
     Console().print(table)
-    Console(soft_wrap=True).print(f"best: {best['label']}  ->  {command}")
+    Console(soft_wrap=True).print(f"best: {best['label']}", highlight=False)
+    for line in reproduce_lines(runs):
+        Console(soft_wrap=True).print(f"  {line}", highlight=False, markup=False)
     console.print(f"report: {out}/results.md, results.csv, best.json" + "".join(f", {p.name}" for p in plots))
 
 

@@ -117,7 +117,8 @@ def test_sweep_never_loads_the_teacher(tiny_data: Paths, tmp_path: Path) -> None
         "one-pass",
     )
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "sweeps" / "tiny" / "runs").iterdir())) == 2
+    (out,) = (tmp_path / "sweeps").iterdir()  # named tiny-<hash>: not the preset's own grid
+    assert out.name.startswith("tiny-") and len(list((out / "runs").iterdir())) == 2
 
 
 def test_parallel_workers(tiny_data: Paths) -> None:
