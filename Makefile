@@ -18,6 +18,7 @@ EPOCHS ?=
 SEED   ?=
 ARGS   ?=
 NPROC  ?= 1
+TEST_JOBS ?= 2   # pytest-xdist workers: CI has 2 cores; TEST_JOBS=0 runs in one process
 
 BIN := $(VENV)/bin
 KD  := $(BIN)/kd
@@ -60,7 +61,7 @@ bench: teacher
 	$(KD) bench $(ARGS)
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_JOBS) $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests

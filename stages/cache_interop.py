@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ def export(path: Path, out: Path, fmt: str) -> Path:
     dtype = store.manifest.storage.dtype
     logits = decode_logits(raw, dtype).numpy() if dtype == "bfloat16" else raw
     manifest = strict_json.dumps(store.manifest.to_dict())
+    if out.is_dir():
+        raise KDError(f"--out {out} is a folder: name the file to write, e.g. {out / 'logits.h5'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if fmt == "hdf5":
@@ -79,6 +82,21 @@ def import_(
     logits = np.asarray(arrays["logits"])
     if logits.ndim != 2 or not np.issubdtype(logits.dtype, np.floating):
         raise KDError(f"{source}: 'logits' must be a 2-D float array, got {logits.dtype} {logits.shape}")
+    for key in ("labels", "index"):
+        if key in arrays:
+            values = np.asarray(arrays[key])
+            if values.shape != (len(logits),) or not np.issubdtype(values.dtype, np.integer):
+                raise KDError(
+                    f"{source}: '{key}' must be {len(logits)} integers (one per row of logits), got "
+                    f"{values.dtype} {values.shape}"
+                )
+    bad = ~np.isfinite(logits).all(1)
+    if bad.any():
+        rows = ", ".join(map(str, np.flatnonzero(bad)[:5].tolist()))
+        raise KDError(
+            f"{source}: {int(bad.sum())} rows of logits hold NaN or Inf (rows {rows}"
+            f"{', ...' if bad.sum() > 5 else ''}): nothing imported; fix them at the source"
+        )
     data = load_split(preset.dataset, split)
     n, c = logits.shape
     if n != len(data) or c != data.num_classes:
@@ -101,6 +119,7 @@ def import_(
         raise KDError(f"{source}: its labels disagree with {data.dataset}/{split}: not the same data")
 
     teacher = (manifest or {}).get("teacher", {})
+    teacher = teacher if isinstance(teacher, dict) else {}
     name = teacher_name or teacher.get("name")
     if not name:
         raise KDError(f"{source} names no teacher: pass --teacher-name")
@@ -147,18 +166,29 @@ def _read(source: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if not source.is_file():
         raise KDError(f"no file at {source}")
     if source.suffix == ".npz":
-        with np.load(source, allow_pickle=False) as f:  # data only: never unpickle someone else's file
-            arrays = {k: f[k] for k in f.files}
-        manifest = json.loads(str(arrays.pop("manifest"))) if "manifest" in arrays else None
-        return arrays, manifest
-    import h5py
+        try:
+            with np.load(source, allow_pickle=False) as f:  # data only: never unpickle someone else's file
+                arrays = {k: f[k] for k in f.files}
+        except ValueError as err:  # an object array needs pickle: refused
+            raise KDError(f"{source} holds an array that needs pickle ({err}): save plain numbers") from None
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
+            raise KDError(f"{source} is not a readable .npz file ({err})") from None
+        raw_manifest = str(arrays.pop("manifest")) if "manifest" in arrays else None
+    else:
+        import h5py
 
-    try:
-        with h5py.File(source, "r") as f:
-            arrays = {k: f[k][()] for k in ("logits", "labels", "index") if k in f}
-            manifest = json.loads(f.attrs["manifest"]) if "manifest" in f.attrs else None
-    except OSError as err:
-        raise KDError(f"{source} is not an HDF5 or .npz file of logits ({err})") from None
+        try:
+            with h5py.File(source, "r") as f:
+                arrays = {k: f[k][()] for k in ("logits", "labels", "index") if k in f}
+                raw_manifest = f.attrs["manifest"] if "manifest" in f.attrs else None
+        except (OSError, TypeError, ValueError) as err:
+            raise KDError(f"{source} is not an HDF5 or .npz file of logits ({err})") from None
     if "logits" not in arrays:
-        raise KDError(f"{source} has no 'logits' dataset")
+        raise KDError(f"{source} has no 'logits' array: store the (N, C) logits under that name")
+    try:
+        manifest = json.loads(raw_manifest) if raw_manifest is not None else None
+    except (ValueError, TypeError) as err:
+        raise KDError(f"{source}: its 'manifest' is not valid JSON ({err}): remove it or fix it") from None
+    if manifest is not None and not isinstance(manifest, dict):
+        raise KDError(f"{source}: its 'manifest' is not a JSON object")
     return arrays, manifest

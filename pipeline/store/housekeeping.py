@@ -35,8 +35,10 @@ def cache_like(path: Path) -> bool:
         attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError):
         return True  # no (readable) metadata: the remains of a cache
+    if not attrs:
+        return True  # created, manifest not yet written: a cache that died young
     fmt = attrs.get("format") if isinstance(attrs, dict) else None
-    return not isinstance(fmt, dict) or fmt.get("name") == FORMAT_NAME
+    return isinstance(fmt, dict) and fmt.get("name") == FORMAT_NAME
 
 
 def _newest_mtime(path: Path) -> float:
