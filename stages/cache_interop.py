@@ -180,7 +180,7 @@ def _read(source: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
         try:
             with h5py.File(source, "r") as f:
                 arrays = {k: f[k][()] for k in ("logits", "labels", "index") if k in f}
-                raw_manifest = f.attrs["manifest"] if "manifest" in f.attrs else None
+                raw_manifest = f.attrs.get("manifest")
         except (OSError, TypeError, ValueError) as err:
             raise KDError(f"{source} is not an HDF5 or .npz file of logits ({err})") from None
     if "logits" not in arrays:

@@ -260,4 +260,4 @@ def test_malformed_entries_are_skipped_with_a_warning(tiny_data: Paths, tmp_path
     assert "warning: skipping" in distill.stderr and "odd.zarr" in distill.stderr
     for path in paths.runs.rglob("*.json*"):  # strict JSON: NaN or Infinity would fail here
         for line in path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]:
-            json.loads(line, parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+            json.loads(line, parse_constant=lambda c, p=path: pytest.fail(f"{p} holds {c}"))
