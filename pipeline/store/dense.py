@@ -65,7 +65,13 @@ class LogitStore:
     def array(self, name: str) -> zarr.Array:
         """logits, labels, index or done; opened once (each group lookup re-reads the array's metadata)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                self._arrays[name] = self.group[name]
+            except Exception as err:  # missing, or its metadata damaged
+                raise KDError(
+                    f"cache {self.where}: array '{name}' cannot be opened ({type(err).__name__}: {err}): "
+                    "the cache is damaged; `kd cache verify` lists its problems"
+                ) from None
         return self._arrays[name]
 
     # -- creating and writing ---------------------------------------------------------------------
@@ -120,12 +126,11 @@ class LogitStore:
 
     @property
     def shard_rows(self) -> int:
-        shards = self.array("logits").shards
-        return int(shards[0]) if shards else self.chunk_rows
+        return self.manifest.storage.shard_rows  # the arrays are checked against it (structure_problems)
 
     @property
     def num_shards(self) -> int:
-        return int(self.array("done").shape[0])
+        return -(-self.manifest.dataset.length // self.shard_rows)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_rows
@@ -159,7 +164,12 @@ class LogitStore:
     def records(self, name: str) -> tuple[np.ndarray, list[int]]:
         """A per-shard record array (done, stats or crc32c) and the shards whose chunk cannot be read
         (a damaged file): those read as the fill value, so a damaged `done` means "not done"."""
-        array = self.array(name)
+        try:
+            array = self.array(name)
+        except KDError:  # the record's metadata itself is gone or damaged: no shard's record is readable
+            width = {"done": (), "stats": (3,), "crc32c": (4,)}[name]
+            dtype = {"done": bool, "stats": np.float64, "crc32c": np.uint8}[name]
+            return np.zeros((self.num_shards, *width), dtype=dtype), list(range(self.num_shards))
         try:
             return np.asarray(array[:]), []
         except Exception:  # a damaged chunk fails in the codec: read the others one by one
@@ -283,8 +293,8 @@ class LogitStore:
         for name, (shape, dtype) in expected.items():
             try:
                 array = self.array(name)
-            except (KeyError, FileNotFoundError, zarr.errors.BaseZarrError) as err:
-                problems.append(f"array '{name}' is missing ({type(err).__name__})")
+            except KDError:
+                problems.append(f"array '{name}' is missing or its metadata is damaged")
                 continue
             if tuple(array.shape) != shape:
                 problems.append(f"array '{name}' has shape {tuple(array.shape)}, the manifest says {shape}")
