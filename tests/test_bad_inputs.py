@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import zarr
 
 from pipeline.config import Paths
 from tests.conftest import cache_paths
+from tests.test_housekeeping import copy_caches as _caches
 
 
 def run_kd(data: Path, *args: str) -> subprocess.CompletedProcess:
@@ -51,14 +51,6 @@ def assert_refused(result: subprocess.CompletedProcess, text: str) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert text in lines[0], lines[0]
-
-
-def _caches(tiny_data: Paths, data: Path) -> Paths:
-    paths = Paths(data=data)
-    for split in ("train", "test"):
-        (src,) = cache_paths(tiny_data, split)
-        shutil.copytree(src, paths.logits / src.name)
-    return paths
 
 
 def _npz(path: Path, **arrays: object) -> None:
