@@ -6,6 +6,7 @@
 #   make bench                          timings and sizes -> data/bench/bench.md
 #   make distill NPROC=2                both stages under torchrun (2 processes)
 #   make test                           the test suite
+#   make mutation                       do the tests catch seeded bugs? -> data/mutation/report.md
 # Every target skips work already done (venv, teacher checkpoint, complete caches).
 
 PYTHON ?= python3
@@ -31,7 +32,7 @@ RUN := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_no
 DISTILL_OPTS := $(if $(METHOD),--method $(METHOD)) $(if $(T),--temperature $(T)) \
                 $(if $(ALPHA),--alpha $(ALPHA)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEED),--seed $(SEED))
 
-.PHONY: setup train-teacher teacher teacher-logits distill compare sweep bench test lint clean-data
+.PHONY: setup train-teacher teacher teacher-logits distill compare sweep bench test mutation lint clean-data
 
 setup: $(STAMP)
 
@@ -62,6 +63,10 @@ bench: teacher
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_JOBS) $(ARGS)
+
+# seeded mutations + mutmut over the core modules -> data/mutation/report.md (slow: not part of `make test`)
+mutation: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/mutation.py $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests

@@ -196,7 +196,7 @@ def _dump(
         assert isinstance(plan, list)
         started = time.perf_counter()
         store = LogitStore.open(path, writable=True)
-        mine = plan[ranks.rank :: ranks.world]  # every shard has exactly one writer
+        mine = shards_of(plan, ranks.rank, ranks.world)
         write_logits(
             teacher,
             split,
@@ -221,6 +221,11 @@ def _dump(
         f"{n / seconds:,.0f} samples/s{f', {ranks.world} processes' if ranks.active else ''})"
     )
     return path
+
+
+def shards_of(plan: list[int], rank: int, world: int) -> list[int]:
+    """The shards rank `rank` of `world` writes: dealt round-robin, so every shard has exactly one writer."""
+    return plan[rank::world]
 
 
 def _is_hit(path: Path) -> bool:

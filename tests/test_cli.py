@@ -51,7 +51,6 @@ def test_teacher_logits_writes_complete_caches_with_manifest(tiny_data: Paths) -
         assert m.preprocessing == {**data.preprocessing, "teacher_precision": "fp32"}  # CPU: no autocast
         assert {"torch", "zarr", "numpy", "kd"} <= set(m.software)
         assert m.created and m.complete
-        assert m.logit_stats["mean_l2_norm"] > 0 and 0.1 <= m.logit_stats["mean_max_softmax"] <= 1
         # the stored logits are the teacher's own: its accuracy recomputed from them matches
         logits, labels, ids = store.read_all()
         assert labels.tolist() == data.labels.tolist() and ids.tolist() == data.ids.tolist()

@@ -14,6 +14,7 @@ import pytest
 from pipeline.config import Paths
 from pipeline.store import LogitStore
 from tests.conftest import cache_paths
+from tests.test_cli import kd
 from tests.test_resume import array_files
 
 
@@ -66,3 +67,17 @@ def test_ddp_distill_writes_one_summary(tiny_data: Paths, tmp_path: Path) -> Non
     assert len(metrics) == 4  # written by rank 0 only
     assert json.loads((runs[0] / "config.json").read_text())["mode"] == "ddp x2"
     assert summary["student_test_accuracy"] > 0.2
+    # README: "a run matches a one-process run with the same global batch": per-epoch validation accuracy
+    one = kd(Paths(data=data), "distill", "--preset", "tiny", "--epochs", "4", "--run-name", "one")
+    assert one.exit_code == 0, one.output
+    single = [json.loads(line)["val_accuracy"] for line in (data / "runs" / "one" / "metrics.jsonl").open()]
+    assert [json.loads(line)["val_accuracy"] for line in metrics] == single
+
+
+def test_shards_are_dealt_round_robin() -> None:
+    """README: "the missing shards are dealt round-robin, so each shard has exactly one writer"."""
+    from stages.teacher_logits import shards_of
+
+    plan = [0, 2, 3, 5, 6, 7, 9]
+    dealt = [shards_of(plan, rank, 3) for rank in range(3)]
+    assert dealt == [[0, 5, 9], [2, 6], [3, 7]]

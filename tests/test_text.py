@@ -80,8 +80,8 @@ def test_tiny_bert_teacher_and_student(text_setup: Path, tmp_path: Path) -> None
         result = kd(paths, *args, "--preset", preset(text_setup))
         assert result.exit_code == 0, result.output
     summary = json.loads((paths.runs / "bert" / "summary.json").read_text())
-    assert summary["teacher"] == "tiny-bert" and 0 <= summary["student_test_accuracy"] <= 1
     cache = next(paths.logits.glob("tiny-bert.*.train.*.zarr"))
+    assert summary["teacher"] == "tiny-bert" and summary["cache"] == str(cache)
     manifest = json.loads(kd(paths, "cache", "info", str(cache), "--json").stdout)
     assert manifest["preprocessing"]["tokenizer"] == str(text_setup / "bert")
     assert manifest["preprocessing"]["max_length"] == 8

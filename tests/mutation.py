@@ -1,0 +1,242 @@
+"""`make mutation`: do the tests catch a broken product? Two checks, each in a scratch copy of the tree,
+reported in data/mutation/report.md and report.json (not part of `make test`: tens of minutes on 2 cores).
+
+1. Seeded mutations: the bugs a reviewer planted by hand (kd at T = 1, the teacher ignored, halved
+   logits in the cache, ...), each applied alone; the relevant tests must fail (the mutant is "killed").
+2. mutmut over the core modules (losses, schedules, targets, the store's integrity and completeness
+   code, batches) with the tests configured under [tool.mutmut] in pyproject.toml.
+
+    .venv/bin/python tests/mutation.py [--seeded-only | --mutmut-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["-p", "no:xdist", "-x", "-q"]
+CLAIMS = ["tests/test_claims.py", "-m", "not slow"]
+
+# (name, file, code as it is, code as mutated, tests that must fail)
+SEEDED = [
+    (
+        "kd always uses T = 1",
+        "stages/distill.py",
+        '    if loss == "kd":\n        return {\n            "temperature": temperature_at(epoch, cfg),',
+        '    if loss == "kd":\n        return {\n            "temperature": 1.0,',
+        CLAIMS,
+    ),
+    (
+        "kd with alpha = 0 (the teacher ignored)",
+        "stages/distill.py",
+        '"alpha": alpha_at(epoch, cfg),',
+        '"alpha": 0.0,',
+        CLAIMS,
+    ),
+    (
+        "the cache stores halved logits",
+        "pipeline/store/dense.py",
+        "encoded = encode_logits(logits, self.dtype)",
+        "encoded = encode_logits(logits / 2, self.dtype)",
+        CLAIMS,
+    ),
+    (
+        "DKD warm-up fixed at 1",
+        "stages/distill.py",
+        '"warmup": dkd_warmup(epoch, d.warmup_epochs),',
+        '"warmup": 1.0,',
+        CLAIMS,
+    ),
+    (
+        "Annealing phase 2 reuses phase 1's optimizer",
+        "pipeline/train.py",
+        "    optimizer = make_optimizer(model, cfg)\n",
+        "    optimizer = getattr(model, '_kd_opt', None) or make_optimizer(model, cfg)\n"
+        "    model._kd_opt = optimizer\n",
+        CLAIMS,
+    ),
+    (
+        "checksums skipped on streamed reads",
+        "pipeline/store/dense.py",
+        "if block == self.shard_rows:",
+        "if False:",
+        CLAIMS,
+    ),
+    (
+        "require_complete ignores the manifest's complete flag",
+        "pipeline/store/dense.py",
+        "if not self.manifest.complete or not self.shards_done().all():",
+        "if not self.shards_done().all():",
+        CLAIMS,
+    ),
+    (
+        "DDP ranks seeded differently",
+        "stages/distill.py",
+        "generator = seed_everything(cfg.seed)",
+        "generator = seed_everything(cfg.seed + ranks.rank)",
+        ["tests/test_distributed.py::test_ddp_distill_writes_one_summary"],
+    ),
+    (
+        "verify without its duplicate-id check",
+        "pipeline/store/integrity.py",
+        "            repeated.append(shard)",
+        "            pass",
+        CLAIMS,
+    ),
+    (
+        "verify without its accuracy check",
+        "pipeline/store/integrity.py",
+        "if recorded is not None and abs(accuracy - recorded) > 0.005:",
+        "if False:",
+        CLAIMS,
+    ),
+    (
+        "no class-count check",
+        "stages/distill.py",
+        "if store.num_classes != split.num_classes:",
+        "if False:",
+        CLAIMS,
+    ),
+    (
+        "mean_max_softmax computed as the mean softmax",
+        "pipeline/store/integrity.py",
+        "logits.softmax(1).max(1).values.double()",
+        "logits.softmax(1).mean(1).double()",
+        CLAIMS,
+    ),
+]
+
+
+def scratch_copy(into: Path) -> Path:
+    """The tracked files (and untracked, not ignored ones) of the working tree, without data/ or .venv."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in listed:
+        src = ROOT / rel
+        if src.is_file():
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, into / rel)
+    return into
+
+
+def env_for(tree: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+def seeded() -> list[dict[str, object]]:
+    results = []
+    for name, file, old, new, tests in SEEDED:
+        with tempfile.TemporaryDirectory(prefix="kd-mutant-") as tmp:
+            tree = scratch_copy(Path(tmp))
+            source = (tree / file).read_text()
+            if source.count(old) != 1:
+                results.append({"mutation": name, "file": file, "status": "not applied (code changed)"})
+                continue
+            (tree / file).write_text(source.replace(old, new))
+            started = time.perf_counter()
+            run = subprocess.run(
+                [sys.executable, "-m", "pytest", *FAST, *tests],
+                cwd=tree,
+                env=env_for(tree),
+                capture_output=True,
+                text=True,
+            )
+            failed = re.findall(r"^FAILED (\S+)", run.stdout, re.M)
+            status = "killed" if run.returncode == 1 else ("survived" if run.returncode == 0 else "error")
+            results.append(
+                {
+                    "mutation": name,
+                    "file": file,
+                    "status": status,
+                    "killed_by": failed[:1],
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+            )
+            print(f"{status:9} {name}  {failed[:1]}", flush=True)
+    return results
+
+
+def mutmut() -> dict[str, dict[str, int]]:
+    """mutmut run in a scratch copy; {module: {status: count}} from `mutmut results --all true`."""
+    with tempfile.TemporaryDirectory(prefix="kd-mutmut-") as tmp:
+        tree = scratch_copy(Path(tmp))
+        env = env_for(tree)
+        env.pop("PYTHONPATH")  # mutmut puts its mutants/ first itself
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=tree, env=env)
+        listing = subprocess.run(
+            [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout
+    counts: dict[str, dict[str, int]] = {}
+    for module, status in re.findall(r"^\s*(pipeline\.[\w.]+?)\.x\w+__mutmut_\d+: (.+)$", listing, re.M):
+        counts.setdefault(module, {}).setdefault(status.strip(), 0)
+        counts[module][status.strip()] += 1
+    return counts
+
+
+def kill_rate(statuses: dict[str, int]) -> float:
+    """Killed (a test failed or timed out) over mutants some test ran (no-test mutants count as
+    survivors: code no test reaches is code no test protects)."""
+    killed = statuses.get("killed", 0) + statuses.get("timeout", 0)
+    total = sum(v for k, v in statuses.items() if k not in ("skipped", "not checked"))
+    return killed / total if total else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeded-only", action="store_true")
+    parser.add_argument("--mutmut-only", action="store_true")
+    args = parser.parse_args()
+    out = ROOT / "data" / "mutation"
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, object] = {}
+    if not args.mutmut_only:
+        report["seeded"] = seeded()
+    if not args.seeded_only:
+        report["mutmut"] = {m: {"counts": c, "kill_rate": kill_rate(c)} for m, c in mutmut().items()}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# Mutation check", ""]
+    if "seeded" in report:
+        rows = report["seeded"]
+        assert isinstance(rows, list)
+        survived = [r for r in rows if r["status"] != "killed"]
+        lines += [f"Seeded mutations: {len(rows) - len(survived)} of {len(rows)} killed.", ""]
+        lines += ["| mutation | file | status | first failing test |", "|---|---|---|---|"]
+        lines += [f"| {r['mutation']} | {r['file']} | {r['status']} | {', '.join(r.get('killed_by', []))} |"
+                  for r in rows]  # fmt: skip
+        lines.append("")
+    if "mutmut" in report:
+        lines += ["mutmut (killed + timeout over all mutants, untested ones counted as survivors):", ""]
+        lines += [
+            "| module | killed | survived | no tests | timeout | kill rate |",
+            "|---|---|---|---|---|---|",
+        ]  # noqa: E501
+        for module, entry in sorted(report["mutmut"].items()):  # type: ignore[union-attr]
+            c = entry["counts"]
+            lines.append(
+                f"| {module} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
+                f"{c.get('timeout', 0)} | {100 * entry['kill_rate']:.0f}% |"
+            )
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"report: {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
