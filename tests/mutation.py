@@ -206,7 +206,8 @@ def main() -> None:
     args = parser.parse_args()
     out = ROOT / "data" / "mutation"
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, object] = {}
+    previous = out / "report.json"  # a partial run (--seeded-only, --mutmut-only) keeps the other half
+    report: dict[str, object] = json.loads(previous.read_text()) if previous.is_file() else {}
     if not args.mutmut_only:
         report["seeded"] = seeded()
     if not args.seeded_only:

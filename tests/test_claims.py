@@ -333,3 +333,21 @@ def test_kd_beats_scratch_on_the_default_preset(tmp_path: Path) -> None:
         assert kd_run["student_test_accuracy"] > ce_run["student_test_accuracy"] + 0.01, seed
         assert kd_run["student_val_accuracy"] > ce_run["student_val_accuracy"], seed
     assert kd_run["teacher_test_accuracy"] > 0.93  # measured 95.0 here
+
+
+def test_cache_import_checks_the_sample_ids(tiny_data: Paths, tmp_path: Path) -> None:
+    """Import: "rows are joined to the dataset by id and checked (count, labels, ids)"."""
+    (train,) = cache_paths(tiny_data, "train")
+    out = tmp_path / "x.npz"
+    assert kd(tiny_data, "cache", "export", str(train), "--format", "npz", "--out", str(out)).exit_code == 0
+    with np.load(out, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["index"] = arrays["index"] + 100_000  # the same count and labels, other samples
+    with (tmp_path / "other.npz").open("wb") as f:
+        np.savez(f, **{k: v for k, v in arrays.items() if k != "manifest"})
+    paths = Paths(data=tmp_path / "d")
+    result = kd(
+        paths, "cache", "import", str(tmp_path / "other.npz"), "--preset", "tiny", "--teacher-name", "x"
+    )
+    assert result.exit_code == 2 and "its sample ids are not those of mnist1d/train" in result.stderr
+    assert not paths.logits.exists() or not any(paths.logits.iterdir())
