@@ -35,6 +35,9 @@ def cache_paths(paths: Paths, split: str, teacher: str = "tiny-cnn1d") -> list[P
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:  # end-to-end tests (a trained teacher, real caches): slow per mutant for mutmut
+        if "tiny_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -176,6 +176,9 @@ def mutmut() -> dict[str, dict[str, int]]:
         tree = scratch_copy(Path(tmp))
         env = env_for(tree)
         env.pop("PYTHONPATH")  # mutmut puts its mutants/ first itself
+        # mutmut forks a worker per mutant: a forked child can deadlock in the OpenMP pool its parent
+        # started (seen as timeouts), so torch runs single-threaded here
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=tree, env=env)
         listing = subprocess.run(
             [sys.executable, "-m", "mutmut", "results", "--all", "true"],
@@ -184,6 +187,21 @@ def mutmut() -> dict[str, dict[str, int]]:
             capture_output=True,
             text=True,
         ).stdout
+        survivors = re.findall(r"^\s*(\S+__mutmut_\d+): survived$", listing, re.M)
+        diffs = [
+            subprocess.run(
+                [sys.executable, "-m", "mutmut", "show", name],
+                cwd=tree,
+                env=env,
+                capture_output=True,
+                text=True,
+            ).stdout
+            for name in survivors
+        ]
+        (ROOT / "data" / "mutation" / "survivors.md").write_text(
+            "# Surviving mutants\n\n"
+            + "".join(f"## {n}\n\n```diff\n{d}\n```\n\n" for n, d in zip(survivors, diffs, strict=True))
+        )
     counts: dict[str, dict[str, int]] = {}
     for module, status in re.findall(r"^\s*(pipeline\.[\w.]+?)\.x\w+__mutmut_\d+: (.+)$", listing, re.M):
         counts.setdefault(module, {}).setdefault(status.strip(), 0)

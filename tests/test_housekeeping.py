@@ -38,12 +38,18 @@ def test_rm_is_a_dry_run_until_yes_and_stays_in_the_root(tiny_data: Paths, tmp_p
     assert result.exit_code == 0 and "would remove" in result.stderr and train.exists()
     result = kd(paths, "cache", "rm", train.name, "--yes")
     assert result.exit_code == 0 and not train.exists() and cache_paths(paths, "test")
-    for bad in ("../teachers", "../../etc", "/etc", "nope.zarr"):
+    for bad, why in (
+        ("../teachers", "names cannot leave the cache root"),
+        ("../../etc", "names cannot leave the cache root"),
+        ("/etc", "names cannot leave the cache root"),
+        ("nope.zarr", "no cache named 'nope.zarr'"),
+    ):
         result = kd(paths, "cache", "rm", bad, "--yes")
-        assert result.exit_code == 2, bad
+        assert result.exit_code == 2 and why in " ".join(result.stderr.split()), bad
     assert "cannot leave the cache root" in kd(paths, "cache", "rm", "../x").stderr
     (tmp_path / "logits" / "notes").mkdir()
-    assert kd(paths, "cache", "rm", "notes", "--yes").exit_code == 2  # only logit caches are removed
+    result = kd(paths, "cache", "rm", "notes", "--yes")
+    assert result.exit_code == 2 and "is not a logit cache: not removing it" in result.stderr
     assert (tmp_path / "logits" / "notes").exists()
 
 

@@ -97,6 +97,8 @@ def test_damaged_remote_copy_is_refused(tiny_data: Paths, tmp_path: Path, s3: st
     assert kd(tiny_data, "cache", "verify", url).exit_code == 1
     result = kd(Paths(data=tmp_path), "distill", "--preset", "tiny", "--cache", url)
     assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.stderr.split())
+    assert "fails its CRC32C checksum" in message or "cannot be read" in message, message
 
 
 def test_zip_round_trip(tiny_data: Paths, tmp_path: Path) -> None:

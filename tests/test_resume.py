@@ -63,8 +63,14 @@ def test_kill_9_then_resume_gives_identical_bytes(tiny_data: Paths, tmp_path: Pa
             partial.require_complete()
         assert path.with_name(path.name + ".lock").exists()  # left behind by the dead writer
 
+        finished = {  # the per-shard files of the shards done before the kill: resume must not rewrite them
+            f: f.stat().st_mtime_ns
+            for shard in range(kill_after)
+            for f in (path / "done" / "c" / str(shard), path / "crc32c" / "c" / str(shard) / "0")
+        }
         resumed = dump(data)
         assert resumed.returncode == 0, resumed.stderr
+        assert {f: f.stat().st_mtime_ns for f in finished} == finished
         assert f"resuming {path}: {kill_after}/4 shards done" in " ".join(resumed.stderr.split())
         assert array_files(path) == expected  # every chunk of every array, byte for byte
         final = LogitStore.open(path)
