@@ -190,18 +190,21 @@ def test_runs_with_other_settings_get_their_own_folders(tiny_data: Paths) -> Non
     )
 
 
-def test_sweeps_of_other_grids_never_replace_a_report(tiny_data: Paths) -> None:
+def test_sweeps_of_other_grids_never_replace_a_report(tiny_data: Paths, tmp_path: Path) -> None:
+    paths = Paths(data=tmp_path)
+    shutil.copytree(tiny_data.logits, paths.logits)
+
     def sweep(*args: str):
-        return kd(tiny_data, "sweep", "--preset", "tiny", "--grid", "epochs=1", *args)
+        return kd(paths, "sweep", "--preset", "tiny", "--grid", "epochs=1", *args)
 
     assert sweep("--grid", "temperature=2,4", "--name", "mine").exit_code == 0
-    report = (tiny_data.data / "sweeps" / "mine" / "results.md").read_text()
+    report = (paths.data / "sweeps" / "mine" / "results.md").read_text()
     other = sweep("--grid", "temperature=2", "--name", "mine")
     assert other.exit_code == 2 and "holds a report of another configuration" in other.stderr
-    assert (tiny_data.data / "sweeps" / "mine" / "results.md").read_text() == report
+    assert (paths.data / "sweeps" / "mine" / "results.md").read_text() == report
     assert sweep("--grid", "temperature=2").exit_code == 0  # unnamed: a name of its own
     assert sweep("--grid", "temperature=8").exit_code == 0
-    names = [p.name for p in (tiny_data.data / "sweeps").iterdir()]
+    names = [p.name for p in (paths.data / "sweeps").iterdir()]
     assert len([n for n in names if n.startswith("tiny-")]) == 2
 
 
