@@ -4,13 +4,20 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub lookup would hang ~30 s
 os.environ.setdefault("TQDM_DISABLE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker (and its subprocesses): on 2 cores, two
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers with a thread pool each spin against each other
 
+import socket  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import Paths, load_preset  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +35,40 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Paths:
     train_teacher.run(preset, paths)
     teacher_logits.run(preset, paths)
     return paths
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[str]:
+    """An S3 server on 127.0.0.1 (a thread of this process, real HTTP) with an empty bucket: one per
+    session, since fsspec caches its S3 filesystem (and so the endpoint) across tests."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs("s3://team-bucket")
+    fs.mkdir("team-bucket")
+    try:
+        yield "s3://team-bucket/caches"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cache_paths(paths: Paths, split: str, teacher: str = "tiny-cnn1d") -> list[Path]:

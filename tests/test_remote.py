@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 
 from pipeline.config import Paths
@@ -16,39 +12,6 @@ from pipeline.store import LogitStore
 from stages.cli import app
 from tests.conftest import cache_paths
 from tests.test_cli import kd, runner
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    """An S3 server on 127.0.0.1 (a thread of this process, real HTTP) with an empty bucket."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
-
-    fs, _ = fsspec.core.url_to_fs("s3://team-bucket")
-    fs.mkdir("team-bucket")
-    try:
-        yield "s3://team-bucket/caches"
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_push_ls_info_pull_and_train_from_s3(tiny_data: Paths, tmp_path: Path, s3: str) -> None:

@@ -26,7 +26,6 @@ from stages import distill
 from stages.cli import app
 from tests.conftest import cache_paths
 from tests.test_cli import kd, runner
-from tests.test_remote import s3  # noqa: F401  (the loopback S3 server fixture)
 from tests.test_store import make_manifest
 
 BACKENDS = ("folder", "zip", "file-url", "s3")
