@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import tomllib
 
@@ -278,8 +277,9 @@ class Preset:
         return _jsonable(dataclasses.asdict(self))
 
 
-def flat_settings(preset: Preset) -> dict[str, Any]:
-    """{dotted key: value} of every setting a run uses (not the compare/sweep/method_defaults tables)."""
+def flat_settings(preset: Preset | Mapping[str, Any]) -> dict[str, Any]:
+    """{dotted key: value} of every setting a run uses (not the compare/sweep/method_defaults tables), of
+    a preset or of its `to_dict()` form (as saved in a run's config.json)."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -289,7 +289,7 @@ def flat_settings(preset: Preset) -> dict[str, Any]:
         else:
             out[prefix] = value
 
-    raw = preset.to_dict()
+    raw = dict(preset.to_dict() if isinstance(preset, Preset) else preset)
     for key in ("name", "method_defaults", "compare", "sweep"):
         raw.pop(key, None)
     walk("", raw)
@@ -443,8 +443,9 @@ class Paths:
     @property
     def remote(self) -> str | None:
         """The cache root URL when caches are shared through remote storage."""
-        text = str(self.cache)
-        return text if self.cache is not None and "://" in text and not text.startswith("file://") else None
+        from pipeline.remote import is_url
+
+        return str(self.cache) if self.cache is not None and is_url(self.cache) else None
 
     @property
     def logits(self) -> Path:
@@ -453,10 +454,9 @@ class Paths:
             return (
                 self.data / "remote-cache" / re.sub(r"[^A-Za-z0-9._=-]+", "_", self.remote.split("://", 1)[1])
             )
-        if self.cache is None:
-            return self.data / "logits"
-        text = str(self.cache)  # file:///shared/caches is the folder /shared/caches
-        return Path(unquote(urlparse(text).path)) if text.startswith("file://") else Path(text)
+        from pipeline.remote import local_path
+
+        return Path(local_path(self.cache)) if self.cache is not None else self.data / "logits"
 
     @property
     def teachers(self) -> Path:

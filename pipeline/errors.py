@@ -10,9 +10,10 @@ class KDError(Exception):
 class DivergedError(KDError):
     """Training produced a non-finite loss (NaN or Inf): the run stops rather than train on garbage."""
 
-    def __init__(self, epoch: int, loss: float, where: str = "") -> None:
+    def __init__(self, epoch: int, loss: float, where: str = "", settings: str = "") -> None:
         self.epoch, self.loss, self.where = epoch, loss, where
+        used = f" with {settings}" if settings else ""
         super().__init__(
-            f"training stopped at epoch {epoch}{where}: the loss is {loss} (not finite); lower the learning "
-            "rate or the temperature, or check the cache with `kd cache verify`"
+            f"training stopped at epoch {epoch}{where}: the loss is {loss} (not finite){used}; lower the "
+            "learning rate or the temperature, or check the cache with `kd cache verify`"
         )

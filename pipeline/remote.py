@@ -28,7 +28,7 @@ import zarr
 
 from pipeline.errors import KDError
 from pipeline.store.housekeeping import TMP_MARK, cache_like
-from pipeline.store.manifest import FORMAT_NAME
+from pipeline.store.manifest import is_manifest
 
 ROOT_METADATA = "zarr.json"
 
@@ -97,21 +97,19 @@ def _occupied(location: str | Path) -> bool:
 def _is_kd_cache(location: str | Path) -> bool:
     """Whether `location` holds a kd cache (or, for local folders, the remains of one): what --force
     may replace."""
-    if is_url(location):
-        fs, path = _fs(str(location))
-        try:
-            attrs = json.loads(fs.cat_file(f"{path}/{ROOT_METADATA}")).get("attributes", {})
-        except (OSError, ValueError, AttributeError):
-            return False
-        return isinstance(attrs, dict) and (attrs.get("format") or {}).get("name") == FORMAT_NAME
-    if is_zip(location):
-        try:
+    if not (is_url(location) or is_zip(location)):
+        return cache_like(Path(location))
+    try:
+        if is_url(location):
+            fs, path = _fs(str(location))
+            metadata = fs.cat_file(f"{path}/{ROOT_METADATA}")
+        else:
             with zipfile.ZipFile(location) as z:
-                attrs = json.loads(z.read(ROOT_METADATA)).get("attributes", {})
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile, AttributeError):
-            return False
-        return isinstance(attrs, dict) and (attrs.get("format") or {}).get("name") == FORMAT_NAME
-    return cache_like(Path(location))
+                metadata = z.read(ROOT_METADATA)
+        attrs = json.loads(metadata).get("attributes", {})
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, AttributeError):
+        return False
+    return isinstance(attrs, dict) and is_manifest(attrs)
 
 
 def destination(src: str | Path, dst: str | Path, default_name: str) -> str | Path:

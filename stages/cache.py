@@ -75,7 +75,7 @@ def verify(path: str | Path) -> bool:
     if problems:
         for problem in problems:
             console.print(f"[red]problem:[/red] {path}: {problem}", highlight=False)
-        if store.is_complete and not store.damaged_records():
+        if store.is_intact:
             console.print(
                 f"{len(problems)} problem(s): rebuild this cache with `kd teacher-logits --force` "
                 "(or pull a sound copy)",
@@ -175,7 +175,7 @@ def ls(root: str | Path) -> None:
             warn.print(f"warning: skipping {err}", highlight=False)
             continue
         m = store.manifest
-        complete = store.is_complete and not store.damaged_records()
+        complete = store.is_intact
         table.add_row(
             entry.rstrip("/").rsplit("/", 1)[-1],
             m.teacher.name,
@@ -198,7 +198,7 @@ def ls(root: str | Path) -> None:
 def _completeness(store: LogitStore) -> str:
     done = int(store.shards_done().sum())
     damaged = store.damaged_records()
-    state = f"{store.is_complete and not damaged} ({done}/{store.num_shards} shards done"
+    state = f"{store.is_intact} ({done}/{store.num_shards} shards done"
     if damaged:
         state += "; unreadable records: " + ", ".join(f"{k} of shards {v}" for k, v in damaged.items())
     return state + ")"

@@ -123,11 +123,7 @@ def run(
             )
         except DivergedError as err:
             used = describe({**_numbers(phase.settings(err.epoch - 1)), "lr": phase.optim.lr})
-            raise KDError(
-                f"training stopped at epoch {err.epoch + offset} ({phase.name}): the loss is {err.loss} "
-                f"(not finite) with {used}; lower the learning rate or the temperature, or check the "
-                "cache with `kd cache verify`"
-            ) from None
+            raise DivergedError(err.epoch + offset, err.loss, f" ({phase.name})", used) from None
         best_epoch = result.best_epoch + offset
         offset += phase.optim.epochs
         seconds += result.seconds
@@ -209,7 +205,6 @@ class RunRecorder:
         mode: str = "sequential",
         changes: dict[str, Any] | None = None,
     ) -> None:
-        check_run_folder(run_dir, preset)
         self.run_dir, self.name, self.preset, self.data = run_dir, name, preset, data
         self.changes = dict(changes or {})
         self.mode = mode
@@ -434,22 +429,13 @@ def check_run_folder(run_dir: Path, preset: Preset) -> None:
         ) from None
     if previous == preset.to_dict():
         return  # the same experiment again: its folder is rewritten
-    old, new = flat_settings_of(previous), flat_settings(preset)
+    old, new = flat_settings(previous) if isinstance(previous, dict) else {}, flat_settings(preset)
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:3])
     raise KDError(
         f"run folder {run_dir} holds a run with other settings ({shown}"
         f"{', ...' if len(differ) > 3 else ''}): not replacing it; pass --run-name NAME for a new folder"
     )
-
-
-def flat_settings_of(raw: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.config import _build
-
-    try:
-        return flat_settings(_build(Preset, raw, ""))
-    except (KDError, TypeError, ValueError):
-        return {}
 
 
 def _open_cache(

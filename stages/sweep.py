@@ -185,6 +185,8 @@ def _train_together(
     presets = [jobs[i][1] for i in members]
     # the cache and batches are the same for all: take the first member needing the teacher, if any
     lead = next((p for p in presets if p.distill.method != "ce"), presets[0])
+    for i, p in zip(members, presets, strict=True):  # before any work, as distill.run does
+        distill.check_run_folder(_run_dir(out, jobs[i][0], p), p)
     device = pick_device(device_name)
     data = distill.prepare(lead, paths, cache=None, device=device)
     models = []

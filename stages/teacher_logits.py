@@ -178,7 +178,7 @@ def _dump(
         if ranks.is_main:
             existing = _existing(path)
             redo = existing.shards_to_write() if existing is not None else []
-            if existing is not None and not force and existing.is_complete and not redo:
+            if existing is not None and not force and existing.manifest.complete and not redo:
                 plan = "hit"  # finished by another writer while this one waited for the lock
             elif existing is not None and not force and len(redo) < existing.num_shards:
                 # resume: the key in its name guarantees the same teacher, data and storage
@@ -235,7 +235,7 @@ def _is_hit(path: Path) -> bool:
         store = LogitStore.open(path)
     except KDError:
         return False
-    return store.is_complete and not store.damaged_records()
+    return store.is_intact
 
 
 def _existing(path: Path) -> LogitStore | None:

@@ -192,15 +192,20 @@ class LogitStore:
 
     def shards_to_write(self) -> list[int]:
         """What a resumed dump (re)writes: shards not done, and shards with any unreadable record."""
-        redo = set(np.flatnonzero(~self.shards_done()).tolist())
-        for damaged in self.damaged_records().values():
-            redo.update(damaged)
+        redo = set(np.flatnonzero(~self.shards_done()).tolist())  # an unreadable `done` reads as not done
+        for name in ("stats", "crc32c"):
+            redo.update(self.records(name)[1])
         return sorted(redo)
 
     @property
     def is_complete(self) -> bool:
         """The manifest's `complete` flag *and* every shard's `done` flag (both halves)."""
         return self.manifest.complete and bool(self.shards_done().all())
+
+    @property
+    def is_intact(self) -> bool:
+        """Complete, and every per-shard record readable: a cache hit, `complete yes` in ls and info."""
+        return self.manifest.complete and not self.shards_to_write()
 
     def reopen_for_writing(self) -> None:
         """Before shards of a store are rewritten: clear `complete`, so no reader trusts it meanwhile."""
@@ -383,7 +388,6 @@ class LogitStore:
                 raw = self.read("logits", a, b)
                 if block == self.shard_rows:  # a whole shard: check it against its checksum as it streams
                     self.check_shard(i, raw, self.read("labels", a, b), self.ids[a:b].numpy())
-                self.refuse_nonfinite(decode_logits(raw, self.manifest.storage.dtype), self.ids[a:b])
                 raws.append(as_tensor(raw))
                 ids.append(self.ids[a:b])
             return torch.cat(raws), torch.cat(ids)
@@ -396,7 +400,9 @@ class LogitStore:
                 if k + 1 < len(buffers):
                     pending = pool.submit(load, buffers[k + 1])
                 perm = torch.randperm(len(ids), generator=generator)
-                yield to_float(raw[perm], self.manifest.storage.dtype), ids[perm]  # gather, then widen
+                logits, ids = to_float(raw[perm], self.manifest.storage.dtype), ids[perm]  # gather, widen
+                self.refuse_nonfinite(logits, ids)  # before any of these rows reaches training
+                yield logits, ids
 
     def nbytes_stored(self) -> int:
         return sum(int(self.array(name).nbytes_stored()) for name in ("logits", "labels", "index", "done"))

@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.errors import KDError
 from pipeline.store.dense import MEMBERS, LogitStore
 from pipeline.store.lock import LOCK_SUFFIX, holder
-from pipeline.store.manifest import FORMAT_NAME
+from pipeline.store.manifest import is_manifest
 
 TMP_MARK = ".kd-tmp-"  # `<name>.kd-tmp-<token>`: a copy being published (see pipeline.remote)
 
@@ -37,8 +37,7 @@ def cache_like(path: Path) -> bool:
         return True  # no (readable) metadata: the remains of a cache
     if not attrs:
         return True  # created, manifest not yet written: a cache that died young
-    fmt = attrs.get("format") if isinstance(attrs, dict) else None
-    return isinstance(fmt, dict) and fmt.get("name") == FORMAT_NAME
+    return isinstance(attrs, dict) and is_manifest(attrs)
 
 
 def _newest_mtime(path: Path) -> float:
