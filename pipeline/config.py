@@ -60,8 +60,10 @@ class OptimConfig:
     lr: float = 1e-2
     weight_decay: float = 0.0
     batch_size: int = 128
-    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
-    schedule: str = "cosine"  # cosine | constant | step (x0.1 at 50% and 75% of the epochs, the papers')
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only; the papers' code uses plain momentum
+    schedule: str = "cosine"  # cosine | linear (to 0) | constant | step (x0.1 at 50% and 75%, the papers')
     augment: str = "none"  # none | crop-flip (images); the cached teacher logits stay those of the fixed view
 
     def __post_init__(self) -> None:
@@ -75,9 +77,10 @@ class OptimConfig:
         _require(
             self.optimizer in ("adamw", "sgd"), f"unknown optimizer '{self.optimizer}': use adamw or sgd"
         )
+        _require(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
         _require(
-            self.schedule in ("cosine", "constant", "step"),
-            f"unknown schedule '{self.schedule}': use cosine, constant or step",
+            self.schedule in ("cosine", "linear", "constant", "step"),
+            f"unknown schedule '{self.schedule}': use cosine, linear, constant or step",
         )
 
 
@@ -144,9 +147,11 @@ class AnnealingConfig:
     phase 2 CE from the best phase-1 checkpoint with a fresh optimizer and LR schedule."""
 
     tau_max: int = 10
-    phase1_epochs: int = 30  # phase 2 runs for the rest of distill.train.epochs
+    phase1_epochs: int = 30  # >= tau_max; phase 2 runs for the rest of distill.train.epochs
     phase2_lr: float = 0.0  # 0: distill.train.lr
-    mse: str = "sum"  # sum over classes = the paper's squared norm; "mean" = the authors' F.mse_loss
+    # mean over classes = the authors' F.mse_loss (their SGD learning rates assume it); sum = the papers'
+    # squared norm, C times larger: the same under Adam(W), a C-times larger step under SGD
+    mse: str = "mean"
 
     def __post_init__(self) -> None:
         _require(self.tau_max >= 1, f"annealing.tau_max must be >= 1, got {self.tau_max}")
@@ -161,11 +166,14 @@ class ContinuationConfig:
     psi*CE + (1-psi)*max(0, ||z_s - phi(T) z_t||^2 - m*phi(T))."""
 
     t_max: int = 10
-    anneal_epochs: int = 0  # n in k = floor(n / t_max), T drops every k epochs; 0: distill.train.epochs
-    psi: str = "linear"  # linear: psi = min(epoch / psi_epochs, 1); step: 0 before psi_epochs, then 1
-    psi_epochs: int = 30
-    margin: float = 0.0  # m; the paper does not give its value
-    mse: str = "sum"
+    anneal_epochs: int = 0  # n >= t_max in k = floor(n / t_max), T drops every k epochs; 0: train epochs
+    psi: str = "linear"  # linear: min(i / psi_ramp_epochs, 1) up to psi_epochs, then 1; step: 0, then 1
+    psi_epochs: int = 30  # where psi reaches (linear) or jumps to (step) 1
+    psi_ramp_epochs: int = 0  # slope 1 / psi_ramp_epochs of the linear form; 0: psi_epochs (a plain ramp)
+    # m, in units of the squared distance; the paper does not give it: 1 with the class-mean squared error
+    # as in a public re-implementation. m = 0 is the no-margin ablation.
+    margin: float = 1.0
+    mse: str = "mean"  # as annealing.mse
 
     def __post_init__(self) -> None:
         _require(self.t_max >= 1, f"continuation.t_max must be >= 1, got {self.t_max}")
@@ -174,6 +182,9 @@ class ContinuationConfig:
         )
         _require(self.psi in ("linear", "step"), f"continuation.psi must be linear or step, got '{self.psi}'")
         _require(self.psi_epochs >= 1, f"continuation.psi_epochs must be >= 1, got {self.psi_epochs}")
+        _require(
+            self.psi_ramp_epochs >= 0, f"continuation.psi_ramp_epochs must be >= 0, got {self.psi_ramp_epochs}"
+        )
         _require(self.margin >= 0, f"continuation.margin must be >= 0, got {self.margin}")
         _require(self.mse in MSE_REDUCTIONS, f"continuation.mse must be sum or mean, got '{self.mse}'")
 
@@ -216,6 +227,10 @@ class DistillConfig:
     temperature_end: float = 1.0
     temperature_steps: int = 4  # levels of the step schedule
     alpha: float = 0.9  # kd: weight of the soft (teacher) term; 1 - alpha on hard-label CE
+    # kd: explicit weights instead of alpha, ce_weight*CE + kd_weight*T^2*KL (set both, e.g. logit
+    # standardization's published 0.1 and 9); unset: 1 - alpha and alpha
+    ce_weight: float | None = None
+    kd_weight: float | None = None
     alpha_schedule: str = "constant"  # constant | linear | cosine | step (towards alpha_end)
     alpha_end: float = 0.9
     label_smoothing: float = 0.0  # on the hard-label term only
@@ -246,16 +261,49 @@ class DistillConfig:
             0.0 <= self.label_smoothing < 1.0,
             f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
         )
+        for name, weight in (("ce_weight", self.ce_weight), ("kd_weight", self.kd_weight)):
+            _require(weight is None or weight >= 0, f"distill.{name} must be >= 0, got {weight}")
+        _require(self.memory_budget_mb >= 0, f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
+
+    def check(self) -> None:
+        """Checks across settings, run once a configuration is complete (after every override, so the
+        order of --set options never matters)."""
         _require(
             not self.standardize or self.method in ("kd", "dkd"),
             f"standardize applies to kd and dkd, not '{self.method}'",
         )
         _require(
-            self.method != "annealing" or self.annealing.phase1_epochs < self.train.epochs,
-            f"annealing.phase1_epochs ({self.annealing.phase1_epochs}) must be smaller than the total "
-            f"epochs ({self.train.epochs}): phase 2 gets the rest",
+            (self.ce_weight is None) == (self.kd_weight is None),
+            "set both distill.ce_weight and distill.kd_weight (they replace alpha), or neither",
         )
-        _require(self.memory_budget_mb >= 0, f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
+        _require(
+            self.ce_weight is None or self.alpha_schedule == "constant",
+            "distill.alpha_schedule cannot be used with distill.ce_weight/kd_weight: they replace alpha",
+        )
+        a, c = self.annealing, self.continuation
+        if self.method == "annealing":
+            _require(
+                a.phase1_epochs < self.train.epochs,
+                f"annealing.phase1_epochs ({a.phase1_epochs}) must be smaller than the total epochs "
+                f"({self.train.epochs}): phase 2 gets the rest",
+            )
+            _require(
+                a.phase1_epochs >= a.tau_max,
+                f"annealing.phase1_epochs ({a.phase1_epochs}) must be at least annealing.tau_max "
+                f"({a.tau_max}): T would not reach 1; raise the epochs or lower tau_max",
+            )
+        if self.method == "continuation":
+            n = c.anneal_epochs or self.train.epochs
+            _require(
+                n >= c.t_max,
+                f"continuation annealing epochs ({n}) must be at least continuation.t_max ({c.t_max}): "
+                "T would not reach 1; raise the epochs (or continuation.anneal_epochs) or lower t_max",
+            )
+            _require(
+                c.psi_ramp_epochs == 0 or c.psi_ramp_epochs >= c.psi_epochs,
+                f"continuation.psi_ramp_epochs ({c.psi_ramp_epochs}) must be 0 or at least psi_epochs "
+                f"({c.psi_epochs}): psi would reach 1 before its cut-off",
+            )
 
 
 @dataclass(frozen=True)
@@ -336,14 +384,16 @@ def load_preset(name_or_path: str) -> Preset:
     except OSError as err:
         raise KDError(f"preset {path} cannot be read: {err.strerror}") from None
     raw.setdefault("name", path.stem)
-    return _build(Preset, raw, "")
+    preset = _build(Preset, raw, "")
+    preset.distill.check()
+    return preset
 
 
 def resolve(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Preset:
     """A preset with its method's tuned defaults applied, then `overrides` on top (they win)."""
     preset = load_preset(name_or_path)
     overrides = dict(overrides or {})
-    method = with_overrides(preset, overrides).distill.method
+    method = str(overrides.get("distill.method", preset.distill.method))
     defaults = preset.method_defaults.get(method, {})
     if not isinstance(defaults, Mapping):
         raise KDError(f"method_defaults.{method} must be a table of dotted settings")
@@ -354,6 +404,7 @@ def with_overrides(preset: Preset, overrides: Mapping[str, Any]) -> Preset:
     """Return a copy with dotted keys replaced, e.g. {"distill.temperature": "2"}; values are coerced."""
     for key, value in overrides.items():
         preset = _replace_path(preset, key.split("."), value, key)
+    preset.distill.check()
     return preset
 
 
@@ -403,6 +454,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check (and convert from CLI strings) a value against a field's type."""
     origin = typing.get_origin(hint)
     if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in typing.get_args(hint):
+            return None  # an unset optional setting, as a saved config.json holds it (null)
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
         origin = typing.get_origin(hint)
     if origin is not None and issubclass(origin, Mapping):

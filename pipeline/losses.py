@@ -51,14 +51,19 @@ def hinton_kd(
     labels: torch.Tensor,
     *,
     temperature: float,
-    alpha: float,
+    alpha: float = 0.9,
+    ce_weight: float | None = None,
+    kd_weight: float | None = None,
     label_smoothing: float = 0.0,
     standardize: bool = False,
 ) -> torch.Tensor:
-    """(1 - alpha) * CE(y) + alpha * T^2 * KL(p_t^T || p_s^T)  (Hinton, Vinyals, Dean 2015)."""
+    """(1 - alpha) * CE(y) + alpha * T^2 * KL(p_t^T || p_s^T)  (Hinton, Vinyals, Dean 2015), or
+    ce_weight * CE(y) + kd_weight * T^2 * KL when both weights are given (they replace alpha)."""
+    if ce_weight is None or kd_weight is None:
+        ce_weight, kd_weight = 1.0 - alpha, alpha
     hard = cross_entropy(student_logits, None, labels, label_smoothing=label_smoothing)
     soft = soft_kl(student_logits, teacher_logits, temperature=temperature, standardize=standardize)
-    return (1.0 - alpha) * hard + alpha * soft
+    return ce_weight * hard + kd_weight * soft
 
 
 def squared_distance(
@@ -176,13 +181,15 @@ def hinton_kd_stacked(
     labels: torch.Tensor,
     *,
     temperature: torch.Tensor,
-    alpha: torch.Tensor,
     label_smoothing: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    ce_weight: torch.Tensor | None = None,
+    kd_weight: torch.Tensor | None = None,
     standardize: bool = False,
 ) -> torch.Tensor:
-    """`hinton_kd` for N students at once, in the ops of one: student_logits (N, B, C); temperature, alpha,
-    label_smoothing (N,); returns (N,) losses, loss i equal to hinton_kd (or cross_entropy when alpha_i
-    is 0) of slice i up to rounding. Used by one-pass sweeps, where a loss per student would cost N times
+    """`hinton_kd` for N students at once, in the ops of one: student_logits (N, B, C); temperature,
+    label_smoothing and alpha, or ce_weight and kd_weight, (N,); returns (N,) losses, loss i equal to
+    hinton_kd (or cross_entropy when its KD weight is 0) of slice i up to rounding. Used by one-pass sweeps, where a loss per student would cost N times
     the per-batch Python overhead."""
     n, b, _ = student_logits.shape
     zs = student_logits
@@ -199,7 +206,10 @@ def hinton_kd_stacked(
     nll = -log_p.gather(-1, labels.expand(n, b).unsqueeze(-1)).squeeze(-1).mean(-1)
     uniform = -log_p.mean(-1).mean(-1)  # CE against the uniform distribution: the smoothing part
     hard = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-    return (1.0 - alpha) * hard + alpha * soft
+    if ce_weight is None or kd_weight is None:
+        assert alpha is not None, "hinton_kd_stacked needs alpha or both weights"
+        ce_weight, kd_weight = 1.0 - alpha, alpha
+    return ce_weight * hard + kd_weight * soft
 
 
 LOSSES: dict[str, LossFn] = {

@@ -1,7 +1,7 @@
 """Schedules: pure functions of the (0-based) epoch, called explicitly in the loop.
 
 T = temperature_at(epoch, cfg)        alpha = alpha_at(epoch, cfg)
-T = annealing_temperature(epoch, ...) phi = phi(T, t_max)       psi = psi_at(epoch, ...)
+T = step_temperature(epoch, n, t_max) phi = phi(T, t_max)       psi = psi_at(epoch, ...)
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from pipeline.config import ContinuationConfig, DistillConfig, OptimConfig
 
 
 def lr_at(epoch: int, cfg: OptimConfig) -> float:
-    """Learning rate: constant, cosine from cfg.lr down to 0 over cfg.epochs, or step (x0.1 at 50%, 75%)."""
+    """Learning rate per epoch: constant; cosine or linear from cfg.lr down to 0 over cfg.epochs; or step
+    (x0.1 at 50% and 75%, the papers' CIFAR schedule, int(epochs/2) and int(3*epochs/4) as in their code)."""
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "linear":  # Hugging Face's linear decay without warm-up, stepped per epoch
+        return cfg.lr * (1.0 - epoch / cfg.epochs)
     if cfg.schedule == "step":
         return cfg.lr * (0.1 ** ((epoch >= cfg.epochs // 2) + (epoch >= (3 * cfg.epochs) // 4)))
     return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
@@ -52,14 +55,16 @@ def alpha_at(epoch: int, cfg: DistillConfig) -> float:
     return interpolate(cfg.alpha_schedule, epoch, cfg.train.epochs, cfg.alpha, cfg.alpha_end)
 
 
-def annealing_temperature(epoch: int, phase1_epochs: int, tau_max: int) -> int:
-    """Annealing-KD: integer T from tau_max down to 1, one step every phase1_epochs / tau_max epochs."""
-    return max(1, tau_max - (epoch * tau_max) // phase1_epochs)
+def step_temperature(epoch: int, epochs: int, t_max: int) -> int:
+    """Annealing-KD's and Continuation-KD's integer T: t_max at epoch 0, down by one every
+    k = floor(epochs / t_max) epochs, clamped at 1 (one function for both methods).
 
-
-def continuation_temperature(epoch: int, anneal_epochs: int, t_max: int) -> int:
-    """Continuation-KD: T starts at t_max and drops by 1 every k = floor(n / t_max) epochs, clamped at 1."""
-    k = max(1, anneal_epochs // t_max)
+    When epochs is not a multiple of t_max, the r = epochs mod t_max extra epochs all stay at T = 1 (so the
+    last level lasts k + r epochs): the Continuation paper's rule (T <- T - 1 when i mod k = 0, clamped).
+    The Annealing-KD authors' code steps the same way but without the clamp (their T counts up past
+    t_max), so for those r epochs its target is z_t * (t_max + 1) / t_max or more (Phi > 1); here Phi
+    stays 1. Needs epochs >= t_max (checked by the config, as the authors' code asserts)."""
+    k = max(1, epochs // t_max)
     return max(1, t_max - epoch // k)
 
 
@@ -69,10 +74,17 @@ def phi(temperature: float, t_max: int) -> float:
 
 
 def psi_at(epoch: int, cfg: ContinuationConfig) -> float:
-    """Weight of the CE term: a linear ramp 0 -> 1 over psi_epochs, or a 0 -> 1 step at psi_epochs."""
+    """Weight of the CE term at a 0-based epoch i.
+    linear: psi = min(i / psi_ramp_epochs, 1) for i <= psi_epochs, then 1 (psi_ramp_epochs 0: psi_epochs).
+      psi_ramp_epochs = psi_epochs is a plain ramp to 1 (the paper's vision setting: i / 150 up to 150);
+      psi_ramp_epochs > psi_epochs ramps to psi_epochs / psi_ramp_epochs, then jumps to 1 (the paper's
+      GLUE setting: i / 40 up to i = 20, so 0.5, then 1).
+    step: 0 before psi_epochs, then 1."""
     if cfg.psi == "step":
         return 0.0 if epoch < cfg.psi_epochs else 1.0
-    return min(epoch / cfg.psi_epochs, 1.0)
+    if epoch > cfg.psi_epochs:
+        return 1.0
+    return min(epoch / (cfg.psi_ramp_epochs or cfg.psi_epochs), 1.0)
 
 
 def dkd_warmup(epoch: int, warmup_epochs: int) -> float:

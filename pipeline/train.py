@@ -49,7 +49,11 @@ def seed_everything(seed: int) -> torch.Generator:
 def make_optimizer(model: nn.Module | Iterable[torch.Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
     params = model.parameters() if isinstance(model, nn.Module) else model
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        if cfg.nesterov and cfg.momentum == 0:
+            raise KDError("nesterov needs momentum > 0: set momentum (e.g. 0.9) or nesterov = false")
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -280,18 +284,22 @@ def fit_many(
 
 
 def _stacked_kd_settings(losses: Sequence[BatchLoss], device: torch.device) -> dict[str, Any] | None:
-    """Per-student (temperature, alpha, label_smoothing) tensors when every loss is a partial of
-    hinton_kd or cross_entropy with one standardize setting; None otherwise (one loss call per student)."""
+    """Per-student (temperature, ce_weight, kd_weight, label_smoothing) tensors when every loss is a
+    partial of hinton_kd or cross_entropy with one standardize setting; None otherwise (one loss call per
+    student)."""
     if not all(isinstance(f, functools.partial) and f.func in (hinton_kd, cross_entropy) for f in losses):
         return None
     # cross_entropy is hinton_kd at alpha 0
     settings = [{"temperature": 1.0, "alpha": 0.0, "standardize": False, **f.keywords} for f in losses]  # type: ignore[attr-defined]
     if len({s["standardize"] for s in settings}) > 1:
         return None
+    for s in settings:
+        if s.get("ce_weight") is None or s.get("kd_weight") is None:
+            s["ce_weight"], s["kd_weight"] = 1.0 - s["alpha"], s["alpha"]
     return {
         **{
             k: torch.tensor([float(s.get(k, 0.0)) for s in settings], device=device)
-            for k in ("temperature", "alpha", "label_smoothing")
+            for k in ("temperature", "ce_weight", "kd_weight", "label_smoothing")
         },
         "standardize": settings[0]["standardize"],
     }

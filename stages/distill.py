@@ -37,11 +37,10 @@ from pipeline.plots import plot_curves
 from pipeline.remote import copy_cache, is_url, read_through_path
 from pipeline.schedules import (
     alpha_at,
-    annealing_temperature,
-    continuation_temperature,
     dkd_warmup,
     phi,
     psi_at,
+    step_temperature,
     temperature_at,
 )
 from pipeline.store import LogitStore, find_caches
@@ -257,8 +256,9 @@ class RunRecorder:
             "run_name": self.name,
             "preset": self.preset.name,
             "method": cfg.method,
-            "temperature": cfg.temperature,
-            "alpha": cfg.alpha,
+            "method_label": method_label(cfg),
+            "temperature": soft_settings(cfg).get("temperature"),  # None: the method does not use it
+            "alpha": soft_settings(cfg).get("alpha"),
             "label_smoothing": cfg.label_smoothing,
             "standardize": cfg.standardize,
             "method_settings": method_settings(cfg),
@@ -331,9 +331,14 @@ def settings_at(cfg: DistillConfig, loss: str, epoch: int) -> dict[str, Any]:
     if loss == "ce":
         return smoothing
     if loss == "kd":
+        weights = (
+            {"alpha": alpha_at(epoch, cfg)}
+            if cfg.ce_weight is None
+            else {"ce_weight": cfg.ce_weight, "kd_weight": cfg.kd_weight}
+        )
         return {
             "temperature": temperature_at(epoch, cfg),
-            "alpha": alpha_at(epoch, cfg),
+            **weights,
             **smoothing,
             "standardize": cfg.standardize,
         }
@@ -360,10 +365,10 @@ def settings_at(cfg: DistillConfig, loss: str, epoch: int) -> dict[str, Any]:
         }
     if loss == "annealing":
         a = cfg.annealing
-        return {"phi": phi(annealing_temperature(epoch, a.phase1_epochs, a.tau_max), a.tau_max), "mse": a.mse}
+        return {"phi": phi(step_temperature(epoch, a.phase1_epochs, a.tau_max), a.tau_max), "mse": a.mse}
     if loss == "continuation":
         c = cfg.continuation
-        temperature = continuation_temperature(epoch, c.anneal_epochs or cfg.train.epochs, c.t_max)
+        temperature = step_temperature(epoch, c.anneal_epochs or cfg.train.epochs, c.t_max)
         return {
             "phi": phi(temperature, c.t_max),
             "psi": psi_at(epoch, c),
@@ -379,6 +384,8 @@ def method_settings(cfg: DistillConfig) -> dict[str, Any]:
     sub = {"annealing": cfg.annealing, "continuation": cfg.continuation, "dkd": cfg.dkd, "dist": cfg.dist}
     if cfg.method in sub:
         return dataclasses.asdict(sub[cfg.method])
+    if cfg.method == "kd" and cfg.ce_weight is not None:
+        return {"ce_weight": cfg.ce_weight, "kd_weight": cfg.kd_weight}
     if cfg.method == "kd" and (cfg.temperature_schedule != "constant" or cfg.alpha_schedule != "constant"):
         return {
             k: getattr(cfg, k)
@@ -393,19 +400,46 @@ def method_settings(cfg: DistillConfig) -> dict[str, Any]:
     return {}
 
 
+def method_label(cfg: DistillConfig) -> str:
+    """The method as reports name it: Continuation-KD without its margin is the paper's ablation."""
+    if cfg.method == "continuation" and cfg.continuation.margin == 0:
+        return "continuation (no-margin ablation, m=0)"
+    return cfg.method
+
+
 def _numbers(settings: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in settings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-NAMED = ("distill.method", "distill.temperature", "distill.alpha", "distill.seed")  # in every run name
+USES_TEMPERATURE = frozenset({"kd", "dkd", "dist"})  # methods whose loss reads distill.temperature
+
+
+def soft_settings(cfg: DistillConfig) -> dict[str, float]:
+    """The shared soft-target settings the method actually uses: T for kd, dkd and dist; alpha (or the
+    explicit CE/KD weights) for kd only. Names, summaries and tables show only these."""
+    out: dict[str, float] = {}
+    if cfg.method in USES_TEMPERATURE:
+        out["temperature"] = cfg.temperature
+    if cfg.method == "kd":
+        if cfg.ce_weight is None or cfg.kd_weight is None:
+            out["alpha"] = cfg.alpha
+        else:
+            out["ce_weight"], out["kd_weight"] = cfg.ce_weight, cfg.kd_weight
+    return out
+
+
+_NAME_PARTS = {"temperature": "T", "alpha": "a", "ce_weight": "ce", "kd_weight": "kd"}
 
 
 def default_run_name(preset: Preset, changes: dict[str, Any] | None = None) -> str:
-    """`<preset>-<method>[-T<T>-a<alpha>]-s<seed>`, plus a short hash of any other setting changed from
-    the preset file, so runs with different settings never share a folder."""
+    """`<preset>-<method>[-T<T>][-a<alpha> | -ce<w>-kd<w>]-s<seed>` (only the settings the method uses),
+    plus a short hash of any other setting changed from the preset file, so runs with different settings
+    never share a folder."""
     cfg = preset.distill
-    soft = "" if cfg.method in LABEL_ONLY else f"-T{cfg.temperature:g}-a{cfg.alpha:g}"
-    rest = {k: v for k, v in (changes or {}).items() if k not in NAMED}
+    shown = soft_settings(cfg)
+    soft = "".join(f"-{_NAME_PARTS[k]}{v:g}" for k, v in shown.items())
+    named = {"distill.method", "distill.seed", *(f"distill.{k}" for k in shown)}
+    rest = {k: v for k, v in (changes or {}).items() if k not in named}
     tag = (
         "-" + hashlib.sha256(strict_json.dumps(sorted(rest.items())).encode()).hexdigest()[:6] if rest else ""
     )
@@ -542,15 +576,18 @@ def print_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"run {summary['run_name']}")
     for column in ("method", "T", "alpha", "epochs", "best", "val", "test", "teacher test", "time"):
         table.add_column(column, justify="right")
-    soft = summary["method"] not in LABEL_ONLY
 
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.2f}%"
 
+    def number(x: float | None) -> str:
+        return "-" if x is None else f"{x:g}"
+
+    weights = summary["method_settings"] if "kd_weight" in summary["method_settings"] else None
     table.add_row(
-        summary["method"],
-        f"{summary['temperature']:g}" if soft else "-",
-        f"{summary['alpha']:g}" if soft else "-",
+        summary.get("method_label", summary["method"]),
+        number(summary["temperature"]),
+        f"CE {weights['ce_weight']:g} + KD {weights['kd_weight']:g}" if weights else number(summary["alpha"]),
         str(summary["epochs"]),
         str(summary["best_epoch"]),
         pct(summary["student_val_accuracy"]),

@@ -158,6 +158,7 @@ def test_annealing_phase2_gets_a_fresh_optimizer(tiny_data: Paths, monkeypatch: 
     settings = {
         "distill.method": "annealing",
         "distill.annealing.phase1_epochs": 2,
+        "distill.annealing.tau_max": 2,
         "distill.annealing.phase2_lr": 0.05,
         "distill.train.epochs": 3,
     }

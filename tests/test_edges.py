@@ -16,7 +16,7 @@ from pipeline.config import OptimConfig
 from pipeline.datasets import Split
 from pipeline.errors import KDError
 from pipeline.losses import annealing, continuation, cross_entropy, dist, dkd, hinton_kd_stacked
-from pipeline.schedules import continuation_temperature, interpolate, lr_at
+from pipeline.schedules import interpolate, lr_at, step_temperature
 from pipeline.store import LogitStore, ShardWriter, shard_digest
 from pipeline.store.integrity import summarize
 from pipeline.targets import standardize
@@ -89,7 +89,7 @@ def test_interpolate_boundaries() -> None:
 def test_step_lr_and_continuation_steps_use_whole_epochs() -> None:
     cfg = OptimConfig(epochs=7, lr=1.0, schedule="step")  # 7 // 2 = 3, 21 // 4 = 5
     assert [round(lr_at(e, cfg), 6) for e in range(7)] == [1, 1, 1, 0.1, 0.1, 0.01, 0.01]
-    assert [continuation_temperature(e, 7, 2) for e in range(7)] == [2, 2, 2, 1, 1, 1, 1]  # k = 3
+    assert [step_temperature(e, 7, 2) for e in range(7)] == [2, 2, 2, 1, 1, 1, 1]  # k = 3
 
 
 def test_positions_of_names_missing_ids() -> None:
