@@ -183,7 +183,8 @@ class ContinuationConfig:
         _require(self.psi in ("linear", "step"), f"continuation.psi must be linear or step, got '{self.psi}'")
         _require(self.psi_epochs >= 1, f"continuation.psi_epochs must be >= 1, got {self.psi_epochs}")
         _require(
-            self.psi_ramp_epochs >= 0, f"continuation.psi_ramp_epochs must be >= 0, got {self.psi_ramp_epochs}"
+            self.psi_ramp_epochs >= 0,
+            f"continuation.psi_ramp_epochs must be >= 0, got {self.psi_ramp_epochs}",
         )
         _require(self.margin >= 0, f"continuation.margin must be >= 0, got {self.margin}")
         _require(self.mse in MSE_REDUCTIONS, f"continuation.mse must be sum or mean, got '{self.mse}'")

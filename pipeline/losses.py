@@ -189,8 +189,8 @@ def hinton_kd_stacked(
 ) -> torch.Tensor:
     """`hinton_kd` for N students at once, in the ops of one: student_logits (N, B, C); temperature,
     label_smoothing and alpha, or ce_weight and kd_weight, (N,); returns (N,) losses, loss i equal to
-    hinton_kd (or cross_entropy when its KD weight is 0) of slice i up to rounding. Used by one-pass sweeps, where a loss per student would cost N times
-    the per-batch Python overhead."""
+    hinton_kd (or cross_entropy when its KD weight is 0) of slice i up to rounding. Used by one-pass
+    sweeps, where a loss per student would cost N times the per-batch Python overhead."""
     n, b, _ = student_logits.shape
     zs = student_logits
     zt = (

@@ -181,6 +181,24 @@ def run_name_of_another_run(tiny: Paths, data: Path) -> list[str]:
     return ["distill", "--preset", "tiny", "--epochs", "2", "--run-name", "mine"]
 
 
+def annealing_shorter_than_tau_max(tiny: Paths, data: Path) -> list[str]:
+    _caches(tiny, data)
+    return [
+        "distill",
+        "--preset",
+        "tiny",
+        "--method",
+        "annealing",
+        "--set",
+        "distill.annealing.phase1_epochs=3",
+    ]
+
+
+def continuation_shorter_than_t_max(tiny: Paths, data: Path) -> list[str]:
+    _caches(tiny, data)
+    return ["distill", "--preset", "tiny", "--method", "continuation", "--epochs", "3"]
+
+
 CASES: list[Case] = [
     (push_onto_a_users_folder.__name__, push_onto_a_users_folder, "is not a logit cache: not replacing it"),
     (pull_a_damaged_cache.__name__, pull_a_damaged_cache, "fails verification, not copied"),
@@ -197,6 +215,16 @@ CASES: list[Case] = [
     (nan_cache_with_valid_checksums.__name__, nan_cache_with_valid_checksums, "holds NaN or Inf logits"),
     (rm_a_users_folder.__name__, rm_a_users_folder, "is not a logit cache: not removing it"),
     (run_name_of_another_run.__name__, run_name_of_another_run, "holds a run with other settings"),
+    (
+        annealing_shorter_than_tau_max.__name__,
+        annealing_shorter_than_tau_max,
+        "annealing.phase1_epochs (3) must be at least annealing.tau_max (4)",
+    ),
+    (
+        continuation_shorter_than_t_max.__name__,
+        continuation_shorter_than_t_max,
+        "continuation annealing epochs (3) must be at least continuation.t_max (4)",
+    ),
 ]
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import load_preset, preset_names, with_overrides
+from pipeline.config import load_preset, preset_names, resolve, with_overrides
 from pipeline.errors import KDError
 from pipeline.losses import LOSSES
 
@@ -48,6 +48,58 @@ def test_overrides_are_coerced_and_checked() -> None:
 def test_bad_values_are_refused(key: str, value: str, message: str) -> None:
     with pytest.raises(KDError, match=message):
         with_overrides(load_preset("tiny"), {key: value})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # the authors assert phase-1 epochs >= tau_max: T could not reach 1 (Phi would stop at 0.7)
+        (
+            {
+                "distill.method": "annealing",
+                "distill.annealing.phase1_epochs": 3,
+                "distill.annealing.tau_max": 10,
+            },
+            "annealing.phase1_epochs (3) must be at least annealing.tau_max (10)",
+        ),
+        (
+            {"distill.method": "continuation", "distill.train.epochs": 3},
+            "continuation annealing epochs (3) must be at least continuation.t_max (4)",
+        ),
+        (
+            {"distill.method": "continuation", "distill.continuation.anneal_epochs": 2},
+            "continuation annealing epochs (2) must be at least continuation.t_max (4)",
+        ),
+        (
+            {"distill.method": "continuation", "distill.continuation.psi_ramp_epochs": 5},
+            "continuation.psi_ramp_epochs (5) must be 0 or at least psi_epochs (12)",
+        ),
+        ({"distill.ce_weight": 0.1}, "set both distill.ce_weight and distill.kd_weight"),
+        (
+            {"distill.ce_weight": 0.1, "distill.kd_weight": 9, "distill.alpha_schedule": "linear"},
+            "alpha_schedule cannot be used with distill.ce_weight/kd_weight",
+        ),
+        ({"distill.kd_weight": -1, "distill.ce_weight": 1}, "distill.kd_weight must be >= 0"),
+    ],
+)
+def test_settings_that_cannot_go_together_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(KDError) as err:
+        resolve("tiny", overrides)
+    assert message in str(err.value)
+
+
+def test_the_order_of_overrides_does_not_matter() -> None:
+    """Checks across settings run on the finished configuration, not after each --set."""
+    settings = {
+        "distill.method": "annealing",
+        "distill.train.epochs": 5,
+        "distill.annealing.phase1_epochs": 4,
+    }
+    forward = resolve("tiny", settings)
+    backward = resolve("tiny", dict(reversed(list(settings.items()))))
+    assert forward == backward and forward.distill.train.epochs == 5
+    # the guards still apply to methods that use them only: a short kd run needs no tau_max epochs
+    assert resolve("tiny", {"distill.method": "kd", "distill.train.epochs": 1}).distill.train.epochs == 1
 
 
 def test_automatic_chunk_rows_target_a_mebibyte() -> None:

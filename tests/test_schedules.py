@@ -69,7 +69,9 @@ def test_non_divisible_epochs_by_hand() -> None:
 
 @pytest.mark.parametrize("epochs, tau_max", [(22, 5), (7, 2), (13, 4), (31, 10), (199, 20), (17, 16)])
 def test_ours_is_the_authors_code_clamped_at_phi_one(epochs: int, tau_max: int) -> None:
-    assert our_phi(epochs, tau_max) == pytest.approx([min(p, 1.0) for p in authors_annealing_phi(epochs, tau_max)])
+    assert our_phi(epochs, tau_max) == pytest.approx(
+        [min(p, 1.0) for p in authors_annealing_phi(epochs, tau_max)]
+    )
 
 
 def test_continuation_temperature_paper_settings() -> None:
@@ -174,7 +176,9 @@ def test_continuation_loss_equals_annealing_loss_every_epoch(n: int, tau: int) -
 
     train = OptimConfig(epochs=n + 3)
     annealing = phases(
-        DistillConfig(method="annealing", train=train, annealing=AnnealingConfig(tau_max=tau, phase1_epochs=n))
+        DistillConfig(
+            method="annealing", train=train, annealing=AnnealingConfig(tau_max=tau, phase1_epochs=n)
+        )
     )
     (continuation,) = phases(
         DistillConfig(
