@@ -40,20 +40,37 @@ def plot_curves(
 def plot_comparison(
     rows: Sequence[dict[str, Any]], path: Path, *, title: str, teacher_test: float | None
 ) -> None:
-    """Mean test accuracy per configuration with a std bar and every seed as a dot."""
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))
+    """Test accuracy per configuration as a dot plot: every seed a dot (outlier seeds red), the mean a
+    diamond with a +-1 std bar. Dots, not bars, so a zoomed axis cannot exaggerate a difference, and the
+    axis says where it starts when that is not 0."""
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.9))
     ys = list(range(len(rows)))[::-1]
     for y, row in zip(ys, rows, strict=True):
-        ax.barh(y, row["test_mean"], xerr=row["test_std"], color="tab:blue", alpha=0.6, capsize=3)
-        ax.plot(row["test"], [y] * len(row["test"]), "o", color="k", ms=3)
+        marked = set(row.get("test_outliers", []))
+        normal = [v for i, v in enumerate(row["test"]) if i not in marked]
+        ax.plot(normal, [y] * len(normal), "o", color="k", ms=3.5, alpha=0.7)
+        if marked:
+            ax.plot([row["test"][i] for i in marked], [y] * len(marked), "o", color="tab:red", ms=5)
+        if row["seeds"] > 1:
+            ax.errorbar(row["test_mean"], y, xerr=row["test_std"], fmt="none", ecolor="tab:blue", capsize=4)
+        ax.plot(row["test_mean"], y, "D", color="tab:blue", ms=6)
     if teacher_test is not None:
         ax.axvline(100 * teacher_test, ls="--", color="tab:green", label="teacher")
         ax.legend(loc="lower right", fontsize=8)
     low = min(min(r["test"]) for r in rows)
     high = max([max(r["test"]) for r in rows] + ([100 * teacher_test] if teacher_test else []))
-    ax.set_xlim(max(0.0, low - 5), min(100.0, high + 2))
+    start = max(0.0, 5 * ((low - 3) // 5))
+    ax.set_xlim(start, min(100.0, high + 2))
     ax.set_yticks(ys, [r["label"] for r in rows])
-    ax.set(xlabel="test accuracy (%)", title=title)
+    ax.grid(axis="x", alpha=0.3)
+    seeds = max(r["seeds"] for r in rows)
+    what = "dots: each seed (red: outlier seed); diamond: mean" + (
+        "; bar: ± 1 std over seeds" if seeds > 1 else ""
+    )
+    ax.set_xlabel(
+        "test accuracy (%)" + (f", axis starts at {start:g}%, not 0" if start > 0 else "") + f"\n{what}"
+    )
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,10 @@ def run(
     )
     (report_dir / "report.md").write_text(markdown(rows, teacher, base.name, seeds, preset_name))
     plot_comparison(
-        rows, report_dir / "comparison.png", title=f"{base.name}: {seeds} seeds", teacher_test=teacher
+        rows,
+        report_dir / "comparison.png",
+        title=f"{base.name}: {seeds} seed{'s' if seeds > 1 else ''}",
+        teacher_test=teacher,
     )
     _print(rows, teacher)
     console.print(f"report: {report_dir}/report.md, comparison.png, results.csv")
@@ -125,8 +129,40 @@ def claim_report_folder(folder: Path, spec_file: str, spec: dict[str, Any], opti
     record.write_text(strict_json.dumps(spec, indent=2) + "\n")
 
 
+OUTLIER_POINTS = 2.0  # an outlier seed is at least this many accuracy points from the others' median
+
+
+def outliers(values: list[float]) -> list[int]:
+    """Indices of values far from the rest: more than max(3 robust standard deviations (1.4826 x the
+    median absolute deviation), OUTLIER_POINTS) from the median. Needs 3 values or more: a collapsed seed
+    among healthy ones (68 next to 95, 95) is marked, ordinary seed noise is not."""
+    if len(values) < 3:
+        return []
+    median = statistics.median(values)
+    mad = statistics.median(abs(v - median) for v in values)
+    limit = max(3 * 1.4826 * mad, OUTLIER_POINTS)
+    return [i for i, v in enumerate(values) if abs(v - median) > limit]
+
+
+def mean_std(row: dict[str, Any], metric: str) -> str:
+    """`mean ± std` over seeds, or the single value for one seed (no "± 0.00")."""
+    if row["seeds"] == 1:
+        return f"{row[f'{metric}_mean']:.2f}"
+    return f"{row[f'{metric}_mean']:.2f} ± {row[f'{metric}_std']:.2f}"
+
+
+def per_seed(row: dict[str, Any], metric: str, mark: Callable[[str], str] = lambda t: f"**{t}**") -> str:
+    """Every seed's value, outliers marked: `s0 95.10, s1 95.30, **s2 68.20 (outlier)**`."""
+    marked = set(row[f"{metric}_outliers"])
+    return ", ".join(
+        mark(f"s{seed} {v:.2f} (outlier)") if i in marked else f"s{seed} {v:.2f}"
+        for i, (seed, v) in enumerate(zip(row["seed_numbers"], row[metric], strict=True))
+    )
+
+
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per label: mean and std of test and validation accuracy (in %), mean wall time."""
+    """One row per label: each seed's test and validation accuracy (in %) with outlier seeds marked,
+    their mean and std, mean wall time."""
     rows = []
     for label in dict.fromkeys(r["label"] for r in results):
         runs = [r for r in results if r["label"] == label]
@@ -136,9 +172,13 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "label": label,
                 "method": runs[0]["method"],
+                "method_label": runs[0].get("method_label", runs[0]["method"]),
                 "seeds": len(runs),
+                "seed_numbers": [r["seed"] for r in runs],
                 "test": test,
                 "val": val,
+                "test_outliers": outliers(test),
+                "val_outliers": outliers(val),
                 "test_mean": statistics.mean(test),
                 "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
                 "val_mean": statistics.mean(val),
@@ -156,20 +196,40 @@ def markdown(
         f"# Method comparison on `{preset}`",
         "",
         f"Command: `kd compare --preset {preset_arg} --seeds {seeds}`. Test accuracy at the best-validation "
-        "epoch, mean ± std over seeds; validation selects checkpoints, test is only reported.",
+        f"epoch, mean ± std over {seeds} seed{'s' if seeds > 1 else ''}; validation selects checkpoints, "
+        "test is only reported.",
         "",
-        "| configuration | method | test acc. (%) | val acc. (%) | seeds | wall time / run |",
+        "| configuration | method | test acc. (%) | val acc. (%) | test acc. per seed (%) | time / run |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['label']} | {r['method']} | {r['test_mean']:.2f} ± {r['test_std']:.2f} | "
-            f"{r['val_mean']:.2f} ± {r['val_std']:.2f} | {r['seeds']} | {r['wall_time_s']:.1f} s |"
+            f"| {r['label']} | {r['method_label']} | {mean_std(r, 'test')} | {mean_std(r, 'val')} | "
+            f"{per_seed(r, 'test')} | {r['wall_time_s']:.1f} s |"
         )
     if teacher is not None:
         lines.append(f"| teacher | | {100 * teacher:.2f} | | | |")
+    lines += outlier_notes(rows)
     lines += ["", "![comparison](comparison.png)", ""]
     return "\n".join(lines)
+
+
+def outlier_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """A paragraph naming every outlier seed, so a collapse is read, not averaged away."""
+    flagged = [
+        f"{r['label']} seed {r['seed_numbers'][i]} ({metric} {r[metric][i]:.2f})"
+        for r in rows
+        for metric in ("test", "val")
+        for i in r[f"{metric}_outliers"]
+    ]
+    if not flagged:
+        return []
+    return [
+        "",
+        f"**Outlier seeds** (more than max(3 robust std, {OUTLIER_POINTS:g} points) from their "
+        f"configuration's median): {'; '.join(dict.fromkeys(flagged))}. The mean ± std includes them: look "
+        "at those runs (curves.png) before trusting the mean.",
+    ]
 
 
 def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
@@ -196,18 +256,21 @@ def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
 
 def _print(rows: list[dict[str, Any]], teacher: float | None) -> None:
     table = Table(title="comparison (test accuracy at best validation)")
-    for column in ("configuration", "method", "test %", "val %", "time/run"):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for column in ("configuration", "method", "test %", "val %", "test % per seed", "time/run"):
+        table.add_column(
+            column, justify="left" if column in ("configuration", "test % per seed") else "right"
+        )
     for r in rows:
         table.add_row(
             r["label"],
             r["method"],
-            f"{r['test_mean']:.2f} ± {r['test_std']:.2f}",
-            f"{r['val_mean']:.2f} ± {r['val_std']:.2f}",
+            mean_std(r, "test"),
+            mean_std(r, "val"),
+            per_seed(r, "test", mark=lambda t: f"[bold red]{t}[/bold red]"),
             f"{r['wall_time_s']:.1f}s",
         )
     if teacher is not None:
-        table.add_row("teacher", "", f"{100 * teacher:.2f}", "", "")
+        table.add_row("teacher", "", f"{100 * teacher:.2f}", "", "", "")
     Console().print(table)
 
 

@@ -34,7 +34,7 @@ from pipeline.models import build_model
 from pipeline.plots import plot_sweep
 from pipeline.train import fit_many, pick_device, seed_everything
 from stages import distill
-from stages.compare import aggregate, claim_report_folder, spec_name
+from stages.compare import aggregate, claim_report_folder, mean_std, outlier_notes, per_seed, spec_name
 
 console = Console(stderr=True, soft_wrap=True)
 SHORT_KEYS = {
@@ -374,31 +374,33 @@ def report(
     lines = [
         f"# Sweep `{out.name}`",
         "",
-        f"Best by mean validation accuracy: **{best['label']}** — val {best['val_mean']:.2f}, test "
-        f"{best['test_mean']:.2f} ± {best['test_std']:.2f} ({best['seeds']} seeds). Each run, and the "
-        "command that reproduces its numbers:",
+        f"Best by mean validation accuracy: **{best['label']}** — val {mean_std(best, 'val')}, test "
+        f"{mean_std(best, 'test')} ({best['seeds']} seed{'s' if best['seeds'] > 1 else ''}). Each run, and "
+        "the command that reproduces its numbers:",
         "",
         *[f"- {line}" for line in reproduce_lines(runs)],
         "",
-        "| combination | val acc. (%) | test acc. (%) | seeds | wall time / run |",
+        "| combination | val acc. (%) | test acc. (%) | val acc. per seed (%) | wall time / run |",
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {c['label']} | {c['val_mean']:.2f} ± {c['val_std']:.2f} | "
-        f"{c['test_mean']:.2f} ± {c['test_std']:.2f} | {c['seeds']} | {c['wall_time_s']:.1f} s |"
+        f"| {c['label']} | {mean_std(c, 'val')} | {mean_std(c, 'test')} | {per_seed(c, 'val')} | "
+        f"{c['wall_time_s']:.1f} s |"
         for c in combos
     ]
+    lines += outlier_notes(combos)
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     (out / "results.md").write_text("\n".join(lines))
 
     table = Table(title=f"sweep {out.name} (sorted by validation accuracy)")
-    for column in ("combination", "val %", "test %", "time/run"):
-        table.add_column(column, justify="left" if column == "combination" else "right")
+    for column in ("combination", "val %", "test %", "val % per seed", "time/run"):
+        table.add_column(column, justify="left" if column in ("combination", "val % per seed") else "right")
     for c in combos:
         table.add_row(
             c["label"],
-            f"{c['val_mean']:.2f} ± {c['val_std']:.2f}",
-            f"{c['test_mean']:.2f} ± {c['test_std']:.2f}",
+            mean_std(c, "val"),
+            mean_std(c, "test"),
+            per_seed(c, "val", mark=lambda t: f"[bold red]{t}[/bold red]"),
             f"{c['wall_time_s']:.1f}s",
         )
     Console().print(table)

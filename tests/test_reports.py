@@ -1,0 +1,68 @@
+"""Compare and sweep reports show every seed and mark a collapsed one instead of averaging it away."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.compare import aggregate, markdown, mean_std, outliers
+
+
+def result(label: str, seed: int, test: float, val: float, method: str = "annealing") -> dict:
+    return {
+        "label": label,
+        "method": method,
+        "seed": seed,
+        "student_test_accuracy": test,
+        "student_val_accuracy": val,
+        "wall_time_s": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([95.0, 95.3, 68.2], [2]),  # the 64-8-10 student's collapsed seed
+        ([59.0, 94.8, 95.1, 95.4], [0]),
+        ([73.0, 71.0, 69.0], []),  # ordinary seed noise
+        ([72.0, 72.0, 73.5], []),  # MAD 0: still needs OUTLIER_POINTS of distance
+        ([95.0, 60.0], []),  # two seeds cannot say which one is off
+    ],
+)
+def test_outlier_seeds(values: list[float], expected: list[int]) -> None:
+    assert outliers(values) == expected
+
+
+def test_report_lists_every_seed_and_names_the_outlier(tmp_path: Path) -> None:
+    results = [
+        result("annealing", 0, 0.950, 0.951),
+        result("annealing", 1, 0.953, 0.949),
+        result("annealing", 2, 0.682, 0.690),
+        result("kd", 0, 0.940, 0.93, method="kd"),
+        result("kd", 1, 0.945, 0.94, method="kd"),
+        result("kd", 2, 0.935, 0.95, method="kd"),
+    ]
+    rows = aggregate(results)
+    text = markdown(rows, 0.97, "digits", 3, "digits")
+    assert "s0 95.00, s1 95.30, **s2 68.20 (outlier)**" in text
+    assert "**Outlier seeds**" in text and "annealing seed 2 (test 68.20)" in text
+    assert "annealing seed 2 (val 69.00)" in text
+    assert "s0 94.00, s1 94.50, s2 93.50 |" in text  # kd: nothing marked
+    assert "kd seed" not in text
+
+
+def test_one_seed_has_no_zero_std() -> None:
+    (row,) = aggregate([result("kd", 0, 0.7, 0.71, method="kd")])
+    assert mean_std(row, "test") == "70.00"
+    two = aggregate([result("kd", 0, 0.7, 0.71, method="kd"), result("kd", 1, 0.72, 0.7, method="kd")])[0]
+    assert mean_std(two, "test") == "71.00 ± 1.41"
+
+
+def test_continuation_without_margin_is_labelled_the_ablation() -> None:
+    from pipeline.config import resolve
+    from stages.distill import method_label
+
+    assert method_label(resolve("tiny", {"distill.method": "continuation"}).distill) == "continuation"
+    ablation = resolve("tiny", {"distill.method": "continuation", "distill.continuation.margin": 0})
+    assert method_label(ablation.distill) == "continuation (no-margin ablation, m=0)"
