@@ -31,15 +31,15 @@ SEEDED = [
     (
         "kd always uses T = 1",
         "stages/distill.py",
-        '    if loss == "kd":\n        return {\n            "temperature": temperature_at(epoch, cfg),',
-        '    if loss == "kd":\n        return {\n            "temperature": 1.0,',
+        '        return {\n            "temperature": temperature_at(epoch, cfg),\n            **weights,',
+        '        return {\n            "temperature": 1.0,\n            **weights,',
         CLAIMS,
     ),
     (
         "kd with alpha = 0 (the teacher ignored)",
         "stages/distill.py",
-        '"alpha": alpha_at(epoch, cfg),',
-        '"alpha": 0.0,',
+        '{"alpha": alpha_at(epoch, cfg)}',
+        '{"alpha": 0.0}',
         CLAIMS,
     ),
     (
@@ -105,6 +105,20 @@ SEEDED = [
         "if store.num_classes != split.num_classes:",
         "if False:",
         CLAIMS,
+    ),
+    (
+        "T not clamped at 1 (the Annealing authors' overshoot past Phi = 1)",
+        "pipeline/schedules.py",
+        "return max(1, t_max - epoch // k)",
+        "return t_max - epoch // k",
+        ["tests/test_schedules.py"],
+    ),
+    (
+        "psi ignores its cut-off (no ramp-then-step)",
+        "pipeline/schedules.py",
+        "    if epoch > cfg.psi_epochs:\n        return 1.0\n",
+        "",
+        ["tests/test_schedules.py", "tests/test_paper_presets.py"],
     ),
     (
         "mean_max_softmax computed as the mean softmax",
