@@ -293,12 +293,28 @@ class DistillConfig:
                 f"annealing.phase1_epochs ({a.phase1_epochs}) must be at least annealing.tau_max "
                 f"({a.tau_max}): T would not reach 1; raise the epochs or lower tau_max",
             )
+        if self.method == "dkd":
+            _require(
+                self.dkd.warmup_epochs <= self.train.epochs,
+                f"dkd.warmup_epochs ({self.dkd.warmup_epochs}) must be at most the epochs "
+                f"({self.train.epochs}): the warm-up would never finish",
+            )
         if self.method == "continuation":
             n = c.anneal_epochs or self.train.epochs
             _require(
                 n >= c.t_max,
                 f"continuation annealing epochs ({n}) must be at least continuation.t_max ({c.t_max}): "
                 "T would not reach 1; raise the epochs (or continuation.anneal_epochs) or lower t_max",
+            )
+            _require(
+                n <= self.train.epochs,
+                f"continuation.anneal_epochs ({n}) must be at most the epochs ({self.train.epochs}): "
+                "T would not reach 1 within the run",
+            )
+            _require(
+                c.psi_epochs < self.train.epochs,
+                f"continuation.psi_epochs ({c.psi_epochs}) must be smaller than the epochs "
+                f"({self.train.epochs}): psi would never reach 1 (the CE term never takes over)",
             )
             _require(
                 c.psi_ramp_epochs == 0 or c.psi_ramp_epochs >= c.psi_epochs,

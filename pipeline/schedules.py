@@ -70,7 +70,7 @@ def step_temperature(epoch: int, epochs: int, t_max: int) -> int:
 
 def phi(temperature: float, t_max: int) -> float:
     """phi(T) = 1 - (T - 1) / t_max: the fraction of the teacher's logits the student is asked to match."""
-    return 1.0 - (temperature - 1.0) / t_max
+    return (t_max + 1.0 - temperature) / t_max  # the same, without 1 - 0.9 = 0.09999999999999998
 
 
 def psi_at(epoch: int, cfg: ContinuationConfig) -> float:

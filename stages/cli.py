@@ -19,9 +19,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: "[compare]" and "[default: ...]" are words, not markup
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Knowledge distillation from cached teacher logits.",
 )
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect logit caches.")
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="List, check, share, export/import and remove logit caches.",
+)
 app.add_typer(cache_app, name="cache")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,9 +81,26 @@ def main(
             envvar="KD_CACHE_DIR", help="Logit cache root, a folder or URL [default: DATA_DIR/logits]."
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=lambda value: _print_version(value),
+            help="Print the version.",
+        ),
+    ] = False,
 ) -> None:
     """Knowledge distillation from cached teacher logits: dump a teacher once, train many students."""
     _state["paths"] = Paths(data=data_dir, cache=cache_dir)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"kd {version('kd-cache')}")
+        raise typer.Exit()
 
 
 def _pairs(sets: list[str] | None) -> dict[str, str]:

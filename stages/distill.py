@@ -235,6 +235,9 @@ class RunRecorder:
         improved: bool,
     ) -> None:
         settings = _numbers(phase.settings(record.epoch - 1))  # the schedule values this epoch used
+        temperature = annealed_temperature(self.preset.distill, phase.loss, record.epoch - 1)
+        if temperature is not None:
+            settings["temperature"] = temperature  # Annealing's / Continuation's integer T behind phi
         record = dataclasses.replace(record, epoch=record.epoch + offset)
         self.history.append(record)
         with self.metrics.open("a") as f:
@@ -365,18 +368,27 @@ def settings_at(cfg: DistillConfig, loss: str, epoch: int) -> dict[str, Any]:
         }
     if loss == "annealing":
         a = cfg.annealing
-        return {"phi": phi(step_temperature(epoch, a.phase1_epochs, a.tau_max), a.tau_max), "mse": a.mse}
+        return {"phi": phi(annealed_temperature(cfg, loss, epoch), a.tau_max), "mse": a.mse}
     if loss == "continuation":
         c = cfg.continuation
-        temperature = step_temperature(epoch, c.anneal_epochs or cfg.train.epochs, c.t_max)
         return {
-            "phi": phi(temperature, c.t_max),
+            "phi": phi(annealed_temperature(cfg, loss, epoch), c.t_max),
             "psi": psi_at(epoch, c),
             "margin": c.margin,
             "mse": c.mse,
             **smoothing,
         }
     raise KDError(f"unknown method '{loss}'")
+
+
+def annealed_temperature(cfg: DistillConfig, loss: str, epoch: int) -> int | None:
+    """The integer T behind phi(T) of Annealing-KD's phase 1 and Continuation-KD (None for other losses)."""
+    if loss == "annealing":
+        return step_temperature(epoch, cfg.annealing.phase1_epochs, cfg.annealing.tau_max)
+    if loss == "continuation":
+        c = cfg.continuation
+        return step_temperature(epoch, c.anneal_epochs or cfg.train.epochs, c.t_max)
+    return None
 
 
 def method_settings(cfg: DistillConfig) -> dict[str, Any]:
@@ -404,7 +416,7 @@ def method_label(cfg: DistillConfig) -> str:
     """The method as reports name it: Continuation-KD without its margin is the paper's ablation."""
     if cfg.method == "continuation" and cfg.continuation.margin == 0:
         return "continuation (no-margin ablation, m=0)"
-    return cfg.method
+    return cfg.method + (" + logit standardization" if cfg.standardize else "")
 
 
 def _numbers(settings: dict[str, Any]) -> dict[str, float]:
@@ -438,7 +450,8 @@ def default_run_name(preset: Preset, changes: dict[str, Any] | None = None) -> s
     cfg = preset.distill
     shown = soft_settings(cfg)
     soft = "".join(f"-{_NAME_PARTS[k]}{v:g}" for k, v in shown.items())
-    named = {"distill.method", "distill.seed", *(f"distill.{k}" for k in shown)}
+    soft += "-zscore" if cfg.standardize else ""  # logit standardization
+    named = {"distill.method", "distill.seed", "distill.standardize", *(f"distill.{k}" for k in shown)}
     rest = {k: v for k, v in (changes or {}).items() if k not in named}
     tag = (
         "-" + hashlib.sha256(strict_json.dumps(sorted(rest.items())).encode()).hexdigest()[:6] if rest else ""

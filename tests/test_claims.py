@@ -85,12 +85,12 @@ SCHEDULES = {
     "continuation": (
         {"distill.continuation.t_max": 2, "distill.continuation.psi_epochs": 2},
         # k = 4 // 2 = 2: T = 2, 2, 1, 1 -> phi = 1 - (T - 1) / 2; psi = min(e / 2, 1)
-        {"phi": [0.5, 0.5, 1.0, 1.0], "psi": [0.0, 0.5, 1.0, 1.0]},
+        {"phi": [0.5, 0.5, 1.0, 1.0], "psi": [0.0, 0.5, 1.0, 1.0], "temperature": [2, 2, 1, 1]},
     ),
     "annealing": (
         {"distill.annealing.tau_max": 2, "distill.annealing.phase1_epochs": 2},
         # tau 2 over 2 epochs: T = 2, 1 -> phi = 0.5, 1.0; then phase 2 (CE) has no phi
-        {"phi": [0.5, 1.0, None, None]},
+        {"phi": [0.5, 1.0, None, None], "temperature": [2, 1, None, None]},
     ),
 }
 

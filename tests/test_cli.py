@@ -247,3 +247,36 @@ def test_cache_hit_runs_no_teacher(tiny_data: Paths, monkeypatch: pytest.MonkeyP
     result = kd(tiny_data, "teacher-logits", "--preset", "tiny")
     assert result.exit_code == 0, result.output
     assert result.stderr.count("cache hit") == 2
+
+
+def _commands(group, path=()):  # noqa: ANN001, ANN202
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if hasattr(command, "commands"):  # a group: `kd cache`
+            yield from _commands(command, (*path, name))
+
+
+def test_every_commands_help_renders_all_its_words() -> None:
+    """Help text is plain: "[compare]", "[default: ...]" and every other word of each option's help show up
+    (rich markup used to eat bracketed words), for every command, with -h as well as --help."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    seen = 0
+    for path, command in _commands(group):
+        result = runner.invoke(app, [*path, "-h"], env={"COLUMNS": "2000"})
+        assert result.exit_code == 0, (path, result.output)
+        shown = " ".join(result.output.split())
+        texts = [command.help or ""] + [p.help or "" for p in command.params if getattr(p, "help", None)]
+        for text in texts:
+            assert " ".join(text.split()) in shown, (path, text)
+        seen += 1
+    assert seen >= 15  # every stage command and every `kd cache` subcommand
+    assert "[compare]" in " ".join(runner.invoke(app, ["compare", "--help"]).output.split())
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"kd {version('kd-cache')}"

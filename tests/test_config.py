@@ -74,6 +74,18 @@ def test_bad_values_are_refused(key: str, value: str, message: str) -> None:
             {"distill.method": "continuation", "distill.continuation.psi_ramp_epochs": 5},
             "continuation.psi_ramp_epochs (5) must be 0 or at least psi_epochs (12)",
         ),
+        (
+            {"distill.method": "continuation", "distill.continuation.anneal_epochs": 30},
+            "continuation.anneal_epochs (30) must be at most the epochs (20)",
+        ),
+        (
+            {"distill.method": "continuation", "distill.continuation.psi_epochs": 20},
+            "continuation.psi_epochs (20) must be smaller than the epochs (20): psi would never reach 1",
+        ),
+        (
+            {"distill.method": "dkd", "distill.dkd.warmup_epochs": 21},
+            "dkd.warmup_epochs (21) must be at most the epochs (20)",
+        ),
         ({"distill.ce_weight": 0.1}, "set both distill.ce_weight and distill.kd_weight"),
         (
             {"distill.ce_weight": 0.1, "distill.kd_weight": 9, "distill.alpha_schedule": "linear"},

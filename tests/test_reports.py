@@ -67,3 +67,19 @@ def test_continuation_without_margin_is_labelled_the_ablation() -> None:
     assert method_label(resolve("tiny", {"distill.method": "continuation"}).distill) == "continuation"
     ablation = resolve("tiny", {"distill.method": "continuation", "distill.continuation.margin": 0})
     assert method_label(ablation.distill) == "continuation (no-margin ablation, m=0)"
+
+
+def test_run_names_show_only_what_the_method_uses() -> None:
+    from pipeline.config import resolve
+    from stages.distill import default_run_name
+
+    def name(**overrides: object) -> str:
+        return default_run_name(resolve("tiny", {f"distill.{k}": v for k, v in overrides.items()}))
+
+    assert name(method="kd") == "tiny-kd-T4-a0.9-s0"
+    assert name(method="annealing") == "tiny-annealing-s0"  # no T, no alpha: it uses neither
+    assert name(method="ce", seed=2) == "tiny-ce-s2"
+    assert name(method="dkd", temperature=2) == "tiny-dkd-T2-s0"
+    assert name(method="kd", temperature=2, ce_weight=0.1, kd_weight=9, standardize=True) == (
+        "tiny-kd-T2-ce0.1-kd9-zscore-s0"
+    )
