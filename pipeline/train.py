@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pipeline.augment import augment
 from pipeline.batches import Batch
 from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
 from pipeline.losses import cross_entropy, hinton_kd, hinton_kd_stacked
+from pipeline.progress import Progress
 from pipeline.schedules import lr_at
 
 # (student_logits, teacher_logits or None, labels) -> scalar loss
@@ -131,14 +131,15 @@ def fit(
     device: torch.device,
     on_epoch: Callable[[EpochRecord, bool], None] | None = None,
     desc: str = "train",
+    progress: bool = True,
 ) -> FitResult:
     """Train for cfg.epochs; keep the weights of the best validation epoch (ties: the earlier one)."""
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     result = FitResult(best_epoch=0, best_val_accuracy=-1.0, test_accuracy=None, best_state={})
     start = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False, dynamic_ncols=True, disable=None)
-    for epoch in bar:
+    bar = Progress(total=cfg.epochs, desc=desc, unit="epoch", enabled=progress)
+    for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
@@ -157,8 +158,11 @@ def fit(
         if improved:
             result.best_epoch, result.best_val_accuracy, result.test_accuracy = epoch + 1, val_acc, test_acc
             result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        bar.set_postfix(
-            loss=f"{train_loss:.3f}", val=f"{val_acc:.3f}", best=f"{result.best_val_accuracy:.3f}"
+        bar.update(
+            1,
+            loss=f"{train_loss:.4f}",
+            val=f"{100 * val_acc:.2f}%",
+            best=f"{100 * result.best_val_accuracy:.2f}% (epoch {result.best_epoch})",
         )
         if on_epoch is not None:
             on_epoch(record, improved)
@@ -220,9 +224,8 @@ def fit_many(
         FitResult(best_epoch=0, best_val_accuracy=-1.0, test_accuracy=None, best_state={}) for _ in range(n)
     ]
     start = time.perf_counter()
-    for epoch in tqdm(
-        range(cfg.epochs), desc=desc, unit="epoch", leave=False, dynamic_ncols=True, disable=None
-    ):
+    bar = Progress(total=cfg.epochs, desc=f"{desc} ({n} students)", unit="epoch")
+    for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
@@ -276,6 +279,14 @@ def fit_many(
                 result.best_state = {k: v[i].detach().cpu().clone() for k, v in params.items()}
             if on_epoch is not None:
                 on_epoch(i, model_of(i) if improved else models[i], record, improved)
+        best = max(results, key=lambda r: r.best_val_accuracy)
+        bar.update(
+            1,
+            loss=f"{float(total_loss.mean()) / max(seen, 1):.4f} (mean)",
+            val=f"{100 * float(val_logits.argmax(2).eq(val[1]).float().mean()):.2f}% (mean)",
+            best=f"{100 * best.best_val_accuracy:.2f}% (student {results.index(best) + 1})",
+        )
+    bar.close()
     elapsed = time.perf_counter() - start
     for i, result in enumerate(results):
         result.seconds = elapsed / n

@@ -273,7 +273,14 @@ def _print(rows: list[dict[str, Any]], teacher: float | None) -> None:
         )
     if teacher is not None:
         table.add_row("teacher", "", f"{100 * teacher:.2f}", "", "", "")
-    Console().print(table)
+    table_console().print(table)
+
+
+def table_console() -> Console:
+    """The console for result tables: the terminal's width, or 160 columns when output goes to a file or
+    a pipe (rich would assume 80 and cut labels such as "continuation, no margin (ablation)")."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
 
 
 def _slug(label: str) -> str:

@@ -119,6 +119,7 @@ def run(
                 if recorder
                 else None,
                 desc=phase.name,
+                progress=ranks.is_main,  # one progress bar or line per run, not one per process
             )
         except DivergedError as err:
             used = describe({**_numbers(phase.settings(err.epoch - 1)), "lr": phase.optim.lr})

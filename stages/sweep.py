@@ -34,7 +34,15 @@ from pipeline.models import build_model
 from pipeline.plots import plot_sweep
 from pipeline.train import fit_many, pick_device, seed_everything
 from stages import distill
-from stages.compare import aggregate, claim_report_folder, mean_std, outlier_notes, per_seed, spec_name
+from stages.compare import (
+    aggregate,
+    claim_report_folder,
+    mean_std,
+    outlier_notes,
+    per_seed,
+    spec_name,
+    table_console,
+)
 
 console = Console(stderr=True, soft_wrap=True)
 SHORT_KEYS = {
@@ -403,7 +411,7 @@ def report(
             per_seed(c, "val", mark=lambda t: f"[bold red]{t}[/bold red]"),
             f"{c['wall_time_s']:.1f}s",
         )
-    Console().print(table)
+    table_console().print(table)
     Console(soft_wrap=True).print(f"best: {best['label']}", highlight=False)
     for line in reproduce_lines(runs):
         Console(soft_wrap=True).print(f"  {line}", highlight=False, markup=False)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from tqdm.auto import tqdm
 
 from pipeline.config import Paths, Preset
 from pipeline.datasets import Split, load_split
 from pipeline.distributed import Ranks, barrier, broadcast, device_for, init
 from pipeline.errors import KDError
 from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, fingerprint, load_checkpoint, prefers_channels_last
+from pipeline.progress import Progress
 from pipeline.remote import copy_cache
 from pipeline.remote import exists as remote_exists
 from pipeline.store import (
@@ -269,13 +269,8 @@ def write_logits(
     inputs = split.inputs.pin_memory() if device.type == "cuda" else split.inputs  # async copies to the GPU
     writer = ShardWriter(store, shards)
     total = sum(b - a for a, b in map(store.shard_range, shards))
-    bar = tqdm(
-        total=total,
-        desc=f"teacher-logits {split.split}",
-        unit="sample",
-        unit_scale=True,
-        disable=None if progress else True,
-        dynamic_ncols=True,
+    bar = Progress(
+        total=total, desc=f"teacher-logits {split.split}", unit="sample", every_s=10.0, enabled=progress
     )
     try:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

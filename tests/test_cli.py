@@ -280,3 +280,27 @@ def test_version() -> None:
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"kd {version('kd-cache')}"
+
+
+def test_plain_progress_lines_without_a_terminal(tiny_data: Paths) -> None:
+    """With output redirected (a cluster job, tee, nohup) tqdm hides its bar: one plain line per epoch
+    on stderr carries the same numbers."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KD_DATA_DIR": str(tiny_data.data), "HF_HUB_OFFLINE": "1"}
+    env.pop("TQDM_DISABLE", None)
+    result = subprocess.run(
+        [sys.executable, "-c", "from stages.cli import app; app()", "distill", "--preset", "tiny",
+         "--epochs", "3", "--run-name", "plain-progress"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("kd: epoch")]
+    assert [line.split(" loss ")[0] for line in lines] == ["kd: epoch 1/3", "kd: epoch 2/3", "kd: epoch 3/3"]
+    metrics = [
+        json.loads(m) for m in (tiny_data.runs / "plain-progress" / "metrics.jsonl").read_text().splitlines()
+    ]
+    for line, m in zip(lines, metrics, strict=True):
+        assert f"loss {m['train_loss']:.4f} val {100 * m['val_accuracy']:.2f}%" in line
