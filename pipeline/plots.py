@@ -10,17 +10,30 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.train import EpochRecord  # noqa: E402
 
 
 def plot_curves(
-    history: Sequence[EpochRecord], path: Path, *, title: str, best_epoch: int, teacher_test: float | None
+    history: Sequence[EpochRecord],
+    path: Path,
+    *,
+    title: str,
+    best_epoch: int,
+    teacher_test: float | None,
+    phase_starts: Sequence[tuple[int, str]] = (),  # (first epoch, name) of each training phase
 ) -> None:
-    """Train loss (left) and train/val/test accuracy (right) per epoch, the selected epoch marked."""
+    """Train loss (left) and train/val/test accuracy (right) per epoch, the selected epoch marked, and
+    where a new training phase starts (Annealing-KD's CE phase: its loss is another quantity, so the
+    jump there is not a divergence)."""
     epochs = [r.epoch for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [r.train_loss for r in history], color="tab:gray")
+    starts = list(phase_starts) or [(epochs[0], "train")]
+    for i, (first, name) in enumerate(starts):  # one line per phase: their losses are different quantities
+        stop = starts[i + 1][0] if i + 1 < len(starts) else epochs[-1] + 1
+        part = [r for r in history if first <= r.epoch < stop]
+        ax_loss.plot([r.epoch for r in part], [r.train_loss for r in part], label=name)
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss")
     ax_acc.plot(epochs, [100 * r.train_accuracy for r in history], label="train", color="tab:gray")
     ax_acc.plot(epochs, [100 * r.val_accuracy for r in history], label="val", color="tab:blue")
@@ -30,6 +43,14 @@ def plot_curves(
         ax_acc.axhline(100 * teacher_test, ls="--", color="tab:green", label="teacher test")
     ax_acc.axvline(best_epoch, ls=":", color="k", label=f"selected (epoch {best_epoch})")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for epoch, _ in starts[1:]:
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(epoch - 0.5, color="tab:purple", ls="--", lw=1)
+    if len(starts) > 1:
+        ax_loss.set_yscale("log")  # e.g. squared error, then cross-entropy: scales apart
+        ax_loss.legend(title="phase (dashed: next starts)", fontsize=8, title_fontsize=8)
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

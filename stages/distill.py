@@ -209,6 +209,7 @@ class RunRecorder:
         self.changes = dict(changes or {})
         self.mode = mode
         self.history: list[EpochRecord] = []
+        self.phase_starts: list[tuple[int, str]] = []  # (first epoch, phase name) of every phase
         self.arch = architecture_record(preset.student, data.train.num_classes, data.train.input_shape)
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {
@@ -240,6 +241,8 @@ class RunRecorder:
         if temperature is not None:
             settings["temperature"] = temperature  # Annealing's / Continuation's integer T behind phi
         record = dataclasses.replace(record, epoch=record.epoch + offset)
+        if not self.phase_starts or self.phase_starts[-1][1] != phase.name:
+            self.phase_starts.append((record.epoch, phase.name))
         self.history.append(record)
         with self.metrics.open("a") as f:
             f.write(strict_json.dumps({"phase": phase.name, **dataclasses.asdict(record), **settings}) + "\n")
@@ -287,6 +290,7 @@ class RunRecorder:
             title=self.name,
             best_epoch=best_epoch,
             teacher_test=self.data.teacher_test_accuracy,
+            phase_starts=self.phase_starts,
         )
         (self.run_dir / "summary.json").write_text(strict_json.dumps(summary, indent=2) + "\n")
         return summary
