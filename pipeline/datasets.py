@@ -56,6 +56,17 @@ def load_split(cfg: DatasetConfig, split: str) -> Split:
         raise KDError(f"unknown split '{split}': choose one of {', '.join(SPLITS)}")
     if cfg.name not in DATASETS:
         raise KDError(f"unknown dataset '{cfg.name}': choose one of {', '.join(sorted(DATASETS))}")
+    unknown = sorted(set(cfg.options) - DATASET_OPTIONS[cfg.name])
+    if unknown:
+        known = ", ".join(sorted(DATASET_OPTIONS[cfg.name])) or "none"
+        top = [u for u in unknown if u in {f.name for f in dataclasses.fields(cfg)}]
+        hint = (
+            f" ({', '.join(f'dataset.{u}' for u in top)} is a dataset setting, not an option)" if top else ""
+        )
+        raise KDError(
+            f"unknown dataset.options {', '.join(repr(u) for u in unknown)} for '{cfg.name}'{hint}: "
+            f"its options are {known}"
+        )
     key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     if key not in _built:
         if len(_built) >= 4:  # a few datasets stay built: stages and tests ask for the same ones again
@@ -323,6 +334,31 @@ def _hf_text(cfg: DatasetConfig) -> dict[str, Split]:
         first_id += n
     return out
 
+
+# The options each builder reads (README "Your own data"): anything else is refused by name, never ignored.
+DATASET_OPTIONS: dict[str, set[str]] = {
+    "mnist1d": set(),
+    "synthetic-images": {"shape", "num_classes"},
+    "npz": {"train", "test", "num_classes", "name"},
+    "imagefolder": {"train", "test", "size", "mean", "std", "name"},
+    "cifar10": {"root", "download"},
+    "cifar100": {"root", "download"},
+    "hf-text": {
+        "hub",
+        "config",
+        "format",
+        "disk",
+        "train",
+        "test",
+        "test_split",
+        "text",
+        "label",
+        "tokenizer",
+        "max_length",
+        "num_classes",
+        "name",
+    },  # fmt: skip
+}
 
 DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
     "mnist1d": _mnist1d,

@@ -68,3 +68,23 @@ def test_streamed_and_in_memory_batches_agree(tmp_path) -> None:
             assert torch.equal(batch.labels, split.labels[match])
             seen += match.tolist()
         assert sorted(seen) == rows.tolist()
+
+
+def test_an_option_a_builder_does_not_read_is_refused_by_name() -> None:
+    """`num_samples` under dataset.options used to be ignored silently (5,000 rows were used)."""
+    import dataclasses
+
+    import pytest
+
+    from pipeline.errors import KDError
+
+    cfg = dataclasses.replace(load_preset("tiny").dataset, options={"num_samples": 200})
+    with pytest.raises(KDError) as err:
+        load_split(cfg, "train")
+    assert str(err.value) == (
+        "unknown dataset.options 'num_samples' for 'mnist1d' (dataset.num_samples is a dataset setting, "
+        "not an option): its options are none"
+    )
+    npz = dataclasses.replace(cfg, name="npz", options={"train": "a.npz", "test": "b.npz", "classes": 3})
+    with pytest.raises(KDError, match="unknown dataset.options 'classes' for 'npz': its options are name, "):
+        load_split(npz, "train")
