@@ -337,9 +337,18 @@ class Preset:
     compare: Mapping[str, Any] = field(default_factory=dict)
     # `kd sweep`'s default grid: {"dotted.key" or short name: [values]}
     sweep: Mapping[str, Any] = field(default_factory=dict)
+    # how the user named it (a built-in name or a .toml path), for commands we suggest; not a setting
+    source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        out = _jsonable(dataclasses.asdict(self))
+        out.pop("source")
+        return out
+
+    @property
+    def command_name(self) -> str:
+        """What to pass as --preset to get this preset again."""
+        return self.source or self.name
 
 
 def flat_settings(preset: Preset | Mapping[str, Any]) -> dict[str, Any]:
@@ -401,9 +410,40 @@ def load_preset(name_or_path: str) -> Preset:
     except OSError as err:
         raise KDError(f"preset {path} cannot be read: {err.strerror}") from None
     raw.setdefault("name", path.stem)
-    preset = _build(Preset, raw, "")
+    builtin = path.parent == PRESET_DIR
+    if not builtin:
+        _paths_next_to(raw, path.parent)
+    preset = dataclasses.replace(_build(Preset, raw, ""), source=name_or_path)
     preset.distill.check()
     return preset
+
+
+PATH_OPTIONS = ("train", "test", "root", "disk")  # dataset.options that name files or folders
+
+
+def _paths_next_to(raw: dict[str, Any], folder: Path) -> None:
+    """Make a user preset's relative paths mean "next to the preset file" wherever kd runs from: dataset
+    files and folders, and `hf:` model folders, when they exist there (else they stay as written: relative
+    to the working directory, or a hub id). `package.module:factory` modules next to the preset import."""
+    options = raw.get("dataset", {}).get("options", {})
+    for key in PATH_OPTIONS:
+        value = options.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():
+            options[key] = str((folder / value).resolve())
+    models = [raw.get("student", {}), raw.get("teacher", {}).get("model", {})]
+    for model in models:
+        arch = model.get("arch")
+        if isinstance(arch, str) and arch.startswith("hf:"):
+            local = arch[3:]
+            if not Path(local).is_absolute() and (folder / local).exists():
+                model["arch"] = "hf:" + str((folder / local).resolve())
+        elif isinstance(arch, str) and ":" in arch and not arch.startswith("torchvision:"):
+            module = arch.split(":")[0].split(".")[0]
+            if (folder / f"{module}.py").is_file() or (folder / module).is_dir():
+                import sys
+
+                if str(folder.resolve()) not in sys.path:
+                    sys.path.append(str(folder.resolve()))
 
 
 def resolve(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Preset:

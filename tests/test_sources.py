@@ -168,3 +168,39 @@ def test_labels_must_fit_the_teacher(tiny_data: Paths, tmp_path: Path) -> None:
         (paths.teachers / "t" / f.name).write_bytes(f.read_bytes())
     result = kd(paths, "teacher-logits", "--preset", preset)
     assert_one_line_error(result, "teacher 't' has 10 classes but npz has 3")
+
+
+def test_paths_and_factories_next_to_the_preset_from_any_working_directory(
+    tmp_path: Path, monkeypatch
+) -> None:  # noqa: ANN001
+    """A preset's relative paths mean "next to the preset file", and a `module:factory` module beside it
+    imports without PYTHONPATH; the missing-cache hint names the preset as it was given (a path)."""
+    project = tmp_path / "project"
+    (project / "arrays").mkdir(parents=True)
+    gaussian_npz(project / "arrays")
+    (project / "my_models.py").write_text(
+        "from torch import nn\n\n\n"
+        "def tiny(num_classes, input_shape, width=8):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], width), nn.ReLU(),"
+        " nn.Linear(width, num_classes))\n"
+    )
+    write_preset(
+        project / "mine.toml",
+        'name = "npz"\noptions = { train = "arrays/train.npz", test = "arrays/test.npz" }',
+        'arch = "my_models:tiny"',
+        'arch = "mlp"\noptions = { hidden = [16] }',
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    paths = Paths(data=tmp_path / "data")
+    given = str(Path("..") / "project" / "mine.toml")
+    missing = kd(paths, "distill", "--preset", given)
+    assert_one_line_error(missing, f"run `kd teacher-logits --preset {given}`")
+    for args in (["train-teacher"], ["teacher-logits"], ["distill", "--run-name", "beside"]):
+        result = kd(paths, *args, "--preset", given)
+        assert result.exit_code == 0, result.output
+    config = json.loads((paths.runs / "beside" / "config.json").read_text())
+    assert config["preset"]["dataset"]["options"]["train"] == str(
+        (project / "arrays" / "train.npz").resolve()
+    )
