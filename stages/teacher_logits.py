@@ -11,8 +11,10 @@ rewritten. Shards are written by a background thread while the teacher computes 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -59,6 +61,10 @@ def run(
         # The teacher may be gone (deleted, or never here: a colleague's cache): complete caches suffice.
         found = existing_caches(preset, paths, data) if not force else None
         if found is not None:
+            if teacher_dir is None:
+                first = next(iter(found.values()))
+                built = LogitStore.open(first).manifest.teacher.architecture
+                check_same_teacher(built, preset, f"the cached logits' teacher ({first})")
             for name, where in found.items():
                 console.print(f"cache hit ({name}, teacher checkpoint absent): {where}", highlight=False)
             return [Path(where) for where in found.values()]
@@ -69,6 +75,10 @@ def run(
         )
         raise KDError(f"no teacher checkpoint at {folder}: {hint}")
 
+    if teacher_dir is None:  # the preset's own teacher: it must be the architecture the preset describes
+        check_same_teacher(
+            json.loads((folder / CONFIG_FILE).read_text())["architecture"], preset, str(folder)
+        )
     ranks = init()
     device = device_for(ranks, device_name, pick_device(device_name))
     teacher, record = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
@@ -86,6 +96,21 @@ def run(
         written = [_publish(path, paths, force) for path in written]
     barrier(ranks)
     return written
+
+
+def check_same_teacher(architecture: dict[str, Any], preset: Preset, what: str) -> None:
+    """Refuse a teacher (checkpoint or cache) under the preset's teacher.name that was built as another
+    architecture than the preset's teacher.model: changing the model's settings must not silently reuse
+    the old teacher and its logits."""
+    built = {"arch": architecture.get("arch"), "options": dict(architecture.get("options") or {})}
+    wanted = preset.teacher.model.to_dict()
+    if built != wanted:
+        raise KDError(
+            f"{what} is teacher '{preset.teacher.name}' built as {built['arch']} {built['options']}, but "
+            f"the preset's teacher.model is {wanted['arch']} {wanted['options']}: retrain it with `kd "
+            f"train-teacher --preset {preset.command_name} --force` (then `kd teacher-logits`), or "
+            "give the new teacher its own teacher.name"
+        )
 
 
 def existing_caches(preset: Preset, paths: Paths, data: dict[str, Split]) -> dict[str, str] | None:

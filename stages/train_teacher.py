@@ -8,6 +8,7 @@ Writes data/teachers/<teacher.name>/{model.safetensors, config.json}; the best v
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +20,7 @@ from pipeline.datasets import load_split, validation_rows
 from pipeline.losses import cross_entropy
 from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, architecture_record, build_model, save_checkpoint
 from pipeline.train import accuracy, fit, pick_device, predict, seed_everything
+from stages.teacher_logits import check_same_teacher, existing_caches
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -26,13 +28,14 @@ console = Console(stderr=True, soft_wrap=True)
 def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str = "auto") -> Path:
     folder = paths.teachers / preset.teacher.name
     if (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file() and not force:
+        check_same_teacher(
+            json.loads((folder / CONFIG_FILE).read_text())["architecture"], preset, str(folder)
+        )
         console.print(f"teacher checkpoint exists: {folder} (pass --force to retrain)")
         return folder
     generator = seed_everything(preset.teacher.seed)  # before the data, as always: same teacher bytes
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
     if not force:
-        from stages.teacher_logits import existing_caches
-
         found = existing_caches(preset, paths, {"train": train, "test": test})
         if found is not None:
             console.print(

@@ -199,6 +199,18 @@ def continuation_shorter_than_t_max(tiny: Paths, data: Path) -> list[str]:
     return ["distill", "--preset", "tiny", "--method", "continuation", "--epochs", "3"]
 
 
+def teacher_options_changed_under_the_same_name(tiny: Paths, data: Path) -> list[str]:
+    _caches(tiny, data)  # caches of the tiny teacher (32 channels), its checkpoint absent
+    return ["teacher-logits", "--preset", "tiny", "--set", 'teacher.model.options={"channels": 8}']
+
+
+def stale_teacher_checkpoint(tiny: Paths, data: Path) -> list[str]:
+    import shutil
+
+    shutil.copytree(tiny.teachers, data / "teachers")
+    return ["train-teacher", "--preset", "tiny", "--set", 'teacher.model.options={"channels": 8}']
+
+
 CASES: list[Case] = [
     (push_onto_a_users_folder.__name__, push_onto_a_users_folder, "is not a logit cache: not replacing it"),
     (pull_a_damaged_cache.__name__, pull_a_damaged_cache, "fails verification, not copied"),
@@ -215,6 +227,16 @@ CASES: list[Case] = [
     (nan_cache_with_valid_checksums.__name__, nan_cache_with_valid_checksums, "holds NaN or Inf logits"),
     (rm_a_users_folder.__name__, rm_a_users_folder, "is not a logit cache: not removing it"),
     (run_name_of_another_run.__name__, run_name_of_another_run, "holds a run with other settings"),
+    (
+        teacher_options_changed_under_the_same_name.__name__,
+        teacher_options_changed_under_the_same_name,
+        "but the preset's teacher.model is cnn1d {'channels': 8}: retrain it with `kd train-teacher",
+    ),
+    (
+        stale_teacher_checkpoint.__name__,
+        stale_teacher_checkpoint,
+        "teachers/tiny-cnn1d is teacher 'tiny-cnn1d' built as cnn1d {'channels': 32, 'dropout': 0.2}",
+    ),
     (
         annealing_shorter_than_tau_max.__name__,
         annealing_shorter_than_tau_max,

@@ -79,7 +79,9 @@ def test_factory_checkpoints_need_trust(tmp_path: Path) -> None:
     assert kd(paths, "train-teacher", "--preset", trusted).exit_code == 0
     assert kd(paths, "teacher-logits", "--preset", trusted, "--force").exit_code == 0
     other = write_preset(tmp_path / "b.toml", dataset, 'arch = "mlp"', 'arch = "mlp"')
-    result = kd(paths, "teacher-logits", "--preset", other, "--force")
+    # someone else's checkpoint, named explicitly (under the preset's own teacher.name the architecture
+    # check would stop first: the preset says mlp)
+    result = kd(paths, "teacher-logits", "--preset", other, "--teacher", str(paths.teachers / "t"), "--force")
     assert_one_line_error(result, "is built by code ('tests.factories:small_net')")
 
 
@@ -159,7 +161,7 @@ def test_labels_must_fit_the_teacher(tiny_data: Paths, tmp_path: Path) -> None:
     preset = write_preset(
         tmp_path / "m.toml",
         f'name = "npz"\noptions = {{ train = "{train}", test = "{test}" }}',
-        'arch = "mlp"',
+        'arch = "cnn1d"\noptions = { channels = 32, dropout = 0.2 }',  # the tiny teacher's architecture
         'arch = "mlp"',
     )
     paths = Paths(data=tmp_path / "data")
