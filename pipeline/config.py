@@ -389,11 +389,15 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
+def preset_path(name_or_path: str) -> Path:
+    """pipeline/presets/<name>.toml for a name, else the given .toml path."""
+    path = Path(name_or_path)
+    return path if path.suffix == ".toml" else PRESET_DIR / f"{name_or_path}.toml"
+
+
 def load_preset(name_or_path: str) -> Preset:
     """A preset by name (pipeline/presets/<name>.toml) or by path to a TOML file."""
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = PRESET_DIR / f"{name_or_path}.toml"
+    path = preset_path(name_or_path)
     if not path.is_file():
         raise KDError(
             f"unknown preset '{name_or_path}': choose one of {', '.join(preset_names())} "

@@ -30,6 +30,13 @@ cache_app = typer.Typer(
     help="List, check, share, export/import and remove logit caches.",
 )
 app.add_typer(cache_app, name="cache")
+config_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Show the configuration a command would use.",
+)
+app.add_typer(config_app, name="config")
 
 F = TypeVar("F", bound=Callable[..., Any])
 _state: dict[str, Any] = {}
@@ -447,3 +454,19 @@ def cache_ls(
 
 if __name__ == "__main__":  # torchrun -m stages.cli ...
     app()
+
+
+@config_app.command("show")
+@friendly
+def config_show(
+    preset: PresetOpt = "mnist1d",
+    method: Annotated[str | None, typer.Option("--method", "-m", help=f"One of {', '.join(LOSSES)}.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the resolved preset as TOML: every field, where its value came from (preset file, the
+    method's defaults, command line, built-in default) and the default where it differs. Saved to a file,
+    it is a preset that resolves to the same settings."""
+    from pipeline.preset_toml import origins, to_toml
+
+    overrides = {**_pairs(set_), **({"distill.method": method} if method else {})}
+    print(to_toml(resolve(preset, overrides), origins(preset, overrides)), end="")

@@ -304,3 +304,15 @@ def test_plain_progress_lines_without_a_terminal(tiny_data: Paths) -> None:
     ]
     for line, m in zip(lines, metrics, strict=True):
         assert f"loss {m['train_loss']:.4f} val {100 * m['val_accuracy']:.2f}%" in line
+
+
+def test_config_show_prints_a_preset() -> None:
+    import tomllib
+
+    result = runner.invoke(
+        app, ["config", "show", "--preset", "tiny", "-m", "dkd", "--set", "distill.seed=3"]
+    )
+    assert result.exit_code == 0, result.output
+    shown = tomllib.loads(result.stdout)
+    assert shown["distill"]["method"] == "dkd" and shown["distill"]["seed"] == 3
+    assert shown["distill"]["dkd"]["warmup_epochs"] == 3  # tiny's own value

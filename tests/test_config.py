@@ -135,3 +135,45 @@ def test_preset_from_path_rejects_unknown_fields(tmp_path) -> None:
         load_preset(str(path))
     path.write_text('[distill]\nmethod = "ce"\n')
     assert load_preset(str(path)).name == "mine"
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("mnist1d", {}),
+        (
+            "mnist1d",
+            {"distill.method": "annealing", "distill.train.lr": "0.02", "student.options.hidden": "[64]"},
+        ),
+        ("cifar100", {"distill.method": "continuation"}),
+        ("glue-sst2", {}),
+        ("tiny", {"distill.ce_weight": "0.1", "distill.kd_weight": "9", "distill.standardize": "true"}),
+    ],
+)
+def test_config_show_round_trips(preset: str, overrides: dict, tmp_path) -> None:  # noqa: ANN001
+    """`kd config show` output, saved as a preset, resolves to the same settings (method defaults and
+    command line included); every setting is listed with its origin."""
+    from pipeline.config import flat_settings
+    from pipeline.preset_toml import origins, to_toml
+
+    resolved = resolve(preset, overrides)
+    text = to_toml(resolved, origins(preset, overrides))
+    (tmp_path / "shown.toml").write_text(text)
+    again = resolve(str(tmp_path / "shown.toml"))
+    assert flat_settings(again) == flat_settings(resolved)
+    assert again.compare == resolved.compare and again.sweep == resolved.sweep
+    where = origins(preset, overrides)
+    assert set(where) == set(flat_settings(resolved))  # every setting has an origin
+    for key in overrides:
+        assert where[key if key in where else key.rsplit(".", 1)[0]] == "command line"
+    assert text.count("# <- command line") == len(overrides)
+
+
+def test_config_show_names_origins() -> None:
+    from pipeline.preset_toml import origins
+
+    where = origins("mnist1d", {"distill.method": "annealing", "distill.alpha": "0.5"})
+    assert where["distill.train.lr"] == "method_defaults.annealing"
+    assert where["distill.alpha"] == "command line"
+    assert where["distill.temperature"] == "preset"
+    assert where["distill.train.momentum"] == "default"
