@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -159,14 +160,13 @@ def gc(root: Path, *, older_than_hours: float, yes: bool) -> None:
         console.print("dry run: pass --yes to remove")
 
 
-def ls(root: str | Path) -> None:
-    entries = list_root(root)
-    table = Table(title=f"logit caches in {root}")
-    for column in ("name", "teacher", "dataset", "split", "rows", "classes", "dtype", "size", "complete"):
-        table.add_column(column)
-    count = 0
+def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
+    """The caches under `root`: full names (what `kd cache rm` takes, never cut), rows, size, the teacher's
+    accuracy on the cached split, when it was written and whether it is complete; --long adds teacher,
+    dataset, split, classes and dtype; --json prints the same as a list of objects for scripts."""
+    rows: list[dict[str, Any]] = []
     warn = Console(stderr=True, soft_wrap=True)
-    for entry in entries:
+    for entry in list_root(root):
         if not entry.rstrip("/").endswith((".zarr", ".zip")):
             continue  # not named as a cache: someone else's folder
         try:
@@ -175,24 +175,54 @@ def ls(root: str | Path) -> None:
             warn.print(f"warning: skipping {err}", highlight=False)
             continue
         m = store.manifest
-        complete = store.is_intact
-        table.add_row(
-            entry.rstrip("/").rsplit("/", 1)[-1],
-            m.teacher.name,
-            m.dataset.name,
-            m.dataset.split,
-            str(m.dataset.length),
-            str(m.dataset.num_classes),
-            m.storage.dtype,
-            _size(store.nbytes_stored()),
-            "yes" if complete else "[red]no[/red]",
+        rows.append(
+            {
+                "name": entry.rstrip("/").rsplit("/", 1)[-1],
+                "rows": m.dataset.length,
+                "bytes": store.nbytes_stored(),
+                "teacher_accuracy": m.teacher_accuracy,
+                "created": m.created,
+                "complete": store.is_intact,
+                "teacher": m.teacher.name,
+                "dataset": m.dataset.name,
+                "split": m.dataset.split,
+                "classes": m.dataset.num_classes,
+                "dtype": m.storage.dtype,
+            }
         )
-        count += 1
+    if as_json:
+        print(strict_json.dumps(rows, indent=2))
+        return
     console = Console()
-    if count:
-        console.print(table)
-    else:
+    if not rows:
         console.print(f"no logit caches in {root}")
+        return
+    table = Table(
+        title=f"logit caches in {root}", box=None, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0)
+    )
+    table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
+    columns = ["rows", "size", "acc", "created", "ok"] + (
+        ["teacher", "dataset", "split", "classes", "dtype"] if long else []
+    )
+    for column in columns:
+        right = column in ("rows", "size", "acc", "classes")
+        table.add_column(column, justify="right" if right else "left", no_wrap=column != "teacher")
+    for r in rows:
+        cells = [
+            f"{r['rows']:,}",
+            _size(r["bytes"]).replace(" ", "").replace("iB", ""),  # 83.5K: the table fits 80 columns
+            "-" if r["teacher_accuracy"] is None else f"{100 * r['teacher_accuracy']:.1f}%",
+            r["created"][5:16].replace("T", " ") or "-",  # MM-DD HH:MM (UTC); --json has the full time
+            "yes" if r["complete"] else "[red]no[/red]",
+        ]
+        if long:
+            cells += [r["teacher"], r["dataset"], r["split"], str(r["classes"]), r["dtype"]]
+        table.add_row(r["name"], *cells)
+    console.print(table)
+    if not long:
+        console.print(
+            "acc: the teacher's accuracy on the split; created: UTC; --long adds teacher, dataset, dtype"
+        )
 
 
 def _completeness(store: LogitStore) -> str:

@@ -7,15 +7,43 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from pipeline.config import Paths, Preset, preset_names, resolve
 from pipeline.errors import KDError
 from pipeline.losses import LOSSES
 
+GLOBAL_OPTIONS = ("--data-dir", "--cache-dir")
+
+
+class _GlobalOptionsAnywhere(TyperGroup):
+    """`kd distill --data-dir D` as well as `kd --data-dir D distill`: the global options are moved in
+    front of the subcommand before parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        front: list[str] = []
+        rest: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg in GLOBAL_OPTIONS and i + 1 < len(args):
+                front += args[i : i + 2]
+                i += 2
+                continue
+            if arg.split("=", 1)[0] in GLOBAL_OPTIONS and "=" in arg:
+                front.append(arg)
+            else:
+                rest.append(arg)
+            i += 1
+        return super().parse_args(ctx, front + rest)
+
+
 app = typer.Typer(
+    cls=_GlobalOptionsAnywhere,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -445,11 +473,16 @@ def cache_ls(
     root: Annotated[
         str | None, typer.Argument(help="Cache root, a folder or URL [default: the cache dir].")
     ] = None,
+    long: Annotated[
+        bool, typer.Option("--long", "-l", help="Add teacher, dataset, split, classes, dtype.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON, for scripts.")] = False,
 ) -> None:
-    """List the caches under a directory or URL prefix."""
+    """List the caches under a directory or URL prefix: full names (what `kd cache rm` takes), rows, size,
+    teacher accuracy on the split, created, complete."""
     from stages import cache as stage
 
-    stage.ls(root or _state["paths"].logits)
+    stage.ls(root or _state["paths"].logits, long=long, as_json=as_json)
 
 
 if __name__ == "__main__":  # torchrun -m stages.cli ...

@@ -316,3 +316,35 @@ def test_config_show_prints_a_preset() -> None:
     shown = tomllib.loads(result.stdout)
     assert shown["distill"]["method"] == "dkd" and shown["distill"]["seed"] == 3
     assert shown["distill"]["dkd"]["warmup_epochs"] == 3  # tiny's own value
+
+
+def test_global_options_after_the_subcommand(tiny_data: Paths) -> None:
+    (train,) = cache_paths(tiny_data, "train")
+    for args in (
+        ["cache", "ls", "--data-dir", str(tiny_data.data)],
+        ["cache", "ls", f"--data-dir={tiny_data.data}"],
+    ):
+        result = runner.invoke(app, args, env={"COLUMNS": "400"})
+        assert result.exit_code == 0, result.output
+        assert train.name in result.output
+
+
+def test_cache_ls_fits_80_columns_with_full_names_and_json(tiny_data: Paths) -> None:
+    names = sorted(p.name for split in ("train", "test") for p in cache_paths(tiny_data, split))
+    result = runner.invoke(app, ["--data-dir", str(tiny_data.data), "cache", "ls"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert all(len(line) <= 80 for line in result.stdout.splitlines()), result.stdout
+    for name in names:  # what `kd cache rm` needs, never cut
+        assert any(line.startswith(name + " ") for line in result.stdout.splitlines()), result.stdout
+    listed = json.loads(
+        runner.invoke(app, ["--data-dir", str(tiny_data.data), "cache", "ls", "--json"]).stdout
+    )
+    assert sorted(e["name"] for e in listed) == names
+    train = next(e for e in listed if e["split"] == "train")
+    manifest = LogitStore.open(tiny_data.logits / train["name"]).manifest
+    assert (train["rows"], train["teacher_accuracy"], train["created"], train["complete"]) == (
+        800,
+        manifest.teacher_accuracy,
+        manifest.created,
+        True,
+    )
