@@ -30,7 +30,21 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Te
 def pick_device(name: str = "auto") -> torch.device:
     """cuda, then mps, then cpu, unless a device is named."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise KDError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise KDError(
+                f"device '{name}' asked for, but this machine has no usable CUDA GPU: use auto or cpu"
+            )
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise KDError(
+                f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+        if device.type == "mps" and not (torch.backends.mps.is_available()):
+            raise KDError(f"device '{name}' asked for, but MPS is not available here: use auto or cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

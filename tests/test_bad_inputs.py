@@ -303,3 +303,15 @@ def test_malformed_entries_are_skipped_with_a_warning(tiny_data: Paths, tmp_path
     for path in paths.runs.rglob("*.json*"):  # strict JSON: NaN or Infinity would fail here
         for line in path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]:
             json.loads(line, parse_constant=lambda c, p=path: pytest.fail(f"{p} holds {c}"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("argv", [["bench", "--device", "cuda"], ["distill", "--device", "cuda:0"]])
+def test_asking_for_a_gpu_without_one(argv: list[str], tmp_path: Path) -> None:
+    result = run_kd(tmp_path / "data", *argv)
+    assert_refused(result, "but this machine has no usable CUDA GPU: use auto or cpu")
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_unknown_device_name(tmp_path: Path) -> None:
+    assert_refused(run_kd(tmp_path / "data", "distill", "--device", "gpu"), "unknown device 'gpu'")
