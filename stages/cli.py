@@ -175,7 +175,10 @@ def teacher_logits(
     split: Annotated[
         list[str] | None, typer.Option(help="Split(s) to dump [default: train and test].")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="Storage dtype: float16, bfloat16 or float32.")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="Storage dtype: float16, bfloat16 or float32 [default: the preset's cache.dtype]."),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Recompute even when a complete cache exists.")] = False,
     teacher: Annotated[
         Path | None,
@@ -202,20 +205,35 @@ def teacher_logits(
 @friendly
 def distill(
     preset: PresetOpt = "mnist1d",
-    method: Annotated[str | None, typer.Option("--method", "-m", help=f"One of {', '.join(LOSSES)}.")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option("--method", "-m", help=f"One of {', '.join(LOSSES)} [default: the preset's]."),
+    ] = None,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", "-T", help="Softmax temperature on the cached logits.")
+        float | None,
+        typer.Option(
+            "--temperature", "-T", help="Softmax temperature on the cached logits [default: the preset's]."
+        ),
     ] = None,
     alpha: Annotated[
-        float | None, typer.Option("--alpha", "-a", help="Weight of the teacher term, in [0, 1].")
+        float | None,
+        typer.Option("--alpha", "-a", help="Weight of the teacher term, in [0, 1] [default: the preset's]."),
     ] = None,
     label_smoothing: Annotated[
-        float | None, typer.Option(help="Label smoothing on the hard-label term.")
+        float | None, typer.Option(help="Label smoothing on the hard-label term [default: the preset's].")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of init and data order.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Training epochs [default: the preset's, or its method default].")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate [default: the preset's, or its method default].")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Batch size [default: the preset's, or its method default].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of init and data order [default: the preset's].")
+    ] = None,
     cache: Annotated[
         str | None,
         typer.Option(
@@ -493,7 +511,10 @@ if __name__ == "__main__":  # torchrun -m stages.cli ...
 @friendly
 def config_show(
     preset: PresetOpt = "mnist1d",
-    method: Annotated[str | None, typer.Option("--method", "-m", help=f"One of {', '.join(LOSSES)}.")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option("--method", "-m", help=f"One of {', '.join(LOSSES)} [default: the preset's]."),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Print the resolved preset as TOML: every field, where its value came from (preset file, the
