@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,13 @@ def _hf_text(cfg: DatasetConfig) -> dict[str, Split]:
             return_tensors="pt",
         )
         inputs = torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1).long()  # (N, 2, L)
+        unknown = _unknown_fraction(inputs, tokenizer.unk_token_id)
+        if unknown > 0.05:
+            print(
+                f"warning: {100 * unknown:.1f}% of the {split} tokens are unknown to tokenizer "
+                f"'{tokenizer_name}' (more than 5%): is it the tokenizer the teacher was trained with?",
+                file=sys.stderr,
+            )
         n = len(rows)
         out[split] = Split(
             dataset=str(o.get("name", o.get("config") or o.get("hub") or "hf-text")),
@@ -333,6 +341,14 @@ def _hf_text(cfg: DatasetConfig) -> dict[str, Split]:
         )
         first_id += n
     return out
+
+
+def _unknown_fraction(inputs: torch.Tensor, unk_id: int | None) -> float:
+    """The share of real (attended) tokens that are the tokenizer's unknown token. inputs (N, 2, L)."""
+    if unk_id is None:
+        return 0.0
+    real = inputs[:, 1].bool()
+    return float((inputs[:, 0][real] == unk_id).float().mean()) if real.any() else 0.0
 
 
 # The options each builder reads (README "Your own data"): anything else is refused by name, never ignored.

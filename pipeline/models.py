@@ -160,6 +160,34 @@ class HFClassifier(nn.Module):
         return self.model(input_ids=inputs[:, 0], attention_mask=inputs[:, 1]).logits
 
 
+def check_vocabulary(model: nn.Module, inputs: torch.Tensor, tokenizer: str | None, role: str) -> None:
+    """A Hugging Face model must read the data's token ids: its embedding table covers every id and,
+    when its own tokenizer can be loaded, that tokenizer has the same vocabulary as the data's. A student
+    shares the teacher's tokenizer (same vocabulary and ids). inputs (N, 2, L) [input_ids; mask]."""
+    if not isinstance(model, HFClassifier) or tokenizer is None:
+        return
+    name = str(getattr(model.model.config, "_name_or_path", "") or "the model")
+    size = model.model.get_input_embeddings().num_embeddings
+    top = int(inputs[:, 0].max())
+    fix = f"use a {role} built with tokenizer '{tokenizer}' (students share the teacher's tokenizer)"
+    if top >= size:
+        raise KDError(
+            f"the {role} '{name}' has a vocabulary of {size} tokens but the data, tokenized with "
+            f"'{tokenizer}', has token ids up to {top}: {fix}"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        own, data = AutoTokenizer.from_pretrained(name), AutoTokenizer.from_pretrained(tokenizer)
+    except Exception:  # no tokenizer files beside the model (or offline): the size check is what we have
+        return
+    if own.get_vocab() != data.get_vocab():
+        raise KDError(
+            f"the {role} '{name}' uses another vocabulary ({len(own)} tokens) than the data's tokenizer "
+            f"'{tokenizer}' ({len(data)} tokens): {fix}"
+        )
+
+
 def _hf_model(name_or_path: str, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
     """AutoModelForSequenceClassification from a hub id or a local save_pretrained folder."""
     from transformers import AutoModelForSequenceClassification

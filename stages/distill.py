@@ -32,7 +32,7 @@ from pipeline.datasets import Split, load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import DivergedError, KDError
 from pipeline.losses import LABEL_ONLY, LOSSES
-from pipeline.models import architecture_record, build_model, save_checkpoint
+from pipeline.models import architecture_record, build_model, check_vocabulary, save_checkpoint
 from pipeline.plots import plot_curves
 from pipeline.remote import copy_cache, is_url, read_through_path
 from pipeline.schedules import (
@@ -71,7 +71,9 @@ def run(
     device = device_for(ranks, device_name, pick_device(device_name))
     generator = seed_everything(cfg.seed)  # the same on every rank: same init, same global batches
     data = prepare(preset, paths, cache=cache, device=device)
-    student = build_model(preset.student, data.train.num_classes, data.train.input_shape).to(device)
+    student = build_model(preset.student, data.train.num_classes, data.train.input_shape)
+    check_vocabulary(student, data.train.inputs, data.train.preprocessing.get("tokenizer"), "student")
+    student = student.to(device)
     model: torch.nn.Module = student
     if ranks.active:
         data.batches.shard(ranks.rank, ranks.world)

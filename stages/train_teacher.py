@@ -18,7 +18,14 @@ from pipeline.batches import InMemoryBatches
 from pipeline.config import Paths, Preset
 from pipeline.datasets import load_split, validation_rows
 from pipeline.losses import cross_entropy
-from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, architecture_record, build_model, save_checkpoint
+from pipeline.models import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    architecture_record,
+    build_model,
+    check_vocabulary,
+    save_checkpoint,
+)
 from pipeline.train import accuracy, fit, pick_device, predict, seed_everything
 from stages.teacher_logits import check_same_teacher, existing_caches
 
@@ -49,6 +56,7 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
     check_augment(cfg.train.augment, train.inputs)
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     model = build_model(cfg.model, train.num_classes, train.input_shape)
+    check_vocabulary(model, train.inputs, train.preprocessing.get("tokenizer"), "teacher")
     batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device)
 
     console.print(

@@ -12,17 +12,30 @@ from pipeline.config import Paths
 from tests.test_cli import assert_one_line_error, kd
 
 WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was", "very"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def word_tokenizer(words: list[str], folder: Path):  # noqa: ANN201
+    """A BERT word-piece tokenizer over `words`. transformers 5 takes `vocab` (and silently ignores the
+    `vocab_file` of 4.x, leaving only the special tokens: every word would be [UNK])."""
+    from transformers import BertTokenizer, BertTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + words)}
+    tokenizer = BertTokenizer(vocab=vocab)
+    if len(tokenizer) != len(vocab):  # transformers 4.x
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    assert tokenizer.get_vocab() == vocab
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
 def text_setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import datasets
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification
 
     root = tmp_path_factory.mktemp("text")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = word_tokenizer(WORDS, root)
     config = BertConfig(
         vocab_size=len(WORDS) + 5,
         hidden_size=16,
@@ -127,3 +140,54 @@ def test_csv_files_through_datasets(text_setup: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "d" / "runs" / "csv" / "config.json").read_text())
     assert config["preset"]["dataset"]["options"]["format"] == "csv"
+
+
+def _bert(folder: Path, words: list[str], vocab_size: int | None = None) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder.mkdir(parents=True)
+    config = BertConfig(
+        vocab_size=vocab_size or len(words) + 5,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    word_tokenizer(words, folder).save_pretrained(folder)
+    return folder
+
+
+def test_a_student_with_another_vocabulary_is_one_line(text_setup: Path, tmp_path: Path) -> None:
+    """The student must share the teacher's tokenizer: a smaller embedding table (an IndexError before)
+    or the same size with other ids both stop before training, naming both."""
+    small = _bert(tmp_path / "small", WORDS[:3])  # 8 embeddings; the data has ids up to 16
+    result = kd(Paths(data=tmp_path / "d"), "distill", "--preset", preset(text_setup), "--method", "ce",
+                "--set", f"student.arch=hf:{small}")  # fmt: skip
+    assert_one_line_error(result, f"the student '{small}' has a vocabulary of 8 tokens but the data")
+    shuffled = _bert(tmp_path / "shuffled", list(reversed(WORDS)))  # same size, other ids
+    result = kd(Paths(data=tmp_path / "d"), "distill", "--preset", preset(text_setup), "--method", "ce",
+                "--set", f"student.arch=hf:{shuffled}")  # fmt: skip
+    assert_one_line_error(result, f"the student '{shuffled}' uses another vocabulary (17 tokens) than the")
+
+
+def test_many_unknown_tokens_warn(text_setup: Path, tmp_path: Path) -> None:
+    import torch
+
+    from pipeline.datasets import _unknown_fraction
+
+    ids = torch.tensor([[[5, 1, 1, 0], [1, 1, 1, 0]], [[1, 6, 7, 8], [1, 1, 1, 1]]])  # unk id 1, pad 0
+    assert _unknown_fraction(ids, 1) == pytest.approx(3 / 7)
+    poor = _bert(tmp_path / "poor", WORDS[8:])  # knows "the movie was very" only
+    path = tmp_path / "poor.toml"
+    path.write_text(
+        Path(preset(text_setup))
+        .read_text()
+        .replace(f'tokenizer = "{text_setup / "bert"}"', f'tokenizer = "{poor}"')
+    )
+    result = kd(Paths(data=tmp_path / "d"), "distill", "--preset", str(path), "--method", "ce",
+                "--set", f"student.arch=hf:{poor}", "--epochs", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "of the train tokens are unknown to tokenizer" in result.stderr
