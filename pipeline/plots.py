@@ -100,14 +100,25 @@ def plot_comparison(
 def plot_sweep(combos: Sequence[dict[str, Any]], keys: Sequence[str], out: Path) -> list[Path]:
     """Validation and test accuracy against the first numeric grid key, one line per method (and per
     value of the other keys), mean with the seeds' min-max as a band. Returns the files written."""
-    numeric = [k for k in keys if all(_is_number(c["combo"][k]) for c in combos)]
+    numeric = [
+        k
+        for k in keys
+        if any(k in c["combo"] for c in combos)
+        and all(_is_number(c["combo"][k]) for c in combos if k in c["combo"])
+    ]
     if not numeric:
         return []
     x_key = numeric[0]
     series: dict[str, list[dict[str, Any]]] = {}
+    flat: list[dict[str, Any]] = []  # combinations whose method ignores the x axis: a level, not a line
     for c in combos:
+        if x_key not in c["combo"]:
+            flat.append(c)
+            continue
         rest = ", ".join(
-            f"{k.split('.')[-1]}={c['combo'][k]}" for k in keys if k != x_key and k != "distill.method"
+            f"{k.split('.')[-1]}={c['combo'][k]}"
+            for k in keys
+            if k != x_key and k != "distill.method" and k in c["combo"]
         )
         series.setdefault(c["method"] + (f" ({rest})" if rest else ""), []).append(c)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -115,11 +126,26 @@ def plot_sweep(combos: Sequence[dict[str, Any]], keys: Sequence[str], out: Path)
         for name, points in series.items():
             points = sorted(points, key=lambda c: float(c["combo"][x_key]))
             xs = [float(c["combo"][x_key]) for c in points]
-            ax.plot(xs, [c[f"{metric}_mean"] for c in points], marker="o", label=name)
-            ax.fill_between(xs, [min(c[metric]) for c in points], [max(c[metric]) for c in points], alpha=0.2)
+            ax.plot(xs, [c[f"{metric}_mean"] for c in points], marker="o", label=name, alpha=0.85)
+            ax.fill_between(
+                xs, [min(c[metric]) for c in points], [max(c[metric]) for c in points], alpha=0.15
+            )
+        for c in flat:
+            ax.axhline(c[f"{metric}_mean"], ls="--", lw=1, color="tab:gray")
+            ax.annotate(
+                f"{c['label']} (no {x_key.split('.')[-1]})",
+                (0.01, c[f"{metric}_mean"]),
+                xycoords=("axes fraction", "data"),
+                fontsize=7,
+                va="bottom",
+                color="tab:gray",
+            )
         ax.set(xlabel=x_key.split(".")[-1], title=f"{metric} accuracy (mean, band: seed min-max)")
         if x_key.endswith("temperature") or x_key.endswith("lr"):
             ax.set_xscale("log", base=2 if x_key.endswith("temperature") else 10)
+            values = sorted({float(c["combo"][x_key]) for cs in series.values() for c in cs})
+            ax.set_xticks(values, [f"{v:g}" for v in values])  # 1, 2, 4, 8 rather than 2^0 ... 2^3
+            ax.minorticks_off()
     axes[0].set_ylabel("accuracy (%)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()

@@ -201,9 +201,14 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
         title=f"logit caches in {root}", box=None, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0)
     )
     table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
-    columns = ["rows", "size", "acc", "created", "ok"] + (
-        ["teacher", "dataset", "split", "classes", "dtype"] if long else []
+    # a name not made by kd (team.zip) does not say whose logits these are: then the teacher is shown too
+    unnamed = any(not r["name"].startswith(f"{r['teacher']}.{r['dataset']}.{r['split']}.") for r in rows)
+    extra = (
+        ["teacher", "dataset", "split", "classes", "dtype"]
+        if long
+        else (["teacher", "split"] if unnamed else [])
     )
+    columns = ["rows", "size", "acc", "created", "ok", *extra]
     for column in columns:
         right = column in ("rows", "size", "acc", "classes")
         table.add_column(column, justify="right" if right else "left", no_wrap=column != "teacher")
@@ -215,8 +220,7 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
             r["created"][5:16].replace("T", " ") or "-",  # MM-DD HH:MM (UTC); --json has the full time
             "yes" if r["complete"] else "[red]no[/red]",
         ]
-        if long:
-            cells += [r["teacher"], r["dataset"], r["split"], str(r["classes"]), r["dtype"]]
+        cells += [str(r[column]) for column in extra]
         table.add_row(r["name"], *cells)
     console.print(table)
     if not long:

@@ -305,7 +305,8 @@ def finished_summary(run_dir: Path, preset: Preset) -> dict[str, Any] | None:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return summary if config.get("preset") == preset.to_dict() else None
+    saved = config.get("preset")
+    return summary if isinstance(saved, dict) and used_settings(saved) == used_settings(preset) else None
 
 
 @dataclass(frozen=True)
@@ -447,6 +448,21 @@ def soft_settings(cfg: DistillConfig) -> dict[str, float]:
     return out
 
 
+def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
+    """flat_settings without the ones the preset's method ignores (T for annealing, alpha for dkd, the
+    other methods' sub-tables, ...): what identifies a run. Two presets equal here train the same."""
+    flat = flat_settings(preset)
+    method = flat["distill.method"]
+    ignored: list[str] = [
+        f"distill.{m}." for m in ("annealing", "continuation", "dkd", "dist") if m != method
+    ]
+    if method not in USES_TEMPERATURE:
+        ignored += ["distill.temperature", "distill.standardize"]  # temperature_schedule etc. start so
+    if method != "kd":
+        ignored += ["distill.alpha", "distill.ce_weight", "distill.kd_weight"]  # alpha_schedule, alpha_end
+    return {k: v for k, v in flat.items() if not any(k.startswith(prefix) for prefix in ignored)}
+
+
 _NAME_PARTS = {"temperature": "T", "alpha": "a", "ce_weight": "ce", "kd_weight": "kd"}
 
 
@@ -459,7 +475,8 @@ def default_run_name(preset: Preset, changes: dict[str, Any] | None = None) -> s
     soft = "".join(f"-{_NAME_PARTS[k]}{v:g}" for k, v in shown.items())
     soft += "-zscore" if cfg.standardize else ""  # logit standardization
     named = {"distill.method", "distill.seed", "distill.standardize", *(f"distill.{k}" for k in shown)}
-    rest = {k: v for k, v in (changes or {}).items() if k not in named}
+    used = used_settings(preset)
+    rest = {k: v for k, v in (changes or {}).items() if k not in named and k in used}
     tag = (
         "-" + hashlib.sha256(strict_json.dumps(sorted(rest.items())).encode()).hexdigest()[:6] if rest else ""
     )
@@ -481,9 +498,9 @@ def check_run_folder(run_dir: Path, preset: Preset) -> None:
             f"{run_dir} exists and is not a run folder of kd: not writing into it; "
             "pass --run-name NAME (or remove that folder)"
         ) from None
-    if previous == preset.to_dict():
-        return  # the same experiment again: its folder is rewritten
-    old, new = flat_settings(previous) if isinstance(previous, dict) else {}, flat_settings(preset)
+    old, new = used_settings(previous) if isinstance(previous, dict) else {}, used_settings(preset)
+    if old == new:
+        return  # the same experiment again (settings its method ignores aside): its folder is rewritten
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:3])
     raise KDError(

@@ -100,15 +100,35 @@ def run(
     out = paths.data / "sweeps" / name
     claim_report_folder(out, "sweep.json", spec, "--name")
     plan = []  # (label, combination, preset)
+    seen: set[str] = set()
+    same: list[str] = []
     for values in itertools.product(*axes.values()):
         combo = dict(zip(axes, values, strict=True))
+        presets = [
+            resolve(preset_name, {**(overrides or {}), **combo, "distill.seed": seed})
+            for seed in range(seeds)
+        ]
+        # a combination differing from an earlier one only in settings its method ignores (T for
+        # annealing, alpha for dkd, ...) trains the same students: run it once, named by what it uses
+        used = distill.used_settings(presets[0])
+        combo = {k: v for k, v in combo.items() if k in used}
         label = ",".join(f"{_short(k)}={v}" for k, v in combo.items()) or "base"
-        for seed in range(seeds):
-            preset = resolve(preset_name, {**(overrides or {}), **combo, "distill.seed": seed})
-            plan.append((label, combo, preset))
+        key = strict_json.dumps(sorted(used.items()))
+        if key in seen:
+            same.append(label)
+            continue
+        seen.add(key)
+        plan += [(label, combo, preset) for preset in presets]
     console.print(
-        f"sweep '{name}': {len(plan)} runs ({len(plan) // seeds} combinations x {seeds} seeds), {mode}"
+        f"sweep '{name}': {len(plan)} runs ({len(plan) // seeds} combinations x {seeds} seeds), {mode}",
+        highlight=False,
     )
+    if same:
+        console.print(
+            f"{len(same)} combination(s) differ only in settings their method ignores and are trained once: "
+            f"{', '.join(dict.fromkeys(same))}",
+            highlight=False,
+        )
 
     done: dict[int, dict[str, Any]] = {}
     todo = []
@@ -370,7 +390,7 @@ def report(
     combos = aggregate(rows)
     for combo in combos:
         first = next(r for r in rows if r["label"] == combo["label"])
-        combo["combo"] = {k: first[k] for k in keys}
+        combo["combo"] = {k: first[k] for k in keys if k in first}  # axes its method ignores are absent
     combos.sort(key=lambda c: c["val_mean"], reverse=True)
     best = combos[0]
     runs = reproduce(rows, best, axes, out, preset_name, overrides, seeds)

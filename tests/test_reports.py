@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,23 @@ def test_run_names_show_only_what_the_method_uses() -> None:
     assert name(method="kd", temperature=2, ce_weight=0.1, kd_weight=9, standardize=True) == (
         "tiny-kd-T2-ce0.1-kd9-zscore-s0"
     )
+
+
+def test_settings_a_method_ignores_do_not_make_another_run(tmp_path: Path) -> None:
+    from pipeline.config import resolve
+    from stages.distill import changed_settings, check_run_folder, default_run_name, used_settings
+
+    plain = resolve("tiny", {"distill.method": "annealing"})
+    hot = resolve("tiny", {"distill.method": "annealing", "distill.temperature": 3, "distill.alpha": 0.5})
+    assert used_settings(plain) == used_settings(hot)
+    assert default_run_name(hot, changed_settings(hot, "tiny")) == "tiny-annealing-s0"
+    folder = tmp_path / "tiny-annealing-s0"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"preset": plain.to_dict()}))
+    check_run_folder(folder, hot)  # the same run: no refusal
+    other = resolve("tiny", {"distill.method": "annealing", "distill.annealing.tau_max": 2})
+    assert used_settings(other) != used_settings(plain)
+    kd = resolve("tiny", {"distill.temperature": 3})
+    assert used_settings(kd)[
+        "distill.temperature"
+    ] == 3.0 and "distill.annealing.tau_max" not in used_settings(kd)

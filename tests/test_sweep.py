@@ -78,9 +78,9 @@ def test_one_pass_equals_sequential(tiny_data: Paths) -> None:
     for mode in ("sequential", "one-pass"):
         result = kd(tiny_data, "sweep", "--preset", "tiny", *grid, "--mode", mode, "--name", f"eq-{mode}")
         assert result.exit_code == 0, result.output
-    assert "one pass: 4 students" in result.stderr
+    assert "one pass: 3 students" in result.stderr  # ce ignores T: its two combinations train once
     runs = sorted(p.name for p in (tiny_data.data / "sweeps" / "eq-sequential" / "runs").iterdir())
-    assert len(runs) == 4
+    assert len(runs) == 3
     for run in runs:
         a, b = (
             tiny_data.data / "sweeps" / f"eq-{mode}" / "runs" / run for mode in ("sequential", "one-pass")
@@ -96,7 +96,7 @@ def test_one_pass_equals_sequential(tiny_data: Paths) -> None:
         )
         for key in wa:
             assert torch.allclose(wa[key], wb[key], atol=1e-3), (run, key)
-        assert json.loads((b / "config.json").read_text())["mode"] == "one-pass x4"
+        assert json.loads((b / "config.json").read_text())["mode"] == "one-pass x3"
 
 
 def test_sweep_never_loads_the_teacher(tiny_data: Paths, tmp_path: Path) -> None:
@@ -209,3 +209,27 @@ def test_one_pass_refuses_batchnorm_students() -> None:
             test=None,
             device=torch.device("cpu"),
         )
+
+
+def test_combinations_a_method_ignores_are_trained_once(tiny_data: Paths) -> None:
+    grid = [
+        "--grid",
+        "method=kd,annealing",
+        "--grid",
+        "temperature=2,4",
+        "--grid",
+        "alpha=0.9",
+        "--grid",
+        "epochs=13",
+    ]
+    result = kd(tiny_data, "sweep", "--preset", "tiny", *grid, "--name", "ignored-axes")
+    assert result.exit_code == 0, result.output
+    assert "3 runs (3 combinations x 1 seeds)" in result.stderr
+    assert "trained once: method=annealing,epochs=13" in result.stderr
+    out = tiny_data.data / "sweeps" / "ignored-axes"
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "method=annealing,epochs=13-s0",
+        "temperature=2,alpha=0.9,method=kd,epochs=13-s0",
+        "temperature=4,alpha=0.9,method=kd,epochs=13-s0",
+    ]
+    assert (out / "accuracy_vs_temperature.png").is_file()
