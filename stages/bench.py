@@ -106,7 +106,9 @@ def run(
     (out / "bench.json").write_text(strict_json.dumps(report, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(report))
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
-    print((out / "bench.md").read_text())
+    from rich.markdown import Markdown
+
+    Console(width=None if Console().is_terminal else 120).print(Markdown((out / "bench.md").read_text()))
     return out
 
 
