@@ -1,6 +1,6 @@
 """The paper presets resolve to the papers' settings: each row below is written from the papers and the
-authors' code (../shared/PAPERS.md; Efficient-NLP `Annealing_KD/`), not from the presets, so a preset that
-drifts from its paper fails here. README "Presets for the papers' setups" states the same table."""
+authors' code (huawei-noah/Efficient-NLP `Annealing_KD/`), not from the presets, so a preset that drifts
+from its paper fails here. README "Presets for the papers' setups" states the same table."""
 
 from __future__ import annotations
 
