@@ -32,21 +32,9 @@ def word_tokenizer(words: list[str], folder: Path):  # noqa: ANN201
 @pytest.fixture(scope="module")
 def text_setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import datasets
-    from transformers import BertConfig, BertForSequenceClassification
 
     root = tmp_path_factory.mktemp("text")
-    tokenizer = word_tokenizer(WORDS, root)
-    config = BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
+    _bert(root / "bert", WORDS)
     import random
 
     rng = random.Random(0)
