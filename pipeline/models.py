@@ -122,9 +122,35 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) 
     function called as factory(num_classes=..., input_shape=..., **options) for anything else."""
     builder = _builder(cfg.arch)
     try:
-        return builder(num_classes, tuple(input_shape), **dict(cfg.options))
+        model = builder(num_classes, tuple(input_shape), **dict(cfg.options))
     except (TypeError, ValueError) as err:
         raise KDError(f"cannot build '{cfg.arch}' with options {dict(cfg.options)}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise KDError(f"'{cfg.arch}' returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+@torch.no_grad()
+def check_outputs(model: nn.Module, inputs: torch.Tensor, num_classes: int, role: str, arch: str) -> None:
+    """One forward pass on two samples (CPU, eval mode) before any training: the model must give one
+    logit per class. A student with the wrong head would train on a mismatched target or fail mid-epoch."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(inputs[:2])
+    except Exception as err:  # a user's factory: any error, in one line
+        raise KDError(
+            f"the {role} '{arch}' fails on the data's inputs {tuple(inputs.shape[1:])}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (min(2, len(inputs)), num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise KDError(
+            f"the {role} '{arch}' returns {shape} for 2 samples, but the data has {num_classes} classes: it "
+            f"must return logits of shape (batch, {num_classes})"
+        )
 
 
 def _builder(arch: str) -> Callable[..., nn.Module]:

@@ -32,7 +32,13 @@ from pipeline.datasets import Split, load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import DivergedError, KDError
 from pipeline.losses import LABEL_ONLY, LOSSES
-from pipeline.models import architecture_record, build_model, check_vocabulary, save_checkpoint
+from pipeline.models import (
+    architecture_record,
+    build_model,
+    check_outputs,
+    check_vocabulary,
+    save_checkpoint,
+)
 from pipeline.plots import plot_curves
 from pipeline.remote import copy_cache, is_url, read_through_path
 from pipeline.schedules import (
@@ -45,6 +51,7 @@ from pipeline.schedules import (
 )
 from pipeline.store import LogitStore, find_caches
 from pipeline.train import EpochRecord, fit, pick_device, seed_everything
+from stages.teacher_logits import check_same_teacher
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -73,6 +80,7 @@ def run(
     data = prepare(preset, paths, cache=cache, device=device)
     student = build_model(preset.student, data.train.num_classes, data.train.input_shape)
     check_vocabulary(student, data.train.inputs, data.train.preprocessing.get("tokenizer"), "student")
+    check_outputs(student, data.train.inputs, data.train.num_classes, "student", preset.student.arch)
     student = student.to(device)
     model: torch.nn.Module = student
     if ranks.active:
@@ -529,6 +537,10 @@ def _open_cache(
         )
         for problem in skipped:
             console.print(f"warning: skipping {problem}", highlight=False)
+        if found:  # found by teacher name: it must be the teacher the preset describes
+            check_same_teacher(
+                found[0].manifest.teacher.architecture, preset, f"the newest cache found ({found[0].where})"
+            )
         if found and paths.remote:
             found = [_read_through(found[0].where, paths)]
         if not found:

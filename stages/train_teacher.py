@@ -23,6 +23,7 @@ from pipeline.models import (
     WEIGHTS_FILE,
     architecture_record,
     build_model,
+    check_outputs,
     check_vocabulary,
     save_checkpoint,
 )
@@ -57,6 +58,7 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     model = build_model(cfg.model, train.num_classes, train.input_shape)
     check_vocabulary(model, train.inputs, train.preprocessing.get("tokenizer"), "teacher")
+    check_outputs(model, train.inputs, train.num_classes, "teacher", cfg.model.arch)
     batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device)
 
     console.print(

@@ -12,7 +12,7 @@ from pipeline.config import Paths
 from pipeline.losses import LOSSES
 from pipeline.models import load_checkpoint
 from stages.cli import app
-from tests.test_cli import kd, runner
+from tests.test_cli import assert_one_line_error, kd, runner
 
 
 def metrics_of(paths: Paths, run: str) -> list[dict]:
@@ -166,8 +166,7 @@ def test_takd_by_chaining(tiny_data: Paths) -> None:
     assert result.exit_code == 0, result.output
     caches = sorted(tiny_data.logits.glob("tiny-assistant.*.zarr"))
     assert len(caches) == 2
-    result = kd(
-        tiny_data,
+    student = [
         "distill",
         "--preset",
         "tiny",
@@ -175,7 +174,11 @@ def test_takd_by_chaining(tiny_data: Paths) -> None:
         "teacher.name=tiny-assistant",
         "--run-name",
         "takd-student",
-    )
+    ]
+    # the preset must describe the teacher whose logits it reads: the tiny teacher's model is refused
+    refused = kd(tiny_data, *student)
+    assert_one_line_error(refused, "built as cnn1d {'channels': 8}, but the preset's teacher.model is cnn1d")
+    result = kd(tiny_data, *student, "--set", 'teacher.model.options={"channels": 8}')
     assert result.exit_code == 0, result.output
     summary = json.loads((tiny_data.runs / "takd-student" / "summary.json").read_text())
     assert summary["teacher"] == "tiny-assistant" and "tiny-assistant" in summary["cache"]

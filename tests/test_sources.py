@@ -206,3 +206,32 @@ def test_paths_and_factories_next_to_the_preset_from_any_working_directory(
     assert config["preset"]["dataset"]["options"]["train"] == str(
         (project / "arrays" / "train.npz").resolve()
     )
+
+
+def test_a_model_with_the_wrong_head_is_one_line(tmp_path: Path) -> None:
+    """A student giving 4 logits for 3 classes used to train with ce (and report nonsense) or die with a
+    traceback in kd; a factory returning no Module died with an AttributeError."""
+    train, test = gaussian_npz(tmp_path)
+    dataset = f'name = "npz"\noptions = {{ train = "{train}", test = "{test}" }}'
+    for factory, message in (
+        (
+            "wrong_head",
+            "the student 'tests.factories:wrong_head' returns (2, 4) for 2 samples, but the data has 3",
+        ),
+        ("not_a_module", "'tests.factories:not_a_module' returned a str, not a torch.nn.Module"),
+    ):
+        preset = write_preset(
+            tmp_path / f"{factory}.toml", dataset, 'arch = "mlp"', f'arch = "tests.factories:{factory}"'
+        )
+        result = kd(
+            Paths(data=tmp_path / "data"),
+            "distill",
+            "--preset",
+            preset,
+            "--method",
+            "ce",
+            "--run-name",
+            factory,
+        )
+        assert_one_line_error(result, message)
+        assert not (tmp_path / "data" / "runs" / factory).exists()  # nothing written
