@@ -197,20 +197,32 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
     if not rows:
         console.print(f"no logit caches in {root}")
         return
+    if long:  # one block per cache: readable at any width
+        console.print(f"logit caches in {root}", highlight=False)
+        for r in rows:
+            console.print(r["name"], highlight=False, soft_wrap=True)
+            acc = "-" if r["teacher_accuracy"] is None else f"{100 * r['teacher_accuracy']:.2f}%"
+            state = "complete" if r["complete"] else "[red]not complete[/red]"
+            console.print(
+                f"  teacher {r['teacher']}, data {r['dataset']}/{r['split']}, {r['rows']:,} rows x "
+                f"{r['classes']} classes {r['dtype']}",
+                highlight=False,
+            )
+            console.print(
+                f"  {_size(r['bytes'])}, teacher accuracy {acc}, "
+                f"created {r['created'][:16].replace('T', ' ')} UTC, {state}",
+                highlight=False,
+            )
+        return
     table = Table(
         title=f"logit caches in {root}", box=None, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0)
     )
     table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
     # a name not made by kd (team.zip) does not say whose logits these are: then the teacher is shown too
     unnamed = any(not r["name"].startswith(f"{r['teacher']}.{r['dataset']}.{r['split']}.") for r in rows)
-    extra = (
-        ["teacher", "dataset", "split", "classes", "dtype"]
-        if long
-        else (["teacher", "split"] if unnamed else [])
-    )
-    columns = ["rows", "size", "acc", "created", "ok", *extra]
-    for column in columns:
-        right = column in ("rows", "size", "acc", "classes")
+    extra = ["teacher", "split"] if unnamed else []
+    for column in ["rows", "size", "acc", "created", "ok", *extra]:
+        right = column in ("rows", "size", "acc")
         table.add_column(column, justify="right" if right else "left", no_wrap=column != "teacher")
     for r in rows:
         cells = [
@@ -223,10 +235,9 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
         cells += [str(r[column]) for column in extra]
         table.add_row(r["name"], *cells)
     console.print(table)
-    if not long:
-        console.print(
-            "acc: the teacher's accuracy on the split; created: UTC; --long adds teacher, dataset, dtype"
-        )
+    console.print(
+        "acc: the teacher's accuracy on the split; created: UTC; -l: every field, one cache a block"
+    )
 
 
 def _completeness(store: LogitStore) -> str:
