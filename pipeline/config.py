@@ -398,6 +398,8 @@ def preset_path(name_or_path: str) -> Path:
 def load_preset(name_or_path: str) -> Preset:
     """A preset by name (pipeline/presets/<name>.toml) or by path to a TOML file."""
     path = preset_path(name_or_path)
+    if not path.is_file() and path.suffix == ".toml" and Path(name_or_path).suffix == ".toml":
+        raise KDError(f"preset file {name_or_path} does not exist (from {Path.cwd()}): check the path")
     if not path.is_file():
         raise KDError(
             f"unknown preset '{name_or_path}': choose one of {', '.join(preset_names())} "

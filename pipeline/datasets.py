@@ -158,7 +158,10 @@ def _npz(cfg: DatasetConfig) -> dict[str, Split]:
             with np.load(path, allow_pickle=False) as f:  # data only: never unpickle
                 arrays[split] = {k: f[k] for k in f.files}
         except (OSError, ValueError) as err:
-            raise KDError(f"cannot read {path}: {err}") from None
+            raise KDError(
+                f"cannot read {path}: {err} (a relative path is read next to the preset file when it exists "
+                "there, else from the working directory)"
+            ) from None
         if "x" not in arrays[split] or "y" not in arrays[split]:
             raise KDError(f"{path} must hold arrays 'x' and 'y' (it has {', '.join(arrays[split])})")
     num_classes = int(cfg.options.get("num_classes", max(int(a["y"].max()) for a in arrays.values()) + 1))

@@ -548,8 +548,8 @@ def _open_cache(
                 return None
             raise KDError(
                 f"no complete train-split cache of teacher '{preset.teacher.name}' for this dataset "
-                f"under {paths.logits}: run `kd teacher-logits --preset {preset.command_name}` "
-                "(or `make teacher-logits`), or pass --cache PATH"
+                f"under {paths.logits}: run `kd teacher-logits --preset {preset.command_name}` with the same "
+                "--data-dir (or `make teacher-logits` in this repository), or pass --cache PATH"
             )
         store = found[0]
     store.require_complete()

@@ -124,6 +124,8 @@ def test_automatic_chunk_rows_target_a_mebibyte() -> None:
 
 
 def test_unknown_preset() -> None:
+    with pytest.raises(KDError, match="preset file nope.toml does not exist"):
+        load_preset("nope.toml")
     with pytest.raises(KDError, match="unknown preset 'nope': choose one of .*mnist1d"):
         load_preset("nope")
 
