@@ -17,6 +17,7 @@ import tomllib
 from pipeline.config import Preset, flat_settings, load_preset, preset_path
 
 BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+GENERATED = ("mnist1d", "synthetic-images")  # the datasets whose size is dataset.num_samples
 
 
 def origins(source: str, overrides: Mapping[str, Any]) -> dict[str, str]:
@@ -76,6 +77,8 @@ def to_toml(preset: Preset, where: Mapping[str, str] | None = None) -> str:
             origin = f"  # <- {where[key]}" if key in where else ""
             if origin and defaults.get(key) != value and defaults.get(key) is not None:
                 origin += f" (default {_value(defaults[key])})"
+            if key == "dataset.num_samples" and preset.dataset.name not in GENERATED:
+                origin += f" (not used: {preset.dataset.name} has its own size)"
             if value is None:
                 lines.append(f"# {name}: unset{origin.replace('  # <-', ' <-')}")
             else:
