@@ -475,7 +475,9 @@ def _replace_path(obj: Any, parts: list[str], value: Any, key: str) -> Any:
     hints = typing.get_type_hints(type(obj))
     name = parts[0]
     if name not in hints:
-        raise KDError(f"unknown setting '{key}': '{name}' is not one of {', '.join(hints)}")
+        raise KDError(
+            f"unknown setting '{key}': {_did_you_mean(name, hints)}'{name}' is not one of {', '.join(hints)}"
+        )
     current = getattr(obj, name)
     if len(parts) == 1:
         new = _coerce(value, hints[name], key)
@@ -502,7 +504,11 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = set(raw) - set(hints)
     if unknown:
-        raise KDError(f"unknown setting(s) {', '.join(prefix + u for u in sorted(unknown))} in preset")
+        first = sorted(unknown)[0]
+        raise KDError(
+            f"unknown setting(s) {', '.join(prefix + u for u in sorted(unknown))} in preset"
+            f"{': ' + _did_you_mean(first, hints).rstrip('; ') if _did_you_mean(first, hints) else ''}"
+        )
     kwargs = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -511,6 +517,14 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
         else:
             kwargs[name] = _coerce(value, hint, prefix + name)
     return cls(**kwargs)
+
+
+def _did_you_mean(name: str, known: Any) -> str:
+    """`did you mean 'temperature'? ` for a near miss (a typo), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f"did you mean '{close[0]}'? " if close else ""
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

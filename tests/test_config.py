@@ -30,8 +30,10 @@ def test_overrides_are_coerced_and_checked() -> None:
         with_overrides(preset, {"student.options": "8"})
     with pytest.raises(KDError, match="expects int"):
         with_overrides(preset, {"distill.train.epochs": "three"})
-    with pytest.raises(KDError, match="unknown setting 'distill.temprature'"):
+    with pytest.raises(KDError, match="unknown setting 'distill.temprature': did you mean 'temperature'"):
         with_overrides(preset, {"distill.temprature": "2"})
+    with pytest.raises(KDError, match="unknown setting 'distill.xyz': 'xyz' is not one of method,"):
+        with_overrides(preset, {"distill.xyz": "2"})  # nothing close: no suggestion
 
 
 @pytest.mark.parametrize(
