@@ -21,7 +21,7 @@ from typing import Any
 import tomllib
 
 from pipeline.errors import KDError
-from pipeline.losses import LOSSES
+from pipeline.methods import METHODS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
@@ -245,7 +245,9 @@ class DistillConfig:
     dist: DISTConfig = field(default_factory=DISTConfig)
 
     def __post_init__(self) -> None:
-        _require(self.method in LOSSES, f"unknown method '{self.method}': choose one of {', '.join(LOSSES)}")
+        _require(
+            self.method in METHODS, f"unknown method '{self.method}': choose one of {', '.join(METHODS)}"
+        )
         for name, value in (("temperature", self.temperature), ("temperature_end", self.temperature_end)):
             _require(value > 0, f"{name} must be positive, got {value}")
         for name, value in (("alpha", self.alpha), ("alpha_end", self.alpha_end)):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.methods import METHODS
 from pipeline.targets import standardize as zscore
 
 LossFn = Callable[..., torch.Tensor]
@@ -220,5 +221,4 @@ LOSSES: dict[str, LossFn] = {
     "dkd": dkd,
     "dist": dist,
 }
-# Methods that train from labels alone: they run without a logit cache.
-LABEL_ONLY = frozenset({"ce"})
+assert tuple(LOSSES) == METHODS, "pipeline.methods.METHODS names every loss, in order"

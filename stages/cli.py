@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from pipeline.config import Paths, Preset, preset_names, resolve
 from pipeline.errors import KDError
-from pipeline.losses import LOSSES
+from pipeline.methods import METHODS
 
 GLOBAL_OPTIONS = ("--data-dir", "--cache-dir")
 
@@ -163,9 +163,10 @@ def train_teacher(
     device: DeviceOpt = "auto",
 ) -> None:
     """Train the preset's teacher with cross-entropy (skipped when its checkpoint exists)."""
+    cfg = _preset(preset, {}, set_)  # settings checked before torch is imported: errors come at once
     from stages import train_teacher as stage
 
-    stage.run(_preset(preset, {}, set_), _state["paths"], force=force, device_name=device)
+    stage.run(cfg, _state["paths"], force=force, device_name=device)
 
 
 @app.command("teacher-logits")
@@ -188,9 +189,9 @@ def teacher_logits(
     device: DeviceOpt = "auto",
 ) -> None:
     """Stage 1: run the teacher once and store its raw logits (Zarr v3, sharded, zstd)."""
+    cfg = _preset(preset, {"cache.dtype": dtype}, set_)
     from stages import teacher_logits as stage
 
-    cfg = _preset(preset, {"cache.dtype": dtype}, set_)
     stage.run(
         cfg,
         _state["paths"],
@@ -207,7 +208,7 @@ def distill(
     preset: PresetOpt = "mnist1d",
     method: Annotated[
         str | None,
-        typer.Option("--method", "-m", help=f"One of {', '.join(LOSSES)} [default: the preset's]."),
+        typer.Option("--method", "-m", help=f"One of {', '.join(METHODS)} [default: the preset's]."),
     ] = None,
     temperature: Annotated[
         float | None,
@@ -245,8 +246,6 @@ def distill(
     device: DeviceOpt = "auto",
 ) -> None:
     """Stage 2: train the student against cached logits (the teacher is never loaded)."""
-    from stages import distill as stage
-
     overrides = {
         "distill.method": method,
         "distill.temperature": temperature,
@@ -257,8 +256,11 @@ def distill(
         "distill.train.batch_size": batch_size,
         "distill.seed": seed,
     }
+    cfg = _preset(preset, overrides, set_)
+    from stages import distill as stage
+
     stage.run(
-        _preset(preset, overrides, set_),
+        cfg,
         _state["paths"],
         cache=cache,
         run_name=run_name,
@@ -513,7 +515,7 @@ def config_show(
     preset: PresetOpt = "mnist1d",
     method: Annotated[
         str | None,
-        typer.Option("--method", "-m", help=f"One of {', '.join(LOSSES)} [default: the preset's]."),
+        typer.Option("--method", "-m", help=f"One of {', '.join(METHODS)} [default: the preset's]."),
     ] = None,
     set_: SetOpt = None,
 ) -> None:

@@ -31,7 +31,8 @@ from pipeline.config import DistillConfig, OptimConfig, Paths, Preset, changed_s
 from pipeline.datasets import Split, load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import DivergedError, KDError
-from pipeline.losses import LABEL_ONLY, LOSSES
+from pipeline.losses import LOSSES
+from pipeline.methods import LABEL_ONLY
 from pipeline.models import (
     architecture_record,
     build_model,

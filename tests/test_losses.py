@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.losses import (
-    LABEL_ONLY,
     LOSSES,
     annealing,
     continuation,
@@ -19,6 +18,7 @@ from pipeline.losses import (
     hinton_kd_stacked,
     soft_kl,
 )
+from pipeline.methods import LABEL_ONLY
 from pipeline.targets import standardize
 
 
