@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -400,7 +401,7 @@ def preset_path(name_or_path: str) -> Path:
 def load_preset(name_or_path: str) -> Preset:
     """A preset by name (pipeline/presets/<name>.toml) or by path to a TOML file."""
     path = preset_path(name_or_path)
-    if not path.is_file() and path.suffix == ".toml" and Path(name_or_path).suffix == ".toml":
+    if not path.is_file() and Path(name_or_path).suffix == ".toml":
         raise KDError(f"preset file {name_or_path} does not exist (from {Path.cwd()}): check the path")
     if not path.is_file():
         raise KDError(
@@ -447,11 +448,9 @@ def _paths_next_to(raw: dict[str, Any], folder: Path) -> None:
                 model["arch"] = "hf:" + str((folder / local).resolve())
         elif isinstance(arch, str) and ":" in arch and not arch.startswith("torchvision:"):
             module = arch.split(":")[0].split(".")[0]
-            if (folder / f"{module}.py").is_file() or (folder / module).is_dir():
-                import sys
-
-                if str(folder.resolve()) not in sys.path:
-                    sys.path.append(str(folder.resolve()))
+            beside = (folder / f"{module}.py").is_file() or (folder / module).is_dir()
+            if beside and str(folder.resolve()) not in sys.path:
+                sys.path.append(str(folder.resolve()))
 
 
 def resolve(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Preset:
@@ -506,10 +505,10 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = set(raw) - set(hints)
     if unknown:
-        first = sorted(unknown)[0]
+        hint = _did_you_mean(sorted(unknown)[0], hints)
         raise KDError(
             f"unknown setting(s) {', '.join(prefix + u for u in sorted(unknown))} in preset"
-            f"{': ' + _did_you_mean(first, hints).rstrip('; ') if _did_you_mean(first, hints) else ''}"
+            f"{': ' + hint.rstrip() if hint else ''}"
         )
     kwargs = {}
     for name, value in raw.items():

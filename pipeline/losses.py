@@ -9,6 +9,7 @@ the loop and passed in: no loss hides a schedule.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,15 @@ def soft_kl(
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
+def kd_weights(alpha: Any, ce_weight: Any = None, kd_weight: Any = None) -> tuple[Any, Any]:
+    """(CE weight, KD weight): the explicit pair when both are given, else (1 - alpha, alpha). Numbers
+    or (N,) tensors alike."""
+    if ce_weight is not None and kd_weight is not None:
+        return ce_weight, kd_weight
+    assert alpha is not None, "kd needs alpha or both weights"
+    return 1.0 - alpha, alpha
+
+
 def hinton_kd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -60,8 +70,7 @@ def hinton_kd(
 ) -> torch.Tensor:
     """(1 - alpha) * CE(y) + alpha * T^2 * KL(p_t^T || p_s^T)  (Hinton, Vinyals, Dean 2015), or
     ce_weight * CE(y) + kd_weight * T^2 * KL when both weights are given (they replace alpha)."""
-    if ce_weight is None or kd_weight is None:
-        ce_weight, kd_weight = 1.0 - alpha, alpha
+    ce_weight, kd_weight = kd_weights(alpha, ce_weight, kd_weight)
     hard = cross_entropy(student_logits, None, labels, label_smoothing=label_smoothing)
     soft = soft_kl(student_logits, teacher_logits, temperature=temperature, standardize=standardize)
     return ce_weight * hard + kd_weight * soft
@@ -207,9 +216,7 @@ def hinton_kd_stacked(
     nll = -log_p.gather(-1, labels.expand(n, b).unsqueeze(-1)).squeeze(-1).mean(-1)
     uniform = -log_p.mean(-1).mean(-1)  # CE against the uniform distribution: the smoothing part
     hard = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-    if ce_weight is None or kd_weight is None:
-        assert alpha is not None, "hinton_kd_stacked needs alpha or both weights"
-        ce_weight, kd_weight = 1.0 - alpha, alpha
+    ce_weight, kd_weight = kd_weights(alpha, ce_weight, kd_weight)
     return ce_weight * hard + kd_weight * soft
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import strict_json
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, Preset
 from pipeline.errors import KDError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -186,6 +186,13 @@ class HFClassifier(nn.Module):
         return self.model(input_ids=inputs[:, 0], attention_mask=inputs[:, 1]).logits
 
 
+def check_fits_data(model: nn.Module, split: Any, role: str, arch: str) -> None:
+    """Before any training: the model reads the split's inputs (text: the same vocabulary) and returns one
+    logit per class. `split`: a pipeline.datasets.Split."""
+    check_vocabulary(model, split.inputs, split.preprocessing.get("tokenizer"), role)
+    check_outputs(model, split.inputs, split.num_classes, role, arch)
+
+
 def check_vocabulary(model: nn.Module, inputs: torch.Tensor, tokenizer: str | None, role: str) -> None:
     """A Hugging Face model must read the data's token ids: its embedding table covers every id and,
     when its own tokenizer can be loaded, that tokenizer has the same vocabulary as the data's. A student
@@ -283,6 +290,26 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def checkpoint_architecture(folder: Path) -> dict[str, Any]:
+    """The architecture record a checkpoint's config.json holds (without building the model)."""
+    return json.loads((folder / CONFIG_FILE).read_text())["architecture"]
+
+
+def check_same_teacher(architecture: dict[str, Any], preset: Preset, what: str) -> None:
+    """Refuse a teacher (checkpoint or cache) under the preset's teacher.name that was built as another
+    architecture than the preset's teacher.model: changing the model's settings must not silently reuse
+    the old teacher and its logits."""
+    built = {"arch": architecture.get("arch"), "options": dict(architecture.get("options") or {})}
+    wanted = preset.teacher.model.to_dict()
+    if built != wanted:
+        raise KDError(
+            f"{what} is teacher '{preset.teacher.name}' built as {built['arch']} {built['options']}, but "
+            f"the preset's teacher.model is {wanted['arch']} {wanted['options']}: retrain it with `kd "
+            f"train-teacher --preset {preset.command_name} --force` (then `kd teacher-logits`), or "
+            "give the new teacher its own teacher.name"
+        )
 
 
 def load_checkpoint(folder: Path, *, trusted_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:

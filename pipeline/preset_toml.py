@@ -24,10 +24,7 @@ def origins(source: str, overrides: Mapping[str, Any]) -> dict[str, str]:
     """{dotted setting: where its value comes from}: "preset" (written in the file), "method default"
     (the preset's [method_defaults.<method>]), "command line", or "default" (the field's default)."""
     preset = load_preset(source)  # checks the file
-    raw = tomllib.loads(preset_path(source).read_text(encoding="utf-8"))
-    for key in ("method_defaults", "compare", "sweep", "name"):
-        raw.pop(key, None)
-    written = set(flat_settings_of_raw(raw))
+    written = set(flat_settings(tomllib.loads(preset_path(source).read_text(encoding="utf-8"))))
     method = str(overrides.get("distill.method", preset.distill.method))
     defaults = set(preset.method_defaults.get(method, {}))
     out = {}
@@ -41,17 +38,6 @@ def origins(source: str, overrides: Mapping[str, Any]) -> dict[str, str]:
         top = next((k for k in out if key == k or key.startswith(k + ".")), key)  # options.x -> options
         out[top] = "command line"
     return out
-
-
-def flat_settings_of_raw(raw: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in raw.items():
-        dotted = f"{prefix}{k}"
-        if isinstance(v, Mapping) and not dotted.endswith(".options") and k != "options":
-            keys += flat_settings_of_raw(v, dotted + ".")
-        else:
-            keys.append(dotted)
-    return keys
 
 
 def to_toml(preset: Preset, where: Mapping[str, str] | None = None) -> str:

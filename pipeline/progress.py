@@ -47,13 +47,14 @@ class Progress:
         if self.every_s and now - self.last < self.every_s and self.done < self.total:
             return
         self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        count = f"{self.done:,}/{self.total:,} {self.unit}s ({100 * self.done / max(self.total, 1):.0f}%)"
         if self.unit == "epoch":
             count = f"epoch {self.done}/{self.total}"
-        extra = " ".join(f"{k} {v}" for k, v in numbers.items())
-        speed = f", {rate:,.0f} {self.unit}s/s" if self.unit != "epoch" else ""
-        print(f"{self.desc}: {count}{speed}{' ' + extra if extra else ''}", file=sys.stderr, flush=True)
+        else:
+            rate = self.done / max(now - self.start, 1e-9)
+            percent = 100 * self.done / max(self.total, 1)
+            count = f"{self.done:,}/{self.total:,} {self.unit}s ({percent:.0f}%), {rate:,.0f} {self.unit}s/s"
+        extra = "".join(f" {k} {v}" for k, v in numbers.items())
+        print(f"{self.desc}: {count}{extra}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()

@@ -19,7 +19,7 @@ from pipeline.augment import augment
 from pipeline.batches import Batch
 from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
-from pipeline.losses import cross_entropy, hinton_kd, hinton_kd_stacked
+from pipeline.losses import cross_entropy, hinton_kd, hinton_kd_stacked, kd_weights
 from pipeline.progress import Progress
 from pipeline.schedules import lr_at
 
@@ -270,8 +270,9 @@ def fit_many(
         val_logits = predict_all(val[0])
         test_logits = None if test is None else predict_all(test[0])
         seconds = (time.perf_counter() - t0) / n  # each model's share of the epoch
+        val_accs = [accuracy(val_logits[i], val[1]) for i in range(n)]
         for i, result in enumerate(results):
-            val_acc = accuracy(val_logits[i], val[1])
+            val_acc = val_accs[i]
             test_acc = None if test_logits is None else accuracy(test_logits[i], test[1])
             record = EpochRecord(
                 epoch + 1,
@@ -297,7 +298,7 @@ def fit_many(
         bar.update(
             1,
             loss=f"{float(total_loss.mean()) / max(seen, 1):.4f} (mean)",
-            val=f"{100 * float(val_logits.argmax(2).eq(val[1]).float().mean()):.2f}% (mean)",
+            val=f"{100 * sum(val_accs) / n:.2f}% (mean)",
             best=f"{100 * best.best_val_accuracy:.2f}% (student {results.index(best) + 1})",
         )
     bar.close()
@@ -319,8 +320,7 @@ def _stacked_kd_settings(losses: Sequence[BatchLoss], device: torch.device) -> d
     if len({s["standardize"] for s in settings}) > 1:
         return None
     for s in settings:
-        if s.get("ce_weight") is None or s.get("kd_weight") is None:
-            s["ce_weight"], s["kd_weight"] = 1.0 - s["alpha"], s["alpha"]
+        s["ce_weight"], s["kd_weight"] = kd_weights(s["alpha"], s.get("ce_weight"), s.get("kd_weight"))
     return {
         **{
             k: torch.tensor([float(s.get(k, 0.0)) for s in settings], device=device)

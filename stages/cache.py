@@ -201,7 +201,6 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
         console.print(f"logit caches in {root}", highlight=False)
         for r in rows:
             console.print(r["name"], highlight=False, soft_wrap=True)
-            acc = "-" if r["teacher_accuracy"] is None else f"{100 * r['teacher_accuracy']:.2f}%"
             state = "complete" if r["complete"] else "[red]not complete[/red]"
             console.print(
                 f"  teacher {r['teacher']}, data {r['dataset']}/{r['split']}, {r['rows']:,} rows x "
@@ -209,7 +208,7 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
                 highlight=False,
             )
             console.print(
-                f"  {_size(r['bytes'])}, teacher accuracy {acc}, "
+                f"  {_size(r['bytes'])}, teacher accuracy {_pct(r['teacher_accuracy'])}, "
                 f"created {r['created'][:16].replace('T', ' ')} UTC, {state}",
                 highlight=False,
             )

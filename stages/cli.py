@@ -18,6 +18,11 @@ from pipeline.errors import KDError
 from pipeline.methods import METHODS
 
 GLOBAL_OPTIONS = ("--data-dir", "--cache-dir")
+# help text is plain ("[compare]" and "[default: ...]" are words, not markup), -h as well as --help
+PLAIN_HELP: dict[str, Any] = {
+    "rich_markup_mode": None,
+    "context_settings": {"help_option_names": ["-h", "--help"]},
+}
 
 
 class _GlobalOptionsAnywhere(TyperGroup):
@@ -47,22 +52,15 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help text is plain: "[compare]" and "[default: ...]" are words, not markup
-    context_settings={"help_option_names": ["-h", "--help"]},
+    **PLAIN_HELP,
     help="Knowledge distillation from cached teacher logits.",
 )
 cache_app = typer.Typer(
-    no_args_is_help=True,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    help="List, check, share, export/import and remove logit caches.",
+    no_args_is_help=True, **PLAIN_HELP, help="List, check, share, export/import and remove logit caches."
 )
 app.add_typer(cache_app, name="cache")
 config_app = typer.Typer(
-    no_args_is_help=True,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    help="Show the configuration a command would use.",
+    no_args_is_help=True, **PLAIN_HELP, help="Show the configuration a command would use."
 )
 app.add_typer(config_app, name="config")
 
@@ -74,6 +72,9 @@ PresetOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override any preset field: --set distill.train.lr=0.003")
+]
+MethodOpt = Annotated[
+    str | None, typer.Option("--method", "-m", help=f"One of {', '.join(METHODS)} [default: the preset's].")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, mps, cpu), or a torch device name.")]
 
@@ -121,7 +122,7 @@ def main(
         typer.Option(
             "--version",
             is_eager=True,
-            callback=lambda value: _print_version(value),
+            callback=_print_version,
             help="Print the version.",
         ),
     ] = False,
@@ -206,10 +207,7 @@ def teacher_logits(
 @friendly
 def distill(
     preset: PresetOpt = "mnist1d",
-    method: Annotated[
-        str | None,
-        typer.Option("--method", "-m", help=f"One of {', '.join(METHODS)} [default: the preset's]."),
-    ] = None,
+    method: MethodOpt = None,
     temperature: Annotated[
         float | None,
         typer.Option(
@@ -513,10 +511,7 @@ if __name__ == "__main__":  # torchrun -m stages.cli ...
 @friendly
 def config_show(
     preset: PresetOpt = "mnist1d",
-    method: Annotated[
-        str | None,
-        typer.Option("--method", "-m", help=f"One of {', '.join(METHODS)} [default: the preset's]."),
-    ] = None,
+    method: MethodOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Print the resolved preset as TOML: every field, where its value came from (preset file, the

@@ -36,8 +36,8 @@ from pipeline.methods import LABEL_ONLY
 from pipeline.models import (
     architecture_record,
     build_model,
-    check_outputs,
-    check_vocabulary,
+    check_fits_data,
+    check_same_teacher,
     save_checkpoint,
 )
 from pipeline.plots import plot_curves
@@ -52,7 +52,6 @@ from pipeline.schedules import (
 )
 from pipeline.store import LogitStore, find_caches
 from pipeline.train import EpochRecord, fit, pick_device, seed_everything
-from stages.teacher_logits import check_same_teacher
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -80,8 +79,7 @@ def run(
     generator = seed_everything(cfg.seed)  # the same on every rank: same init, same global batches
     data = prepare(preset, paths, cache=cache, device=device)
     student = build_model(preset.student, data.train.num_classes, data.train.input_shape)
-    check_vocabulary(student, data.train.inputs, data.train.preprocessing.get("tokenizer"), "student")
-    check_outputs(student, data.train.inputs, data.train.num_classes, "student", preset.student.arch)
+    check_fits_data(student, data.train, "student", preset.student.arch)
     student = student.to(device)
     model: torch.nn.Module = student
     if ranks.active:
@@ -270,13 +268,14 @@ class RunRecorder:
         self, best_epoch: int, val_accuracy: float, test_accuracy: float | None, seconds: float
     ) -> dict[str, Any]:
         cfg, store = self.preset.distill, self.data.store
+        soft = soft_settings(cfg)
         summary = {
             "run_name": self.name,
             "preset": self.preset.name,
             "method": cfg.method,
             "method_label": method_label(cfg),
-            "temperature": soft_settings(cfg).get("temperature"),  # None: the method does not use it
-            "alpha": soft_settings(cfg).get("alpha"),
+            "temperature": soft.get("temperature"),  # None: the method does not use it
+            "alpha": soft.get("alpha"),
             "label_smoothing": cfg.label_smoothing,
             "standardize": cfg.standardize,
             "method_settings": method_settings(cfg),

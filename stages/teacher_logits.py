@@ -11,10 +11,8 @@ rewritten. Shards are written by a background thread while the teacher computes 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -23,7 +21,15 @@ from pipeline.config import Paths, Preset
 from pipeline.datasets import Split, load_split
 from pipeline.distributed import Ranks, barrier, broadcast, device_for, init
 from pipeline.errors import KDError
-from pipeline.models import CONFIG_FILE, WEIGHTS_FILE, fingerprint, load_checkpoint, prefers_channels_last
+from pipeline.models import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_same_teacher,
+    checkpoint_architecture,
+    fingerprint,
+    load_checkpoint,
+    prefers_channels_last,
+)
 from pipeline.progress import Progress
 from pipeline.remote import copy_cache
 from pipeline.remote import exists as remote_exists
@@ -76,9 +82,7 @@ def run(
         raise KDError(f"no teacher checkpoint at {folder}: {hint}")
 
     if teacher_dir is None:  # the preset's own teacher: it must be the architecture the preset describes
-        check_same_teacher(
-            json.loads((folder / CONFIG_FILE).read_text())["architecture"], preset, str(folder)
-        )
+        check_same_teacher(checkpoint_architecture(folder), preset, str(folder))
     ranks = init()
     device = device_for(ranks, device_name, pick_device(device_name))
     teacher, record = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
@@ -96,21 +100,6 @@ def run(
         written = [_publish(path, paths, force) for path in written]
     barrier(ranks)
     return written
-
-
-def check_same_teacher(architecture: dict[str, Any], preset: Preset, what: str) -> None:
-    """Refuse a teacher (checkpoint or cache) under the preset's teacher.name that was built as another
-    architecture than the preset's teacher.model: changing the model's settings must not silently reuse
-    the old teacher and its logits."""
-    built = {"arch": architecture.get("arch"), "options": dict(architecture.get("options") or {})}
-    wanted = preset.teacher.model.to_dict()
-    if built != wanted:
-        raise KDError(
-            f"{what} is teacher '{preset.teacher.name}' built as {built['arch']} {built['options']}, but "
-            f"the preset's teacher.model is {wanted['arch']} {wanted['options']}: retrain it with `kd "
-            f"train-teacher --preset {preset.command_name} --force` (then `kd teacher-logits`), or "
-            "give the new teacher its own teacher.name"
-        )
 
 
 def existing_caches(preset: Preset, paths: Paths, data: dict[str, Split]) -> dict[str, str] | None:

@@ -8,7 +8,6 @@ Writes data/teachers/<teacher.name>/{model.safetensors, config.json}; the best v
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -23,12 +22,13 @@ from pipeline.models import (
     WEIGHTS_FILE,
     architecture_record,
     build_model,
-    check_outputs,
-    check_vocabulary,
+    check_fits_data,
+    check_same_teacher,
+    checkpoint_architecture,
     save_checkpoint,
 )
 from pipeline.train import accuracy, fit, pick_device, predict, seed_everything
-from stages.teacher_logits import check_same_teacher, existing_caches
+from stages.teacher_logits import existing_caches
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -36,9 +36,7 @@ console = Console(stderr=True, soft_wrap=True)
 def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str = "auto") -> Path:
     folder = paths.teachers / preset.teacher.name
     if (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file() and not force:
-        check_same_teacher(
-            json.loads((folder / CONFIG_FILE).read_text())["architecture"], preset, str(folder)
-        )
+        check_same_teacher(checkpoint_architecture(folder), preset, str(folder))
         console.print(f"teacher checkpoint exists: {folder} (pass --force to retrain)")
         return folder
     generator = seed_everything(preset.teacher.seed)  # before the data, as always: same teacher bytes
@@ -57,8 +55,7 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
     check_augment(cfg.train.augment, train.inputs)
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     model = build_model(cfg.model, train.num_classes, train.input_shape)
-    check_vocabulary(model, train.inputs, train.preprocessing.get("tokenizer"), "teacher")
-    check_outputs(model, train.inputs, train.num_classes, "teacher", cfg.model.arch)
+    check_fits_data(model, train, "teacher", cfg.model.arch)
     batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device)
 
     console.print(
