@@ -2,15 +2,22 @@
 
 Small caches are read once into memory (any order is then free); large ones stream chunk-shuffled
 (whole chunks in random order, rows shuffled within a buffer) — never scattered row reads.
+
+The student's augmentation happens here, on the global batch, so every DDP rank sees the views one
+process would: with a view cache, each row gets one of its stored views (random or cycled per epoch),
+the input replayed from the view's parameters and the target that view's logits; without one, fresh
+views are drawn from the data-order generator (the target then stays the fixed view's: a mismatch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from pipeline.augment import AugmentSpec, replay
 from pipeline.datasets import Split
 from pipeline.errors import KDError
 from pipeline.store import LogitStore
@@ -21,6 +28,44 @@ class Batch:
     inputs: torch.Tensor  # (B, ...)
     labels: torch.Tensor  # (B,)
     teacher_logits: torch.Tensor | None  # (B, C) raw, float32; None for label-only methods
+    augmented: bool = False  # inputs are already the student's views (the loop must not augment again)
+
+
+@dataclass(frozen=True)
+class Views:
+    """The student's augmentation for a batch source: stored views to replay, or fresh ones."""
+
+    spec: AugmentSpec = AugmentSpec()  # kind "none": the inputs as they are
+    params: torch.Tensor | None = None  # (N, K, P) stored views' parameters, dataset row order; None: fresh
+    choice: str = "random"  # with stored views: random | cycle (view (epoch + offset_i) mod K)
+    seed: int = 0  # of the cycle offsets
+
+    @property
+    def stored(self) -> bool:
+        return self.params is not None
+
+    def picker(self, count: int, num_rows: int) -> ViewPicker:
+        return ViewPicker(self.choice, count, num_rows, self.seed)
+
+    def fresh(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """(B, P) parameters drawn uniformly over the views, from the data-order generator."""
+        table = torch.from_numpy(self.spec.enumerate())
+        return table[torch.randint(0, self.spec.space, (batch,), generator=generator)]
+
+
+class ViewPicker:
+    """Which of its K stored views a row gets in an epoch: `random` draws one per row from the data-order
+    generator; `cycle` walks them, view (epoch + offset_i) mod K, with a fixed random offset per row."""
+
+    def __init__(self, choice: str, count: int, num_rows: int, seed: int) -> None:
+        self.choice, self.count = choice, count
+        self.offsets = torch.randint(0, count, (num_rows,), generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, rows: torch.Tensor, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        """The view index (B,) of each dataset row in `rows` (a global batch) this epoch."""
+        if self.choice == "cycle":
+            return (epoch + self.offsets[rows.cpu()]) % self.count
+        return torch.randint(0, self.count, (len(rows),), generator=generator)
 
 
 def positions_of(query_ids: torch.Tensor, dataset_ids: torch.Tensor) -> torch.Tensor:
@@ -48,31 +93,65 @@ class InMemoryBatches:
         teacher_logits: torch.Tensor | None,
         batch_size: int,
         device: torch.device,
+        views: Views | None = None,
     ) -> None:
+        """teacher_logits: (N, C), or (N, K, C) with stored views (`views.params`), in dataset row order."""
         self.inputs = split.inputs.to(device)
         self.labels = split.labels.to(device)
         self.teacher_logits = None if teacher_logits is None else teacher_logits.to(device)
         self.rows = rows.to(device)
         self.batch_size = batch_size
+        self.views = views or Views()
+        if self.views.params is not None:
+            self.views = dataclasses.replace(self.views, params=self.views.params.to(device))
+        stored = self.views.params is not None
+        self.picker = self.views.picker(self.views.params.shape[1], len(split)) if stored else None
         self.rank, self.world = 0, 1
+        self.epochs_done = 0
 
     def shard(self, rank: int, world: int) -> None:
         """Under DDP: every rank walks the same global batches and takes rows rank, rank + world, ..."""
         self.rank, self.world = rank, world
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        epoch, self.epochs_done = self.epochs_done, self.epochs_done + 1
         order = self.rows[torch.randperm(len(self.rows), generator=generator).to(self.rows.device)]
+        views, device = self.views, self.inputs.device
         for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size][self.rank :: self.world]
+            rows = order[start : start + self.batch_size]  # the global batch: views are drawn for all of it
+            if self.picker is not None:
+                assert views.params is not None and self.teacher_logits is not None
+                pick = self.picker(rows, epoch, generator).to(device)
+                rows, pick = rows[self.rank :: self.world], pick[self.rank :: self.world]
+                params = views.params[rows, pick]
+                zt = self.teacher_logits[rows, pick]
+                yield Batch(replay(self.inputs[rows], params, views.spec), self.labels[rows], zt, True)
+                continue
+            params = views.fresh(len(rows), generator) if views.spec.kind != "none" else None
+            idx = rows[self.rank :: self.world]
             zt = None if self.teacher_logits is None else self.teacher_logits[idx]
-            yield Batch(self.inputs[idx], self.labels[idx], zt)
+            inputs = self.inputs[idx]
+            if params is not None:
+                inputs = replay(inputs, params[self.rank :: self.world].to(device), views.spec)
+            yield Batch(inputs, self.labels[idx], zt, params is not None)
 
 
 def cached_logits_for(store: LogitStore, split: Split) -> torch.Tensor:
-    """The whole cache read into memory and reordered to the dataset's row order: (N, C) float32."""
+    """The whole cache read into memory and reordered to the dataset's row order: (N, C) float32, or
+    (N, K, C) for a view cache."""
     logits, _, ids = store.read_all()
     aligned = torch.empty_like(logits)
     aligned[positions_of(ids, split.ids)] = logits
+    return aligned
+
+
+def cached_views_for(store: LogitStore, split: Split) -> torch.Tensor | None:
+    """A view cache's parameters (N, K, P) in the dataset's row order (read_all checked them), or None."""
+    params = store.read_views()
+    if params is None:
+        return None
+    aligned = torch.empty(params.shape, dtype=torch.int16)
+    aligned[positions_of(store.ids, split.ids)] = torch.from_numpy(params)
     return aligned
 
 
@@ -88,35 +167,77 @@ class StreamedBatches:
         batch_size: int,
         device: torch.device,
         buffer_blocks: int = 4,
+        views: Views | None = None,
     ) -> None:
         self.store, self.split = store, split
         self.keep = torch.zeros(len(split), dtype=torch.bool)
         self.keep[rows] = True
         self.batch_size, self.device, self.buffer_blocks = batch_size, device, buffer_blocks
+        self.views = views or Views()  # params unused: a streamed view cache brings its own
+        self.picker: ViewPicker | None = None
         self.rank, self.world = 0, 1
+        self.epochs_done = 0
 
     def shard(self, rank: int, world: int) -> None:
         """Under DDP: every rank reads the same block-shuffled stream and takes its rows of each batch."""
         self.rank, self.world = rank, world
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        epoch, self.epochs_done = self.epochs_done, self.epochs_done + 1
+        stored = bool(self.store.manifest.views)
+        if stored and self.picker is None:
+            self.picker = self.views.picker(self.store.num_views, len(self.split))
+        spec = self.store.augment if stored else self.views.spec
         carry_pos = torch.empty(0, dtype=torch.int64)
         carry_zt = torch.empty(0, self.store.num_classes)
-        for logits, ids in self.store.iter_shuffled(generator, buffer_blocks=self.buffer_blocks):
+        carry_params = torch.empty(0, spec.num_params, dtype=torch.int16)
+        for logits, ids, params in self.store.iter_shuffled(generator, buffer_blocks=self.buffer_blocks):
             pos = positions_of(ids, self.split.ids)
             keep = self.keep[pos]
-            pos, zt = torch.cat([carry_pos, pos[keep]]), torch.cat([carry_zt, logits[keep]])
+            pos, logits = pos[keep], logits[keep]
+            if params is not None and self.picker is not None:  # one stored view per row: its logits
+                pick = self.picker(pos, epoch, generator)  # and the parameters that replay it
+                at = torch.arange(len(pos))
+                logits, params = logits[at, pick], params[keep][at, pick]
+            elif spec.kind != "none":
+                params = self.views.fresh(len(pos), generator)
+            else:
+                params = torch.empty(len(pos), 0, dtype=torch.int16)
+            pos, zt = torch.cat([carry_pos, pos]), torch.cat([carry_zt, logits])
+            params = torch.cat([carry_params, params.to(torch.int16)])
             full = len(pos) - len(pos) % self.batch_size
             for start in range(0, full, self.batch_size):
-                yield self._batch(pos[start : start + self.batch_size], zt[start : start + self.batch_size])
-            carry_pos, carry_zt = pos[full:], zt[full:]
+                part = slice(start, start + self.batch_size)
+                yield self._batch(pos[part], zt[part], params[part], spec)
+            carry_pos, carry_zt, carry_params = pos[full:], zt[full:], params[full:]
         if len(carry_pos):
-            yield self._batch(carry_pos, carry_zt)
+            yield self._batch(carry_pos, carry_zt, carry_params, spec)
 
-    def _batch(self, pos: torch.Tensor, zt: torch.Tensor) -> Batch:
-        pos, zt = pos[self.rank :: self.world], zt[self.rank :: self.world]
+    def _batch(self, pos: torch.Tensor, zt: torch.Tensor, params: torch.Tensor, spec: AugmentSpec) -> Batch:
+        pos, zt, params = (
+            pos[self.rank :: self.world],
+            zt[self.rank :: self.world],
+            params[self.rank :: self.world],
+        )
         parts = (self.split.inputs[pos], self.split.labels[pos], zt)
         if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
             parts = tuple(p.pin_memory() for p in parts)
         inputs, labels, logits = (p.to(self.device, non_blocking=True) for p in parts)
-        return Batch(inputs, labels, logits)
+        return Batch(replay(inputs, params, spec), labels, logits, True)
+
+
+class OnlineBatches:
+    """Online KD: the teacher runs on each (augmented) batch of `base`, so its targets are always those
+    of the student's views; the reference a view cache is measured against."""
+
+    def __init__(self, base: InMemoryBatches, teacher: torch.nn.Module) -> None:
+        self.base, self.teacher = base, teacher
+
+    def shard(self, rank: int, world: int) -> None:
+        self.base.shard(rank, world)
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        for batch in self.base.epoch(generator):
+            with torch.no_grad():  # not inference_mode: the targets enter the student's autograd graph
+                logits = self.teacher(batch.inputs).float()
+            yield Batch(batch.inputs, batch.labels, logits, True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import tomllib
 
+from pipeline.augment import AugmentSpec, views_record
 from pipeline.errors import KDError
 from pipeline.methods import METHODS
 
@@ -65,12 +66,13 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only; the papers' code uses plain momentum
     schedule: str = "cosine"  # cosine | linear (to 0) | constant | step (x0.1 at 50% and 75%, the papers')
-    augment: str = "none"  # none | crop-flip (images); the cached teacher logits stay those of the fixed view
+    # fresh augmentation of each batch: none | crop-flip (images) | shift | shift-zero (1-D signals); with
+    # a view cache (cache.augment) the student gets the cached views replayed instead
+    augment: str = "none"
+    augment_pad: int = 4  # crop-flip padding, or the largest shift
 
     def __post_init__(self) -> None:
-        _require(
-            self.augment in ("none", "crop-flip"), f"unknown augment '{self.augment}': use none or crop-flip"
-        )
+        AugmentSpec(self.augment, self.augment_pad)  # checks both
         _require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
         _require(self.lr > 0, f"lr must be positive, got {self.lr}")
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -110,8 +112,19 @@ class CacheConfig:
     precision: str = (
         "bf16"  # teacher inference on GPU: bf16 | fp16 autocast, or fp32; the CPU always runs fp32
     )
+    # Views (README "Augmented views"): K augmented views per sample, each with its parameters, so the
+    # student can replay the exact input the teacher saw. none: the one fixed, un-augmented view.
+    augment: str = "none"  # none | crop-flip | shift | shift-zero (pipeline/augment.py)
+    augment_pad: int = 4  # crop-flip padding, or the largest shift
+    views: int | str = 1  # K views per sample, or "all": every view of the augmentation (finite)
+    view_seed: int = 0  # which K views: a pure function of (view_seed, sample id, view index)
 
     def __post_init__(self) -> None:
+        AugmentSpec(self.augment, self.augment_pad)  # checks both
+        _require(
+            self.views == "all" or (isinstance(self.views, int) and self.views >= 1),
+            f'cache.views must be a positive number or "all", got {self.views!r}',
+        )
         _require(
             self.precision in ("bf16", "fp16", "fp32"),
             f"cache.precision must be bf16, fp16 or fp32, got '{self.precision}'",
@@ -128,6 +141,28 @@ class CacheConfig:
         )
         _require(1 <= self.zstd_level <= 22, f"cache.zstd_level must be in 1..22, got {self.zstd_level}")
         _require(self.batch_size >= 1, f"cache.batch_size must be at least 1, got {self.batch_size}")
+
+    def check(self) -> None:
+        """Checks across the view settings, once every override is applied (their order never matters)."""
+        spec = self.augment_spec
+        _require(
+            spec.kind != "none" or self.views == 1,
+            f'cache.views = {self.views!r} needs an augmentation: set cache.augment (e.g. "crop-flip")',
+        )
+        _require(
+            not isinstance(self.views, int) or self.views <= spec.space,
+            f"cache.views = {self.views} but augment '{spec.kind}' (pad {spec.pad}) has only {spec.space} "
+            f'distinct views: use views = "all" or fewer',
+        )
+
+    @property
+    def augment_spec(self) -> AugmentSpec:
+        return AugmentSpec(self.augment, self.augment_pad)
+
+    def views_for(self, split: str) -> dict[str, Any]:
+        """The manifest's views entry of a split's cache ({}: the dense layout). The train split gets the
+        augmented views; the test split is evaluated on fixed inputs, so its cache keeps the fixed view."""
+        return views_record(self.augment_spec, self.views, self.view_seed) if split == "train" else {}
 
     def chunk_rows_for(self, num_classes: int) -> int:
         """chunk_rows, or when 0 a power of two near 1 MiB of uncompressed logits (at least 256 rows):
@@ -238,6 +273,8 @@ class DistillConfig:
     label_smoothing: float = 0.0  # on the hard-label term only
     standardize: bool = False  # logit standardization (Sun et al., CVPR 2024) before softmax/T; kd, dkd
     seed: int = 0
+    views: str = "random"  # with a view cache: the view each sample gets per epoch, random | cycle
+    teacher_online: bool = False  # run the teacher on each augmented batch (online KD) instead of a cache
     memory_budget_mb: int = 2048  # caches up to this size (as float32) are loaded into RAM, else streamed
     train: OptimConfig = field(default_factory=OptimConfig)
     annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
@@ -267,6 +304,9 @@ class DistillConfig:
         )
         for name, weight in (("ce_weight", self.ce_weight), ("kd_weight", self.kd_weight)):
             _require(weight is None or weight >= 0, f"distill.{name} must be >= 0, got {weight}")
+        _require(
+            self.views in ("random", "cycle"), f"distill.views must be random or cycle, got '{self.views}'"
+        )
         _require(self.memory_budget_mb >= 0, f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
 
     def check(self) -> None:
@@ -424,6 +464,7 @@ def load_preset(name_or_path: str) -> Preset:
         _paths_next_to(raw, path.parent)
     preset = dataclasses.replace(_build(Preset, raw, ""), source=name_or_path)
     preset.distill.check()
+    preset.cache.check()
     return preset
 
 
@@ -469,6 +510,7 @@ def with_overrides(preset: Preset, overrides: Mapping[str, Any]) -> Preset:
     for key, value in overrides.items():
         preset = _replace_path(preset, key.split("."), value, key)
     preset.distill.check()
+    preset.cache.check()
     return preset
 
 
@@ -534,7 +576,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in typing.get_args(hint):
             return None  # an unset optional setting, as a saved config.json holds it (null)
-        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+        choices = [h for h in typing.get_args(hint) if h is not type(None)]
+        for choice in choices[:-1]:  # e.g. int | str: a number if it is one, else the text
+            try:
+                return _coerce(value, choice, key)
+            except KDError:
+                continue
+        hint = choices[-1]
         origin = typing.get_origin(hint)
     if origin is not None and issubclass(origin, Mapping):
         parsed = parse_literal(value)  # a CLI table arrives as JSON: '{"channels": 8}'

@@ -114,14 +114,17 @@ def train_epoch(
     batches: Iterable[Batch],
     loss_fn: BatchLoss,
     augment_kind: str = "none",
+    augment_pad: int = 4,
 ) -> tuple[float, float]:
-    """One pass; returns (mean loss, accuracy) over the samples seen."""
+    """One pass; returns (mean loss, accuracy) over the samples seen. Batches not already augmented by
+    their source (teacher training) get fresh `augment_kind` views here."""
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     seen = 0
     for batch in batches:
-        logits = model(augment(batch.inputs, augment_kind))  # (B, C)
+        inputs = batch.inputs if batch.augmented else augment(batch.inputs, augment_kind, augment_pad)
+        logits = model(inputs)  # (B, C)
         loss = loss_fn(logits, batch.teacher_logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,7 +161,9 @@ def fit(
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        train_loss, train_acc = train_epoch(model, optimizer, batches(epoch), loss_at(epoch), cfg.augment)
+        train_loss, train_acc = train_epoch(
+            model, optimizer, batches(epoch), loss_at(epoch), cfg.augment, cfg.augment_pad
+        )
         if not math.isfinite(train_loss):
             bar.close()
             raise DivergedError(epoch + 1, train_loss)
@@ -251,7 +256,8 @@ def fit_many(
         seen = 0
         vectorized = _stacked_kd_settings(losses, device)
         for batch in batches(epoch):
-            logits = stacked(params, augment(batch.inputs, cfg.augment))  # (N, B, C), one view for all
+            inputs = batch.inputs if batch.augmented else augment(batch.inputs, cfg.augment, cfg.augment_pad)
+            logits = stacked(params, inputs)  # (N, B, C), one view for all
             if vectorized is not None:  # kd / ce students: all N losses in the ops of one
                 per_model = hinton_kd_stacked(logits, batch.teacher_logits, batch.labels, **vectorized)
             else:

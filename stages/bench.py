@@ -326,7 +326,7 @@ def _read_throughput(
 
     def streamed() -> None:
         reader = LogitStore.open(store.where)
-        for chunk, _ in reader.iter_shuffled(torch.Generator().manual_seed(0)):
+        for chunk, _, _ in reader.iter_shuffled(torch.Generator().manual_seed(0)):
             for i in range(0, len(chunk), batch):
                 chunk[i : i + batch]
 

@@ -55,6 +55,7 @@ def info(path: str | Path, *, as_json: bool = False) -> None:
             f"sha256 {m.dataset.fingerprint[:16]}",
         ),
         ("preprocessing", json.dumps(m.preprocessing)),
+        ("views", _views(m.views)),
         (
             "storage",
             f"{m.storage.dtype}, chunks {m.storage.chunk_rows} rows, shards {m.storage.shard_rows} rows, "
@@ -85,8 +86,9 @@ def verify(path: str | Path) -> bool:
         return False
     m = store.manifest
     console.print(
-        f"ok: {path} ({m.dataset.length} x {m.dataset.num_classes} {m.storage.dtype}, {store.num_shards} "
-        f"shards, checksums, shapes, finite values and labels all check)",
+        f"ok: {path} ({m.dataset.length} x {f'{m.num_views} views x ' if m.views else ''}"
+        f"{m.dataset.num_classes} {m.storage.dtype}, {store.num_shards} shards, checksums, shapes, finite "
+        f"values{', view parameters' if m.views else ''} and labels all check)",
         highlight=False,
     )
     return True
@@ -188,6 +190,8 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
                 "split": m.dataset.split,
                 "classes": m.dataset.num_classes,
                 "dtype": m.storage.dtype,
+                "views": m.num_views,
+                "augment": m.views.get("augment", {}).get("kind", "none"),
             }
         )
     if as_json:
@@ -204,7 +208,8 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
             state = "complete" if r["complete"] else "[red]not complete[/red]"
             console.print(
                 f"  teacher {r['teacher']}, data {r['dataset']}/{r['split']}, {r['rows']:,} rows x "
-                f"{r['classes']} classes {r['dtype']}",
+                + (f"{r['views']} {r['augment']} views x " if r["augment"] != "none" else "")
+                + f"{r['classes']} classes {r['dtype']}",
                 highlight=False,
             )
             console.print(
@@ -225,7 +230,7 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
         table.add_column(column, justify="right" if right else "left", no_wrap=column != "teacher")
     for r in rows:
         cells = [
-            f"{r['rows']:,}",
+            f"{r['rows']:,}" + (f"x{r['views']}" if r["augment"] != "none" else ""),
             _size(r["bytes"]).replace(" ", "").replace("iB", ""),  # 83.5K: the table fits 80 columns
             "-" if r["teacher_accuracy"] is None else f"{100 * r['teacher_accuracy']:.1f}%",
             r["created"][5:16].replace("T", " ") or "-",  # MM-DD HH:MM (UTC); --json has the full time
@@ -236,6 +241,18 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
     console.print(table)
     console.print(
         "acc: the teacher's accuracy on the split; created: UTC; -l: every field, one cache a block"
+        + ("; rows xK: K augmented views a row" if any(r["augment"] != "none" for r in rows) else "")
+    )
+
+
+def _views(views: dict[str, Any]) -> str:
+    if not views:
+        return "none: the fixed, un-augmented view of each row"
+    a = views["augment"]
+    which = "every view" if views.get("all") else f"drawn with view seed {views['seed']}"
+    return (
+        f"{views['count']} {a['kind']} views a row (pad {a['pad']}, {which}); parameters "
+        f"({', '.join(a['params'])}), replay version {views['version']}"
     )
 
 

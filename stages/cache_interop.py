@@ -4,9 +4,10 @@
     kd cache import logits.h5 --preset mnist1d --split train --teacher-name my-teacher
 
 An export holds `logits` (the stored dtype; bfloat16 is widened to float32, HDF5 has no bfloat16),
-`labels`, `index` and the manifest as a JSON attribute / entry. An import checks the file against the
-preset's dataset split (row count, and labels and ids when the file has them), then writes a complete
-cache that `kd distill` finds by teacher name.
+`labels`, `index` and the manifest as a JSON attribute / entry; a view cache's export holds logits
+(N, K, C) and `views` (N, K, P), the views' parameters, and imports back as a view cache. An import
+checks the file against the preset's dataset split (row count, and labels and ids when the file has
+them), then writes a complete cache that `kd distill` finds by teacher name.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pipeline.store import (
     ShardWriter,
     StorageInfo,
     TeacherInfo,
+    augment_spec,
     cache_dirname,
     cache_lock,
     decode_logits,
@@ -49,6 +51,8 @@ def export(path: Path, out: Path, fmt: str) -> Path:
     store = LogitStore.open(path)
     store.require_complete()
     raw, labels, ids = store.read("logits"), store.read("labels"), store.ids.numpy()
+    views = store.read_views()
+    extra = {} if views is None else {"views": views}
     dtype = store.manifest.storage.dtype
     logits = decode_logits(raw, dtype).numpy() if dtype == "bfloat16" else raw
     manifest = strict_json.dumps(store.manifest.to_dict())
@@ -61,16 +65,21 @@ def export(path: Path, out: Path, fmt: str) -> Path:
 
         with h5py.File(tmp, "w") as f:
             f.create_dataset(
-                "logits", data=logits, compression="gzip", chunks=(min(len(logits), 4096), logits.shape[1])
+                "logits", data=logits, compression="gzip", chunks=(min(len(logits), 4096), *logits.shape[1:])
             )
             f.create_dataset("labels", data=labels)
             f.create_dataset("index", data=ids)
+            for name, array in extra.items():
+                f.create_dataset(name, data=array, compression="gzip")
             f.attrs["manifest"] = manifest
     else:
         with tmp.open("wb") as f:
-            np.savez_compressed(f, logits=logits, labels=labels, index=ids, manifest=np.array(manifest))
+            np.savez_compressed(
+                f, logits=logits, labels=labels, index=ids, manifest=np.array(manifest), **extra
+            )
     tmp.replace(out)
-    console.print(f"exported {path} -> {out} ({logits.shape[0]} x {logits.shape[1]} {logits.dtype})")
+    shape = " x ".join(map(str, logits.shape))
+    console.print(f"exported {path} -> {out} ({shape} {logits.dtype}{', with views' if extra else ''})")
     return out
 
 
@@ -80,7 +89,8 @@ def import_(
     """A complete cache under `root` from an HDF5 or npz file of logits for `preset`'s `split`."""
     arrays, manifest = _read(source)
     logits = np.asarray(arrays["logits"])
-    if logits.ndim != 2 or not np.issubdtype(logits.dtype, np.floating):
+    views_entry, params = _views_of(source, arrays, manifest, logits)
+    if logits.ndim != (3 if views_entry else 2) or not np.issubdtype(logits.dtype, np.floating):
         raise KDError(f"{source}: 'logits' must be a 2-D float array, got {logits.dtype} {logits.shape}")
     for key in ("labels", "index"):
         if key in arrays:
@@ -90,7 +100,7 @@ def import_(
                     f"{source}: '{key}' must be {len(logits)} integers (one per row of logits), got "
                     f"{values.dtype} {values.shape}"
                 )
-    bad = ~np.isfinite(logits).all(1)
+    bad = ~np.isfinite(logits.reshape(len(logits), -1)).all(1)
     if bad.any():
         rows = ", ".join(map(str, np.flatnonzero(bad)[:5].tolist()))
         raise KDError(
@@ -98,7 +108,7 @@ def import_(
             f"{', ...' if bad.sum() > 5 else ''}): nothing imported; fix them at the source"
         )
     data = load_split(preset.dataset, split)
-    n, c = logits.shape
+    n, c = logits.shape[0], logits.shape[-1]
     if n != len(data) or c != data.num_classes:
         raise KDError(
             f"{source} holds {n} x {c} logits but {data.dataset}/{split} has {len(data)} rows x "
@@ -113,6 +123,7 @@ def import_(
     by_id = {int(i): k for k, i in enumerate(ids)}
     pick = np.array([by_id[int(i)] for i in data.ids.tolist()])  # the file's row of each dataset row
     logits, ids = logits[pick], ids[pick]
+    params = None if params is None else params[pick]
     if "labels" in arrays and not np.array_equal(
         np.asarray(arrays["labels"], dtype=np.int64)[pick], data.labels.numpy()
     ):
@@ -146,13 +157,14 @@ def import_(
         preprocessing={**data.preprocessing, "imported_from": source.name},
         software=software_versions(),
         created=now_iso(),
+        views=views_entry,
     )
     path = root / cache_dirname(new)
     root.mkdir(parents=True, exist_ok=True)
     with cache_lock(path):
         store = LogitStore.create(path, new, overwrite=force)
         writer = ShardWriter(store)
-        writer.add(torch.from_numpy(logits.astype(np.float32)), data.labels, torch.from_numpy(ids))
+        writer.add(torch.from_numpy(logits.astype(np.float32)), data.labels, torch.from_numpy(ids), params)
         writer.close()
         store.finish()
     console.print(
@@ -160,6 +172,37 @@ def import_(
         f"{store.manifest.teacher_accuracy:.2%})"
     )
     return path
+
+
+def _views_of(
+    source: Path, arrays: dict[str, Any], manifest: dict[str, Any] | None, logits: np.ndarray
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """(the manifest's views entry, the views' parameters) of an export of a view cache, checked against
+    the logits; ({}, None) for a dense file."""
+    entry = (manifest or {}).get("views") or {}
+    if not entry and "views" not in arrays:
+        return {}, None
+    if not entry or "views" not in arrays:
+        raise KDError(
+            f"{source}: a view cache needs both the 'views' array and the manifest's views entry "
+            "(as `kd cache export` writes them)"
+        )
+    params = np.asarray(arrays["views"])
+    spec = augment_spec(entry, str(source))  # refused when it cannot be replayed
+    k = int(entry.get("count", 0))
+    if logits.ndim != 3 or params.shape != (len(logits), k, spec.num_params) or logits.shape[1] != k:
+        raise KDError(
+            f"{source}: logits {logits.shape} and views {params.shape} do not hold {k} views of "
+            f"{spec.num_params} parameters per row, as its manifest says"
+        )
+    table = spec.enumerate()
+    if (
+        not np.issubdtype(params.dtype, np.integer)
+        or (params < table.min(0)).any()
+        or (params > table.max(0)).any()
+    ):
+        raise KDError(f"{source}: its view parameters are outside the range of augment '{spec.kind}'")
+    return dict(entry), params.astype(np.int16)
 
 
 def _read(source: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -179,7 +222,7 @@ def _read(source: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
         try:
             with h5py.File(source, "r") as f:
-                arrays = {k: f[k][()] for k in ("logits", "labels", "index") if k in f}
+                arrays = {k: f[k][()] for k in ("logits", "labels", "index", "views") if k in f}
                 raw_manifest = f.attrs.get("manifest")
         except (OSError, TypeError, ValueError) as err:
             raise KDError(f"{source} is not an HDF5 or .npz file of logits ({err})") from None

@@ -240,11 +240,20 @@ def distill(
         ),
     ] = None,
     run_name: Annotated[str | None, typer.Option(help="Run folder name under DATA_DIR/runs.")] = None,
+    online: Annotated[
+        bool,
+        typer.Option(
+            "--online",
+            help="Online KD: run the teacher checkpoint on every (augmented) batch instead of reading a "
+            "cache (= --set distill.teacher_online=true); the reference a view cache is measured against.",
+        ),
+    ] = False,
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Stage 2: train the student against cached logits (the teacher is never loaded)."""
+    """Stage 2: train the student against cached logits (the teacher is never loaded, unless --online)."""
     overrides = {
+        "distill.teacher_online": True if online else None,
         "distill.method": method,
         "distill.temperature": temperature,
         "distill.alpha": alpha,

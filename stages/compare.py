@@ -23,10 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import strict_json
-from pipeline.config import Paths, load_preset, resolve
+from pipeline.config import Paths, Preset, load_preset, resolve
 from pipeline.errors import KDError
+from pipeline.methods import LABEL_ONLY
 from pipeline.plots import plot_comparison
-from stages import distill
+from stages import distill, teacher_logits
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -71,6 +72,7 @@ def run(
         for label, over in entries.items()
     }
 
+    _build_caches([p for presets in plans.values() for p in presets], paths, device_name)
     results: list[dict[str, Any]] = []
     for label, presets in plans.items():
         for preset in presets:
@@ -100,6 +102,19 @@ def run(
     _print(rows, teacher)
     console.print(f"report: {report_dir}/report.md, comparison.png, results.csv")
     return report_dir
+
+
+def _build_caches(presets: list[Preset], paths: Paths, device_name: str) -> None:
+    """The caches the configurations read, made (or found: a cache hit costs a manifest read) before any
+    training: rows may differ in their cache settings, e.g. the number of augmented views."""
+    made: set[str] = set()
+    for preset in presets:
+        if preset.distill.method in LABEL_ONLY or preset.distill.teacher_online:
+            continue
+        key = strict_json.dumps([preset.teacher.name, preset.to_dict()["cache"], preset.to_dict()["dataset"]])
+        if key not in made:
+            made.add(key)
+            teacher_logits.run(preset, paths, device_name=device_name)
 
 
 def spec_name(base: str, spec: dict[str, Any], default: dict[str, Any]) -> str:

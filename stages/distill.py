@@ -25,8 +25,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import strict_json
-from pipeline.augment import check_augment
-from pipeline.batches import InMemoryBatches, StreamedBatches, cached_logits_for
+from pipeline.augment import AugmentSpec, check_augment
+from pipeline.batches import (
+    InMemoryBatches,
+    OnlineBatches,
+    StreamedBatches,
+    Views,
+    cached_logits_for,
+    cached_views_for,
+)
 from pipeline.config import DistillConfig, OptimConfig, Paths, Preset, changed_settings, flat_settings
 from pipeline.datasets import Split, load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
@@ -34,10 +41,13 @@ from pipeline.errors import DivergedError, KDError
 from pipeline.losses import LOSSES
 from pipeline.methods import LABEL_ONLY
 from pipeline.models import (
+    WEIGHTS_FILE,
     architecture_record,
     build_model,
     check_fits_data,
     check_same_teacher,
+    checkpoint_architecture,
+    load_checkpoint,
     save_checkpoint,
 )
 from pipeline.plots import plot_curves
@@ -51,7 +61,7 @@ from pipeline.schedules import (
     temperature_at,
 )
 from pipeline.store import LogitStore, find_caches
-from pipeline.train import EpochRecord, fit, pick_device, seed_everything
+from pipeline.train import EpochRecord, accuracy, fit, pick_device, predict, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -155,9 +165,11 @@ class Prepared:
     val_rows: torch.Tensor
     store: LogitStore | None
     teacher_test_accuracy: float | None
-    batches: InMemoryBatches | StreamedBatches
+    batches: InMemoryBatches | StreamedBatches | OnlineBatches
     source: str  # where the teacher side comes from, for config.json and the console
     device: torch.device
+    views: str = "none"  # what the student's inputs are, against what targets (config.json "views")
+    teacher_name: str | None = None
 
     @property
     def val(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,20 +186,45 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
     check_augment(cfg.train.augment, train.inputs)
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
+    fresh = Views(AugmentSpec(cfg.train.augment, cfg.train.augment_pad), choice=cfg.views, seed=cfg.seed)
+    views = "none" if fresh.spec.kind == "none" else f"fresh {fresh.spec.kind} (pad {fresh.spec.pad})"
+    if cfg.teacher_online and cfg.method not in LABEL_ONLY:
+        teacher, name = _online_teacher(preset, paths, train, device)
+        batches = OnlineBatches(
+            InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device, fresh), teacher
+        )
+        teacher_test = accuracy(predict(teacher, test.inputs, device), test.labels)
+        views += ", teacher run on the same views (online)"
+        return Prepared(
+            train,
+            test,
+            train_rows,
+            val_rows,
+            None,
+            teacher_test,
+            batches,
+            "teacher online",
+            device,
+            views,
+            name,
+        )
     store = _open_cache(preset, paths, train, cache, required=cfg.method not in LABEL_ONLY)
     batches: InMemoryBatches | StreamedBatches
     if cfg.method in LABEL_ONLY:
         source = "labels"
-        batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device)
-    elif store is not None and store.num_rows * store.num_classes * 4 <= cfg.memory_budget_mb * 2**20:
-        source = "cache in memory"
-        batches = InMemoryBatches(
-            train, train_rows, cached_logits_for(store, train), cfg.train.batch_size, device
-        )
+        batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device, fresh)
     else:
         assert store is not None
-        source = "cache streamed (shard-shuffled)"
-        batches = StreamedBatches(store, train, train_rows, cfg.train.batch_size, device)
+        fresh, views = _student_views(store, train, cfg, fresh, views)
+        if store.num_rows * store.num_views * store.num_classes * 4 <= cfg.memory_budget_mb * 2**20:
+            source = "cache in memory"
+            if store.manifest.views:
+                fresh = dataclasses.replace(fresh, params=cached_views_for(store, train))
+            logits = cached_logits_for(store, train)
+            batches = InMemoryBatches(train, train_rows, logits, cfg.train.batch_size, device, fresh)
+        else:
+            source = "cache streamed (shard-shuffled)"
+            batches = StreamedBatches(store, train, train_rows, cfg.train.batch_size, device, views=fresh)
     return Prepared(
         train,
         test,
@@ -198,7 +235,58 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
         batches,
         source,
         device,
+        views,
+        store.manifest.teacher.name if store else None,
     )
+
+
+def _student_views(
+    store: LogitStore, train: Split, cfg: DistillConfig, fresh: Views, views: str
+) -> tuple[Views, str]:
+    """The student's augmentation with this cache: its stored views replayed (train.augment must be none
+    or the same kind), or fresh views against the fixed view's targets (a warning: they differ)."""
+    if not store.manifest.views:
+        if fresh.spec.kind != "none":
+            console.print(
+                f"warning: the cache holds the teacher's logits of the fixed view but the student trains on "
+                f"fresh {fresh.spec.kind} views, so targets and inputs differ; a view cache matches them "
+                '(cache.augment, cache.views; README "Augmented views")',
+                highlight=False,
+            )
+            views += " vs the fixed view's targets"
+        return fresh, views
+    spec = store.augment  # refused here when this version cannot replay the cache's views
+    if cfg.train.augment not in ("none", spec.kind) or (
+        cfg.train.augment == spec.kind and cfg.train.augment_pad != spec.pad
+    ):
+        raise KDError(
+            f"the cache holds {spec.kind} views (pad {spec.pad}) but distill.train.augment is "
+            f"{cfg.train.augment} (pad {cfg.train.augment_pad}): the student replays the cached views, so "
+            f'set distill.train.augment to "{spec.kind}" or "none", or use a cache of the views you want'
+        )
+    check_augment(spec.kind, train.inputs)
+    count = store.num_views
+    all_views = " (all)" if store.manifest.views.get("all") else ""
+    return (
+        Views(spec, None, cfg.views, cfg.seed),
+        f"cached: {count}{all_views} {spec.kind} views (pad {spec.pad}), one per row per epoch ({cfg.views})",
+    )
+
+
+def _online_teacher(
+    preset: Preset, paths: Paths, train: Split, device: torch.device
+) -> tuple[torch.nn.Module, str]:
+    """The preset's teacher checkpoint, for online KD (the teacher runs on every augmented batch)."""
+    folder = paths.teachers / preset.teacher.name
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise KDError(
+            f"online KD needs the teacher checkpoint, and there is none at {folder}: run "
+            f"`kd train-teacher --preset {preset.command_name}` first"
+        )
+    check_same_teacher(checkpoint_architecture(folder), preset, str(folder))
+    teacher, _ = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
+    check_fits_data(teacher, train, "teacher", preset.teacher.model.arch)
+    return teacher.to(device).eval(), preset.teacher.name
 
 
 class RunRecorder:
@@ -229,7 +317,7 @@ class RunRecorder:
             "batches": data.source,
             "mode": mode,
             "changed_settings": self.changes,
-            "note": "teacher logits are for the fixed (un-augmented) inputs, as cached",
+            "views": data.views,  # the student's inputs, and whether the targets are of the same views
         }
         (run_dir / "config.json").write_text(strict_json.dumps(config, indent=2) + "\n")
         (run_dir / "summary.json").unlink(missing_ok=True)  # a run is finished only once this is back
@@ -288,7 +376,8 @@ class RunRecorder:
             "student_val_accuracy": val_accuracy,
             "student_test_accuracy": test_accuracy,
             "teacher_test_accuracy": self.data.teacher_test_accuracy,
-            "teacher": store.manifest.teacher.name if store else None,
+            "teacher": self.data.teacher_name,
+            "views": self.data.views,
             "cache": store.where if store else None,
             "device": str(self.data.device),
             "wall_time_s": round(seconds, 2),
@@ -533,6 +622,7 @@ def _open_cache(
             dataset_fingerprint=train.fingerprint,
             split="train",
             teacher=preset.teacher.name,
+            views=preset.cache.views_for("train"),  # the fixed view, or the preset's augmented views
             skipped=skipped,
         )
         for problem in skipped:
@@ -547,14 +637,20 @@ def _open_cache(
             if not required:
                 return None
             raise KDError(
-                f"no complete train-split cache of teacher '{preset.teacher.name}' for this dataset "
-                f"under {paths.logits}: run `kd teacher-logits --preset {preset.command_name}` with the same "
-                "--data-dir (or `make teacher-logits` in this repository), or pass --cache PATH"
+                f"no complete train-split cache of teacher '{preset.teacher.name}' for this dataset"
+                f"{_views_text(preset)} under {paths.logits}: run `kd teacher-logits --preset "
+                f"{preset.command_name}` with the same --data-dir (or `make teacher-logits` in this "
+                "repository), or pass --cache PATH"
             )
         store = found[0]
     store.require_complete()
     check_cache_matches(store, train)
     return store
+
+
+def _views_text(preset: Preset) -> str:
+    c = preset.cache
+    return "" if c.augment == "none" else f" with {c.views} {c.augment} views (pad {c.augment_pad})"
 
 
 def _read_through(url: str, paths: Paths) -> LogitStore:

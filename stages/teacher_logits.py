@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from pipeline.augment import check_augment, replay, view_params
 from pipeline.config import Paths, Preset
 from pipeline.datasets import Split, load_split
 from pipeline.distributed import Ranks, barrier, broadcast, device_for, init
@@ -114,6 +115,7 @@ def existing_caches(preset: Preset, paths: Paths, data: dict[str, Split]) -> dic
             dataset_fingerprint=split.fingerprint,
             split=name,
             teacher=preset.teacher.name,
+            views=preset.cache.views_for(name),
             skipped=skipped,
         )
         for problem in skipped:
@@ -164,6 +166,8 @@ def _dump(
         level=preset.cache.zstd_level,
     )
     precision = preset.cache.precision if device.type == "cuda" else "fp32"
+    if preset.cache.augment != "none" and split.split == "train":
+        check_augment(preset.cache.augment, split.inputs)
     manifest = Manifest(
         teacher=teacher_info,
         dataset=DatasetInfo(
@@ -177,6 +181,7 @@ def _dump(
         preprocessing={**split.preprocessing, "teacher_precision": precision},  # part of the key
         software=software_versions(),
         created=now_iso(),
+        views=preset.cache.views_for(split.split),
     )
     path = paths.logits / cache_dirname(manifest)
     # a cache hit is decided by reading alone (no lock, so read-only cache folders work)
@@ -230,11 +235,16 @@ def _dump(
         return path
     n, seconds = len(split), time.perf_counter() - started
     console.print(
-        f"wrote {path} ({n} x {split.num_classes} {storage.dtype}, teacher accuracy "
+        f"wrote {path} ({n} x {_views_text(manifest)}{split.num_classes} {storage.dtype}, teacher accuracy "
         f"{store.manifest.teacher_accuracy:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, "
         f"{n / seconds:,.0f} samples/s{f', {ranks.world} processes' if ranks.active else ''})"
     )
     return path
+
+
+def _views_text(manifest: Manifest) -> str:
+    v = manifest.views
+    return f"{v['count']} {v['augment']['kind']} views x " if v else ""
 
 
 def shards_of(plan: list[int], rank: int, world: int) -> list[int]:
@@ -281,6 +291,8 @@ def write_logits(
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     inputs = split.inputs.pin_memory() if device.type == "cuda" else split.inputs  # async copies to the GPU
+    views = store.manifest.views  # the views layout: K augmented views of every row
+    spec = store.augment
     writer = ShardWriter(store, shards)
     total = sum(b - a for a, b in map(store.shard_range, shards))
     bar = Progress(
@@ -295,10 +307,22 @@ def write_logits(
                 for start in range(first, last, batch_size):
                     stop = min(start + batch_size, last)
                     x = inputs[start:stop].to(device, non_blocking=True)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    logits = teacher(x).float().cpu()  # (B, C) raw
-                    writer.add(logits, split.labels[start:stop], split.ids[start:stop])
+                    ids = split.ids[start:stop]
+                    if not views:
+                        logits = _forward(teacher, x, channels_last)  # (B, C) raw
+                        writer.add(logits, split.labels[start:stop], ids)
+                    else:  # the parameters of every view of these rows, then the teacher on each view
+                        count = "all" if views["all"] else views["count"]
+                        params = view_params(spec, ids.numpy(), count, views["seed"])  # (B, K, P)
+                        on_device = torch.from_numpy(params).to(device)
+                        logits = torch.stack(
+                            [
+                                _forward(teacher, replay(x, on_device[:, k], spec), channels_last)
+                                for k in range(params.shape[1])
+                            ],
+                            1,
+                        )  # (B, K, C) raw
+                        writer.add(logits, split.labels[start:stop], ids, params)
                     bar.update(stop - start)
     except BaseException:
         writer.abort()
@@ -306,3 +330,9 @@ def write_logits(
     finally:
         bar.close()
     writer.close()
+
+
+def _forward(teacher: torch.nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return teacher(x).float().cpu()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.augment import check_augment
-from pipeline.batches import InMemoryBatches
+from pipeline.augment import AugmentSpec, check_augment
+from pipeline.batches import InMemoryBatches, Views
 from pipeline.config import Paths, Preset
 from pipeline.datasets import load_split, validation_rows
 from pipeline.losses import cross_entropy
@@ -56,7 +56,8 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     model = build_model(cfg.model, train.num_classes, train.input_shape)
     check_fits_data(model, train, "teacher", cfg.model.arch)
-    batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device)
+    fresh = Views(AugmentSpec(cfg.train.augment, cfg.train.augment_pad))  # drawn from the data generator
+    batches = InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device, fresh)
 
     console.print(
         f"training teacher '{cfg.name}' ({cfg.model.arch}) on {train.dataset} for "

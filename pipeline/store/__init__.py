@@ -6,6 +6,7 @@ dense         LogitStore (open, create, write shards, read) and ShardWriter (bac
 integrity     per-shard CRC32C and statistics, NaN/Inf checks, verify
 lock          one writer per cache (flock)
 housekeeping  finding caches under a root; what rm and gc may delete
+views         the views layout: K augmented views per sample and their replay parameters
 """
 
 from pipeline.store.dense import MEMBERS, LogitStore, ShardWriter
@@ -29,8 +30,11 @@ from pipeline.store.manifest import (
     safe_name,
     software_versions,
 )
+from pipeline.store.views import augment_spec, views_record
 
 __all__ = [
+    "augment_spec",
+    "views_record",
     "CODECS",
     "DISK_DTYPES",
     "FORMAT_NAME",

@@ -34,9 +34,11 @@ from pipeline.errors import KDError
 from pipeline.store.encoding import as_tensor, compressors, decode_logits, encode_logits, to_float
 from pipeline.store.integrity import nonfinite_rows, row_stats, shard_digest
 from pipeline.store.manifest import DISK_DTYPES, Manifest
+from pipeline.store.views import augment_spec, create_views_array, expected_views_shape
 
 RECORDS = ("done", "stats", "crc32c")  # per-shard arrays, one chunk per shard
-MEMBERS = ("zarr.json", "logits", "labels", "index", *RECORDS)  # everything a dense cache folder holds
+# everything a cache folder holds (views: the views layout only, see pipeline/store/views.py)
+MEMBERS = ("zarr.json", "logits", "labels", "index", "views", *RECORDS)
 
 # Testing hook: `KD_FAULT_AFTER_SHARDS=N` kills the process (SIGKILL, as kill -9) once N shards are done,
 # so tests can interrupt stage 1 at exact points. Never set outside tests.
@@ -85,11 +87,12 @@ class LogitStore:
             raise KDError(f"a cache already exists at {where}: remove it or pass --force") from None
         n, c, st = manifest.dataset.length, manifest.dataset.num_classes, manifest.storage
         chunk, shard = st.chunk_rows, st.shard_rows  # may exceed n: zarr keeps edge chunks partial
+        row = (manifest.num_views, c) if manifest.views else (c,)  # views: (K, C) per sample
         group.create_array(
             "logits",
-            shape=(n, c),
-            chunks=(chunk, c),
-            shards=(shard, c),
+            shape=(n, *row),
+            chunks=(chunk, *row),
+            shards=(shard, *row),
             dtype=DISK_DTYPES[st.dtype],
             compressors=compressors(st.codec, st.level, np.dtype(DISK_DTYPES[st.dtype]).itemsize),
             fill_value=0,
@@ -109,6 +112,8 @@ class LogitStore:
         group.create_array("stats", shape=(num_shards, 3), chunks=(1, 3), dtype="float64", fill_value=0.0)
         group.create_array("crc32c", shape=(num_shards, 4), chunks=(1, 4), dtype="uint8", fill_value=0)
         group.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)
+        if manifest.views:
+            create_views_array(group, manifest, where)
         group.attrs.put(dataclasses.replace(manifest, complete=False).to_dict())
         return cls(group, where)
 
@@ -118,7 +123,23 @@ class LogitStore:
 
     @property
     def num_classes(self) -> int:
-        return int(self.array("logits").shape[1])
+        return int(self.array("logits").shape[-1])
+
+    @property
+    def num_views(self) -> int:
+        """K views per sample (1: the dense layout's fixed view)."""
+        return self.manifest.num_views
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The logits of one sample: (C,), or (K, C) for the views layout."""
+        return (self.num_views, self.num_classes) if self.manifest.views else (self.num_classes,)
+
+    @functools.cached_property
+    def augment(self) -> Any:
+        """The AugmentSpec that replays the views (kind "none" for the dense layout); refused when this
+        version cannot replay it."""
+        return augment_spec(self.manifest.views, self.where)
 
     @property
     def chunk_rows(self) -> int:
@@ -143,20 +164,27 @@ class LogitStore:
         labels: np.ndarray,
         ids: np.ndarray,
         stats: np.ndarray | None = None,
+        views: np.ndarray | None = None,
     ) -> None:
-        """Write one whole shard (already encoded logits), its stats row (correct, sum of L2 norms, sum of
-        max-softmax) and checksum, then mark it done: `done` is the last thing a shard writes."""
+        """Write one whole shard (already encoded logits, and the views' parameters in the views layout),
+        its stats row (correct, sum of L2 norms, sum of max-softmax, over every view) and checksum, then
+        mark it done: `done` is the last thing a shard writes."""
         start, stop = self.shard_range(shard)
-        if logits.shape != (stop - start, self.num_classes):
-            raise ValueError(
-                f"shard {shard} needs {(stop - start, self.num_classes)} logits, got {logits.shape}"
-            )
+        if logits.shape != (stop - start, *self.row_shape):
+            want = (stop - start, *self.row_shape)
+            raise ValueError(f"shard {shard} needs {want} logits, got {logits.shape}")
+        if (views is None) != (not self.manifest.views):
+            raise ValueError(f"shard {shard}: the views layout needs view parameters, the dense one none")
         self.array("logits")[start:stop] = logits
         self.array("labels")[start:stop] = labels
         self.array("index")[start:stop] = ids
+        extra = () if views is None else (views,)
+        if views is not None:
+            self.array("views")[start:stop] = views
         if stats is not None:
             self.array("stats")[shard] = stats
-        self.array("crc32c")[shard] = np.frombuffer(shard_digest(logits, labels, ids), dtype=np.uint8)
+        digest = shard_digest(logits, labels, ids, *extra)
+        self.array("crc32c")[shard] = np.frombuffer(digest, dtype=np.uint8)
         self.array("done")[shard] = True
         if _FAULT_AFTER_SHARDS is not None:
             _fault_injection(shard)
@@ -223,7 +251,7 @@ class LogitStore:
                 "unreadable): re-run `kd teacher-logits` to write them"
             )
         totals = np.asarray(self.array("stats")[:]).sum(0)
-        n = self.num_rows
+        n = self.num_rows * self.num_views  # the stats sum over every view of every row
         derived = {
             "teacher_accuracy": float(totals[0] / n),
             "logit_stats": {"mean_l2_norm": float(totals[1] / n), "mean_max_softmax": float(totals[2] / n)},
@@ -290,11 +318,13 @@ class LogitStore:
         m, problems = self.manifest, []
         n, c = m.dataset.length, m.dataset.num_classes
         expected = {
-            "logits": ((n, c), DISK_DTYPES[m.storage.dtype]),
+            "logits": ((n, *self.row_shape[:-1], c), DISK_DTYPES[m.storage.dtype]),
             "labels": ((n,), "int64"),
             "index": ((n,), "int64"),
             "done": ((self.num_shards,), "bool"),
         }
+        if m.views:
+            expected["views"] = (expected_views_shape(m), "int16")
         for name, (shape, dtype) in expected.items():
             try:
                 array = self.array(name)
@@ -313,10 +343,18 @@ class LogitStore:
             )
         return problems
 
-    def check_shard(self, shard: int, logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+    def check_shard(
+        self,
+        shard: int,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        ids: np.ndarray,
+        views: np.ndarray | None = None,
+    ) -> None:
         """Raise KDError when a shard's data (as read) does not match its recorded checksum."""
         expected = self.manifest.shard_crc32c[shard] if shard < len(self.manifest.shard_crc32c) else None
-        if expected is not None and shard_digest(logits, labels, ids).hex() != expected:
+        extra = () if views is None else (views,)
+        if expected is not None and shard_digest(logits, labels, ids, *extra).hex() != expected:
             raise KDError(
                 f"cache {self.where}: shard {shard} fails its CRC32C checksum (damaged or truncated file): "
                 "re-run `kd teacher-logits --force`, or `kd cache verify` for details"
@@ -346,14 +384,21 @@ class LogitStore:
                 "file is damaged; run `kd cache verify`, then `kd teacher-logits --force` to rebuild it"
             ) from None
 
+    def read_views(self) -> np.ndarray | None:
+        """The views' parameters (N, K, P) int16, or None for the dense layout."""
+        return self.read("views") if self.manifest.views else None
+
     def read_all(self, *, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits float32 (N, C), labels (N,), ids (N,)), each array read in one call; with `verify`,
-        every shard is checked against its recorded CRC32C (hashing costs far less than the read)."""
+        """(logits float32 (N, C) or (N, K, C), labels (N,), ids (N,)), each array read in one call; with
+        `verify`, every shard is checked against its recorded CRC32C (hashing costs far less than the
+        read). The views' parameters: read_views()."""
         raw, labels, ids = self.read("logits"), self.read("labels"), self.ids.numpy()
+        views = self.read_views()
         if verify:
             for shard in range(self.num_shards):
                 a, b = self.shard_range(shard)
-                self.check_shard(shard, raw[a:b], labels[a:b], ids[a:b])
+                params = None if views is None else views[a:b]
+                self.check_shard(shard, raw[a:b], labels[a:b], ids[a:b], params)
         logits = decode_logits(raw, self.manifest.storage.dtype)
         self.refuse_nonfinite(logits, self.ids)
         return logits, torch.from_numpy(labels), self.ids
@@ -370,42 +415,48 @@ class LogitStore:
 
     def iter_shuffled(
         self, generator: torch.Generator, *, block_rows: int | None = None, buffer_blocks: int = 4
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Stream (logits, ids) in shuffled order without scattered reads: contiguous blocks (default a
-        whole shard, the unit of storage, read in one call) in random order, then rows shuffled within a
-        buffer of `buffer_blocks` blocks. The next buffer is read by a background thread while this one
-        is used; rows are shuffled in the storage dtype, then converted. Pass block_rows=chunk_rows to
-        bound memory on huge shards."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Stream (logits, ids, view parameters or None) in shuffled order without scattered reads:
+        contiguous blocks (default a whole shard, the unit of storage, read in one call) in random
+        order, then rows shuffled within a buffer of `buffer_blocks` blocks. The next buffer is read by
+        a background thread while this one is used; rows are shuffled in the storage dtype, then
+        converted. Pass block_rows=chunk_rows to bound memory on huge shards."""
         block = block_rows or self.shard_rows
         starts = list(range(0, self.num_rows, block))
         order = torch.randperm(len(starts), generator=generator).tolist()
         buffers = [order[i : i + buffer_blocks] for i in range(0, len(order), buffer_blocks)]
 
-        def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # (logits in storage dtype, ids)
-            raws, ids = [], []
+        has_views = bool(self.manifest.views)
+
+        def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            raws, ids, views = [], [], []  # logits in the storage dtype, ids, view parameters
             for i in blocks:
                 a, b = starts[i], min(starts[i] + block, self.num_rows)
                 raw = self.read("logits", a, b)
+                params = self.read("views", a, b) if has_views else None
                 if block == self.shard_rows:  # a whole shard: check it against its checksum as it streams
-                    self.check_shard(i, raw, self.read("labels", a, b), self.ids[a:b].numpy())
+                    self.check_shard(i, raw, self.read("labels", a, b), self.ids[a:b].numpy(), params)
                 raws.append(as_tensor(raw))
                 ids.append(self.ids[a:b])
-            return torch.cat(raws), torch.cat(ids)
+                if params is not None:
+                    views.append(torch.from_numpy(params))
+            return torch.cat(raws), torch.cat(ids), torch.cat(views) if has_views else None
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool:
             pending = pool.submit(load, buffers[0]) if buffers else None
             for k in range(len(buffers)):
                 assert pending is not None
-                raw, ids = pending.result()
+                raw, ids, views = pending.result()
                 if k + 1 < len(buffers):
                     pending = pool.submit(load, buffers[k + 1])
                 perm = torch.randperm(len(ids), generator=generator)
                 logits, ids = to_float(raw[perm], self.manifest.storage.dtype), ids[perm]  # gather, widen
                 self.refuse_nonfinite(logits, ids)  # before any of these rows reaches training
-                yield logits, ids
+                yield logits, ids, None if views is None else views[perm]
 
     def nbytes_stored(self) -> int:
-        return sum(int(self.array(name).nbytes_stored()) for name in ("logits", "labels", "index", "done"))
+        names = ("logits", "labels", "index", "done", *(("views",) if self.manifest.views else ()))
+        return sum(int(self.array(name).nbytes_stored()) for name in names)
 
 
 class ShardWriter:
@@ -418,7 +469,7 @@ class ShardWriter:
         self.store = store
         self.dtype = store.manifest.storage.dtype
         self.shards = list(range(store.num_shards)) if shards is None else list(shards)
-        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._parts: list[tuple[np.ndarray, ...]] = []  # (logits, labels, ids, stats[, views]) blocks
         self._buffered = 0
         self._next = 0  # index into self.shards
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(max_pending)
@@ -426,14 +477,17 @@ class ShardWriter:
         self._thread = threading.Thread(target=self._run, name="kd-shard-writer", daemon=True)
         self._thread.start()
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
-        """Rows of float logits (B, C) with their labels and ids, continuing the current shard."""
+    def add(
+        self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, views: np.ndarray | None = None
+    ) -> None:
+        """Rows of float logits (B, C) with their labels and ids, continuing the current shard; in the
+        views layout logits (B, K, C) and the views' parameters (B, K, P)."""
         self._raise_if_failed()
         labels, ids = labels.cpu(), ids.cpu()
         encoded = encode_logits(logits, self.dtype)
         bad = nonfinite_rows(logits)
         if self.dtype == "float16":  # |z| > 65504 overflows to Inf
-            bad |= torch.from_numpy(~np.isfinite(encoded).all(1))
+            bad |= torch.from_numpy(~np.isfinite(encoded.reshape(len(encoded), -1)).all(1))
         if bad.any():
             raise KDError(
                 f"the teacher's logits are NaN or Inf{' in float16' if self.dtype == 'float16' else ''} for "
@@ -442,7 +496,8 @@ class ShardWriter:
                 + (" or store float32 (--dtype float32)" if self.dtype == "float16" else "")
             )
         stats = row_stats(logits, labels)
-        self._parts.append((encoded, labels.numpy(), ids.numpy(), stats))
+        extra = () if views is None else (np.asarray(views, dtype=np.int16),)
+        self._parts.append((encoded, labels.numpy(), ids.numpy(), stats, *extra))
         self._buffered += len(ids)
         while self._next < len(self.shards):
             start, stop = self.store.shard_range(self.shards[self._next])
@@ -466,12 +521,13 @@ class ShardWriter:
         self._thread.join()
 
     def _submit(self, rows: int) -> None:
-        logits, labels, ids, stats = (np.concatenate(a) for a in zip(*self._parts, strict=True))
-        rest = (logits[rows:], labels[rows:], ids[rows:], stats[rows:])
-        self._parts = [rest] if len(ids) > rows else []
+        parts = [np.concatenate(a) for a in zip(*self._parts, strict=True)]
+        ids = parts[2]
+        self._parts = [tuple(a[rows:] for a in parts)] if len(ids) > rows else []
         self._buffered = len(ids) - rows
+        logits, labels, ids, stats, *views = (a[:rows] for a in parts)
         self._queue.put(
-            (self.shards[self._next], logits[:rows], labels[:rows], ids[:rows], stats[:rows].sum(0))
+            (self.shards[self._next], logits, labels, ids, stats.sum(0), views[0] if views else None)
         )
         self._next += 1
 

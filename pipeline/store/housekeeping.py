@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,12 @@ def find_caches(
     dataset_fingerprint: str | None = None,
     split: str | None = None,
     teacher: str | None = None,
+    views: Mapping[str, Any] | None = None,
     skipped: list[str] | None = None,
 ) -> list[LogitStore]:
-    """Complete caches under `root` matching the given fields, newest first. Entries that cannot be
-    opened are left out, each named with its reason in `skipped` when a list is given."""
+    """Complete caches under `root` matching the given fields (`views`: the manifest's views entry, {}
+    for the dense layout), newest first. Entries that cannot be opened are left out, each named with its
+    reason in `skipped` when a list is given."""
     from pipeline.remote import is_url, list_root
 
     found = []
@@ -138,6 +141,8 @@ def find_caches(
         if split and m.dataset.split != split:
             continue
         if teacher and m.teacher.name != teacher:
+            continue
+        if views is not None and m.views != dict(views):
             continue
         found.append(store)
     return sorted(found, key=lambda s: s.manifest.created, reverse=True)

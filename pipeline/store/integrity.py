@@ -15,28 +15,32 @@ if TYPE_CHECKING:
     from pipeline.store.dense import LogitStore
 
 
-def shard_digest(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> bytes:
-    """CRC32C of a shard's stored logits bytes, labels and ids (C order), 4 bytes big-endian. CRC32C finds
+def shard_digest(logits: np.ndarray, labels: np.ndarray, ids: np.ndarray, *more: np.ndarray) -> bytes:
+    """CRC32C of a shard's stored logits bytes, labels and ids (then the views' parameters, in the views
+    layout) in C order, 4 bytes big-endian. CRC32C finds
     bit flips and truncation at ~13 GB/s here (sha256: 1.8 GB/s, enough to slow streaming reads); the
     content address of a cache stays sha256."""
     crc = 0
-    for array in (logits, labels, ids):
+    for array in (logits, labels, ids, *more):
         crc = google_crc32c.extend(crc, np.ascontiguousarray(array).tobytes())
     return int(crc).to_bytes(4, "big")
 
 
 def row_stats(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """Per row (B, 3): correct (0/1), L2 norm, max softmax of float logits (B, C); summed per shard."""
+    """Per row (B, 3): correct (0/1), L2 norm, max softmax of float logits (B, C), each summed over the
+    views of (B, K, C) logits; summed per shard."""
     logits = logits.float()
-    correct = (logits.argmax(1) == labels).double()
-    return torch.stack(
-        [correct, logits.norm(dim=1).double(), logits.softmax(1).max(1).values.double()], 1
-    ).numpy()
+    if logits.dim() == 2:
+        logits = logits[:, None]
+    correct = (logits.argmax(-1) == labels[:, None]).double().sum(1)
+    norms = logits.norm(dim=-1).double().sum(1)
+    confidence = logits.softmax(-1).max(-1).values.double().sum(1)
+    return torch.stack([correct, norms, confidence], 1).numpy()
 
 
 def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: rows of (B, C) float logits holding any NaN or Inf."""
-    return ~torch.isfinite(logits).all(1)
+    """(B,) bool: rows of (B, C) (or (B, K, C)) float logits holding any NaN or Inf."""
+    return ~torch.isfinite(logits.reshape(len(logits), -1)).all(1)
 
 
 def summarize(shards: list[int], limit: int = 8) -> str:
@@ -79,11 +83,12 @@ def verify(store: LogitStore) -> list[str]:
             raw = np.asarray(store.array("logits")[start:stop])
             labels = np.asarray(store.array("labels")[start:stop])
             ids = np.asarray(store.array("index")[start:stop])
+            views = np.asarray(store.array("views")[start:stop]) if m.views else None
         except Exception as err:  # a damaged file can fail in the codec itself
             problems.append(f"{rows} cannot be read: {type(err).__name__}: {err}")
             continue
         try:
-            store.check_shard(shard, raw, labels, ids)
+            store.check_shard(shard, raw, labels, ids, views)
         except KDError:
             problems.append(f"{rows} fails its CRC32C checksum")
         if recorded_crc[shard] != m.shard_crc32c[shard]:
@@ -92,8 +97,11 @@ def verify(store: LogitStore) -> list[str]:
         bad = int(nonfinite_rows(logits).sum())
         if bad:
             problems.append(f"{rows} has {bad} rows with NaN or Inf logits")
-        correct += int((logits.argmax(1) == torch.from_numpy(labels)).sum())
-        checked += len(labels)
+        if views is not None and views.size and not _replayable(views, store):
+            problems.append(f"{rows} holds view parameters outside its augmentation's range")
+        predicted = logits.argmax(-1).view(len(labels), -1)  # (rows, K): every view's prediction
+        correct += int((predicted == torch.from_numpy(labels)[:, None]).sum())
+        checked += len(labels) * store.num_views
         id_list = ids.tolist()
         if len(set(id_list)) != len(id_list) or seen.intersection(id_list):
             repeated.append(shard)
@@ -108,3 +116,10 @@ def verify(store: LogitStore) -> list[str]:
             f"{accuracy:.4f}, the manifest says {recorded:.4f}"
         )
     return problems
+
+
+def _replayable(views: np.ndarray, store: LogitStore) -> bool:
+    """Every stored parameter row is one of the augmentation's views."""
+    table = store.augment.enumerate()  # (space, P)
+    lo, hi = table.min(0), table.max(0)
+    return bool(((views >= lo) & (views <= hi)).all())

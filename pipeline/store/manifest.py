@@ -20,6 +20,8 @@ from pipeline.errors import KDError
 
 FORMAT_NAME = "kd-logits"
 FORMAT_VERSION = 2  # 2: per-shard stats and crc32c arrays, shard_crc32c in the manifest
+VIEWS_FORMAT_VERSION = 3  # 3: the views layout (logits (N, K, C) + views (N, K, P)); dense caches stay 2
+READABLE_VERSIONS = (FORMAT_VERSION, VIEWS_FORMAT_VERSION)
 # The on-disk dtype of each storage dtype: zarr has no bfloat16, so its bits are kept as uint16.
 DISK_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
@@ -63,6 +65,22 @@ class Manifest:
     shard_crc32c: list[str] = field(default_factory=list)  # per shard, hex: logits bytes + labels + ids
     complete: bool = False
     format: dict[str, Any] = field(default_factory=lambda: {"name": FORMAT_NAME, "version": FORMAT_VERSION})
+    # the views layout: {"count": K, "all": bool, "seed": s, "augment": {kind, pad, params}, "version": v};
+    # empty: the dense layout, the one fixed view of each sample
+    views: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        version = VIEWS_FORMAT_VERSION if self.views else FORMAT_VERSION
+        if self.format.get("version") != version:  # the layout decides the version it is written with
+            object.__setattr__(self, "format", {"name": FORMAT_NAME, "version": version})
+
+    @property
+    def layout(self) -> str:
+        return "views" if self.views else "dense"
+
+    @property
+    def num_views(self) -> int:
+        return int(self.views["count"]) if self.views else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,11 +90,17 @@ class Manifest:
         fmt = raw.get("format", {})
         if fmt.get("name") != FORMAT_NAME:
             raise KDError("not a kd logit cache (its attributes have no kd-logits format marker)")
-        if fmt.get("version") != FORMAT_VERSION:
+        if fmt.get("version") not in READABLE_VERSIONS:
             raise KDError(
                 f"cache format version {fmt.get('version')} is not supported "
-                f"(this kd reads {FORMAT_VERSION}): "
+                f"(this kd reads {' and '.join(map(str, READABLE_VERSIONS))}): "
                 "re-run `kd teacher-logits` or upgrade kd"
+            )
+        views = dict(raw.get("views", {}))
+        if (fmt.get("version") == VIEWS_FORMAT_VERSION) != bool(views):
+            raise KDError(
+                f"format version {fmt.get('version')} does not match its layout "
+                f"({'views' if views else 'dense'}): re-run `kd teacher-logits`"
             )
         return cls(
             teacher=TeacherInfo(**raw["teacher"]),
@@ -90,17 +114,23 @@ class Manifest:
             shard_crc32c=list(raw.get("shard_crc32c", [])),
             complete=bool(raw.get("complete", False)),
             format=dict(fmt),
+            views=views,
         )
 
     @property
     def key(self) -> str:
-        return cache_key(self.teacher.fingerprint, self.dataset, self.preprocessing, self.storage)
+        return cache_key(self.teacher.fingerprint, self.dataset, self.preprocessing, self.storage, self.views)
 
 
 def cache_key(
-    teacher_fingerprint: str, dataset: DatasetInfo, preprocessing: Mapping[str, Any], storage: StorageInfo
+    teacher_fingerprint: str,
+    dataset: DatasetInfo,
+    preprocessing: Mapping[str, Any],
+    storage: StorageInfo,
+    views: Mapping[str, Any] | None = None,
 ) -> str:
-    """Content address of a cache: what was run on what, and how it is stored."""
+    """Content address of a cache: what was run on what, and how it is stored (a dense cache's key has no
+    views entry, so keys made before views existed are unchanged)."""
     record = {
         "teacher": teacher_fingerprint,
         "dataset": dataset.fingerprint,
@@ -108,6 +138,8 @@ def cache_key(
         "preprocessing": preprocessing,
         "storage": dataclasses.asdict(storage),
     }
+    if views:
+        record["views"] = dict(views)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
