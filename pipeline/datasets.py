@@ -121,13 +121,39 @@ def _synthetic_images(cfg: DatasetConfig) -> dict[str, Split]:
     plus noise, 80/20 train/test. For benchmarks and tests where no real images may be downloaded."""
     shape = tuple(cfg.options.get("shape", (3, 32, 32)))
     num_classes = int(cfg.options.get("num_classes", 100))
+    smooth = int(cfg.options.get("smooth", 1))  # > 1: templates drawn at 1/smooth the size, upsampled
     generator = torch.Generator().manual_seed(cfg.seed)
-    templates = torch.randn(num_classes, *shape, generator=generator)
+    if smooth > 1:  # smooth, image-like templates: a shifted view still looks like its class
+        small = torch.randn(
+            num_classes, shape[0], shape[1] // smooth, shape[2] // smooth, generator=generator
+        )
+        templates = torch.nn.functional.interpolate(
+            small, size=shape[1:], mode="bicubic", align_corners=False
+        )
+        templates = templates / templates.std()
+    else:
+        templates = torch.randn(num_classes, *shape, generator=generator)
     labels = torch.randint(0, num_classes, (cfg.num_samples,), generator=generator)
-    inputs = templates[labels] + 1.5 * torch.randn(cfg.num_samples, *shape, generator=generator)
+    noise = float(cfg.options.get("noise", 1.5))
+    drawn = templates[labels]
+    jitter = int(
+        cfg.options.get("jitter", 0)
+    )  # > 0: each image's template moved by up to this, maybe mirrored
+    if jitter:  # as objects sit anywhere in photos: the invariance crop-flip augmentation teaches
+        moves = torch.randint(-jitter, jitter + 1, (cfg.num_samples, 2), generator=generator)
+        mirror = torch.rand(cfg.num_samples, generator=generator) < 0.5
+        drawn = torch.stack(
+            [
+                torch.roll(t.flip(-1) if m else t, (int(dy), int(dx)), (1, 2))
+                for t, (dy, dx), m in zip(drawn, moves, mirror, strict=True)
+            ]
+        )
+    inputs = drawn + noise * torch.randn(cfg.num_samples, *shape, generator=generator)
     num_train = int(0.8 * cfg.num_samples)
     preprocessing = {
-        "inputs": f"synthetic class templates + N(0, 1.5^2) noise, float32, shape {list(shape)}",
+        "inputs": f"synthetic class templates + N(0, {noise:g}^2) noise, float32, shape {list(shape)}"
+        + (f", templates upsampled {smooth}x" if smooth > 1 else "")
+        + (f", moved by up to {jitter} px and mirrored at random" if jitter else ""),
         "normalization": "none",
         "generator": {"seed": cfg.seed, "num_classes": num_classes},
     }
@@ -357,7 +383,7 @@ def _unknown_fraction(inputs: torch.Tensor, unk_id: int | None) -> float:
 # The options each builder reads (README "Your own data"): anything else is refused by name, never ignored.
 DATASET_OPTIONS: dict[str, set[str]] = {
     "mnist1d": set(),
-    "synthetic-images": {"shape", "num_classes"},
+    "synthetic-images": {"shape", "num_classes", "smooth", "noise", "jitter"},
     "npz": {"train", "test", "num_classes", "name"},
     "imagefolder": {"train", "test", "size", "mean", "std", "name"},
     "cifar10": {"root", "download"},

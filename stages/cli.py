@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import click
 import typer
+import typer._click._textwrap
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
@@ -18,6 +19,17 @@ from pipeline.errors import KDError
 from pipeline.methods import METHODS
 
 GLOBAL_OPTIONS = ("--data-dir", "--cache-dir")
+
+
+class _NoHyphenBreaks(typer._click._textwrap.TextWrapper):
+    """Help text never wraps a name at its hyphen: `mnist1d-views` stays one word to copy."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "break_on_hyphens": False})
+
+
+# typer's click imports it each time it wraps help text
+typer._click._textwrap.TextWrapper = _NoHyphenBreaks  # type: ignore[misc]
 # help text is plain ("[compare]" and "[default: ...]" are words, not markup), -h as well as --help
 PLAIN_HELP: dict[str, Any] = {
     "rich_markup_mode": None,

@@ -548,7 +548,8 @@ def soft_settings(cfg: DistillConfig) -> dict[str, float]:
 def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
     """flat_settings without the ones the preset's method ignores (T for annealing, alpha for dkd, the
     other methods' sub-tables, ...): what identifies a run. Two presets equal here train the same."""
-    flat = flat_settings(preset)
+    # a setting added after a run was saved counts at its default, so older runs are still recognised
+    flat = flat_settings(Preset(name="")) | flat_settings(preset)
     method = flat["distill.method"]
     ignored: list[str] = [
         f"distill.{m}." for m in ("annealing", "continuation", "dkd", "dist") if m != method
@@ -557,6 +558,11 @@ def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
         ignored += ["distill.temperature", "distill.standardize"]  # temperature_schedule etc. start so
     if method != "kd":
         ignored += ["distill.alpha", "distill.ce_weight", "distill.kd_weight"]  # alpha_schedule, alpha_end
+    if flat["cache.augment"] == "none":  # the fixed view: the view settings mean nothing
+        ignored += ["cache.views", "cache.view_seed", "cache.augment_pad", "distill.views"]
+    for stage in ("teacher", "distill"):
+        if flat[f"{stage}.train.augment"] == "none":
+            ignored.append(f"{stage}.train.augment_pad")
     return {k: v for k, v in flat.items() if not any(k.startswith(prefix) for prefix in ignored)}
 
 

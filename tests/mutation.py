@@ -123,9 +123,23 @@ SEEDED = [
     (
         "mean_max_softmax computed as the mean softmax",
         "pipeline/store/integrity.py",
-        "logits.softmax(1).max(1).values.double()",
-        "logits.softmax(1).mean(1).double()",
+        "logits.softmax(-1).max(-1).values.double()",
+        "logits.softmax(-1).mean(-1).double()",
         CLAIMS,
+    ),
+    (
+        "the student's target is view 0 whatever view its input replays",
+        "pipeline/batches.py",
+        "zt = self.teacher_logits[rows, pick]",
+        "zt = self.teacher_logits[rows, 0]",
+        ["tests/test_views.py", "-m", "not slow"],
+    ),
+    (
+        "view parameters depend on the batch, not the sample id",
+        "pipeline/augment.py",
+        "+ ids.astype(np.uint64))",
+        "+ np.arange(len(ids), dtype=np.uint64))",
+        ["tests/test_views.py", "-m", "not slow"],
     ),
 ]
 
