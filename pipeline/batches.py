@@ -157,7 +157,14 @@ def cached_views_for(store: LogitStore, split: Split) -> torch.Tensor | None:
 
 class StreamedBatches:
     """Block-shuffled reads from the store (see LogitStore.iter_shuffled); inputs fetched by sample id;
-    rows outside `rows` are skipped."""
+    rows outside `rows` are skipped.
+
+    Under DDP the shards are partitioned: each epoch's shuffled shard order is dealt round-robin across
+    the W ranks, so every shard is read once per epoch in all (not once per rank). Each rank makes
+    batches of batch_size / W rows from its own shards, and every rank stops after the same number of
+    batches: the smallest rank's rows // (batch_size / W), computable on every rank without talking;
+    the rows past it (under a shard's worth per rank) sit this epoch out, and shards are reshuffled the
+    next. The global batch is still batch_size rows, but not the rows one process would draw."""
 
     def __init__(
         self,
@@ -177,12 +184,46 @@ class StreamedBatches:
         self.picker: ViewPicker | None = None
         self.rank, self.world = 0, 1
         self.epochs_done = 0
+        # kept (training) rows of each shard, in the store's order: what each rank's share holds
+        kept = self.keep[positions_of(store.ids, split.ids)]
+        self.kept_per_shard = [
+            int(kept[a:b].sum()) for a, b in map(store.shard_range, range(store.num_shards))
+        ]
 
     def shard(self, rank: int, world: int) -> None:
-        """Under DDP: every rank reads the same block-shuffled stream and takes its rows of each batch."""
+        """Under DDP: each rank reads its own shards of every epoch (see the class docstring)."""
+        if world > 1 and self.batch_size % world:
+            raise KDError(
+                f"distill.train.batch_size ({self.batch_size}) must be a multiple of the {world} processes "
+                "when a cache is streamed: each process takes an equal share of the global batch"
+            )
         self.rank, self.world = rank, world
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        if self.world == 1:
+            yield from self._epoch(generator, self.batch_size, None)
+            return
+        # one draw from the shared generator (equal on every rank): this epoch's shard order; the
+        # rank's own shuffles and view picks then use a generator of its own
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        order = torch.randperm(self.store.num_shards, generator=torch.Generator().manual_seed(seed)).tolist()
+        shares = [order[r :: self.world] for r in range(self.world)]
+        local = self.batch_size // self.world
+        limit = min(sum(self.kept_per_shard[i] for i in share) for share in shares) // local
+        mine = torch.Generator().manual_seed(seed + 1 + self.rank)
+        batches = self._epoch(mine, local, shares[self.rank])
+        for _, batch in zip(range(limit), batches, strict=False):
+            yield batch
+        batches.close()
+
+    def _epoch(
+        self,
+        generator: torch.Generator,
+        batch_size: int,
+        shards: list[int] | None,
+    ) -> Iterator[Batch]:
+        """Batches of `batch_size` kept rows from `shards` (None: all, in an order drawn from
+        `generator`, which also shuffles rows and picks views), the last one partial."""
         epoch, self.epochs_done = self.epochs_done, self.epochs_done + 1
         stored = bool(self.store.manifest.views)
         if stored and self.picker is None:
@@ -191,7 +232,8 @@ class StreamedBatches:
         carry_pos = torch.empty(0, dtype=torch.int64)
         carry_zt = torch.empty(0, self.store.num_classes)
         carry_params = torch.empty(0, spec.num_params, dtype=torch.int16)
-        for logits, ids, params in self.store.iter_shuffled(generator, buffer_blocks=self.buffer_blocks):
+        stream = self.store.iter_shuffled(generator, buffer_blocks=self.buffer_blocks, shards=shards)
+        for logits, ids, params in stream:
             pos = positions_of(ids, self.split.ids)
             keep = self.keep[pos]
             pos, logits = pos[keep], logits[keep]
@@ -205,20 +247,15 @@ class StreamedBatches:
                 params = torch.empty(len(pos), 0, dtype=torch.int16)
             pos, zt = torch.cat([carry_pos, pos]), torch.cat([carry_zt, logits])
             params = torch.cat([carry_params, params.to(torch.int16)])
-            full = len(pos) - len(pos) % self.batch_size
-            for start in range(0, full, self.batch_size):
-                part = slice(start, start + self.batch_size)
+            full = len(pos) - len(pos) % batch_size
+            for start in range(0, full, batch_size):
+                part = slice(start, start + batch_size)
                 yield self._batch(pos[part], zt[part], params[part], spec)
             carry_pos, carry_zt, carry_params = pos[full:], zt[full:], params[full:]
         if len(carry_pos):
             yield self._batch(carry_pos, carry_zt, carry_params, spec)
 
     def _batch(self, pos: torch.Tensor, zt: torch.Tensor, params: torch.Tensor, spec: AugmentSpec) -> Batch:
-        pos, zt, params = (
-            pos[self.rank :: self.world],
-            zt[self.rank :: self.world],
-            params[self.rank :: self.world],
-        )
         parts = (self.split.inputs[pos], self.split.labels[pos], zt)
         if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
             parts = tuple(p.pin_memory() for p in parts)

@@ -94,6 +94,8 @@ def run(
     model: torch.nn.Module = student
     if ranks.active:
         data.batches.shard(ranks.rank, ranks.world)
+        if isinstance(data.batches, StreamedBatches):
+            data.source += f", shards partitioned across {ranks.world} processes"
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )

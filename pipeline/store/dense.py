@@ -63,6 +63,7 @@ class LogitStore:
         self.where = where
         self.manifest = Manifest.from_dict(group.attrs.asdict())
         self._arrays: dict[str, zarr.Array] = {}
+        self.logit_bytes_read = 0
 
     def array(self, name: str) -> zarr.Array:
         """logits, labels, index or done; opened once (each group lookup re-reads the array's metadata)."""
@@ -372,9 +373,13 @@ class LogitStore:
         return torch.from_numpy(self.read("index"))
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) of an array; a damaged file becomes a one-line KDError, not a codec trace."""
+        """Rows [start, stop) of an array; a damaged file becomes a one-line KDError, not a codec trace.
+        Reads of `logits` are counted in `logit_bytes_read` (what a stream cost, for tests and bench)."""
         try:
-            return np.asarray(self.array(name)[start:stop])
+            values = np.asarray(self.array(name)[start:stop])
+            if name == "logits":
+                self.logit_bytes_read += values.nbytes
+            return values
         except KDError:
             raise
         except Exception as err:
@@ -414,16 +419,26 @@ class LogitStore:
             )
 
     def iter_shuffled(
-        self, generator: torch.Generator, *, block_rows: int | None = None, buffer_blocks: int = 4
+        self,
+        generator: torch.Generator,
+        *,
+        block_rows: int | None = None,
+        buffer_blocks: int = 4,
+        shards: list[int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Stream (logits, ids, view parameters or None) in shuffled order without scattered reads:
         contiguous blocks (default a whole shard, the unit of storage, read in one call) in random
         order, then rows shuffled within a buffer of `buffer_blocks` blocks. The next buffer is read by
         a background thread while this one is used; rows are shuffled in the storage dtype, then
-        converted. Pass block_rows=chunk_rows to bound memory on huge shards."""
+        converted. Pass block_rows=chunk_rows to bound memory on huge shards. `shards` (whole-shard
+        blocks only): read just these, in this order (a DDP rank's share of an epoch)."""
         block = block_rows or self.shard_rows
         starts = list(range(0, self.num_rows, block))
-        order = torch.randperm(len(starts), generator=generator).tolist()
+        if shards is not None:
+            assert block == self.shard_rows, "a list of shards needs whole-shard blocks"
+            order = list(shards)
+        else:
+            order = torch.randperm(len(starts), generator=generator).tolist()
         buffers = [order[i : i + buffer_blocks] for i in range(0, len(order), buffer_blocks)]
 
         has_views = bool(self.manifest.views)
