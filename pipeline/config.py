@@ -278,6 +278,7 @@ class DistillConfig:
     views: str = "random"  # with a view cache: the view each sample gets per epoch, random | cycle
     teacher_online: bool = False  # run the teacher on each augmented batch (online KD) instead of a cache
     memory_budget_mb: int = 2048  # caches up to this size (as float32) are loaded into RAM, else streamed
+    remote_cache_mb: int = 4096  # a remote cache streamed lazily keeps at most this much of its shards
     train: OptimConfig = field(default_factory=OptimConfig)
     annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
     continuation: ContinuationConfig = field(default_factory=ContinuationConfig)
@@ -309,6 +310,7 @@ class DistillConfig:
         _require(
             self.views in ("random", "cycle"), f"distill.views must be random or cycle, got '{self.views}'"
         )
+        _require(self.remote_cache_mb >= 0, f"remote_cache_mb must be >= 0, got {self.remote_cache_mb}")
         _require(self.memory_budget_mb >= 0, f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
 
     def check(self) -> None:

@@ -61,6 +61,7 @@ from pipeline.schedules import (
     temperature_at,
 )
 from pipeline.store import LogitStore, find_caches
+from pipeline.store.shard_cache import ShardCache
 from pipeline.train import EpochRecord, accuracy, fit, pick_device, predict, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)
@@ -218,7 +219,7 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
     else:
         assert store is not None
         fresh, views = _student_views(store, train, cfg, fresh, views)
-        if store.num_rows * store.num_views * store.num_classes * 4 <= cfg.memory_budget_mb * 2**20:
+        if fits_in_memory(store, cfg):
             source = "cache in memory"
             if store.manifest.views:
                 fresh = dataclasses.replace(fresh, params=cached_views_for(store, train))
@@ -560,6 +561,7 @@ def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
         ignored += ["distill.temperature", "distill.standardize"]  # temperature_schedule etc. start so
     if method != "kd":
         ignored += ["distill.alpha", "distill.ce_weight", "distill.kd_weight"]  # alpha_schedule, alpha_end
+    ignored.append("distill.remote_cache_mb")  # where far shards are kept: never what is trained
     if flat["cache.augment"] == "none":  # the fixed view: the view settings mean nothing
         ignored += ["cache.views", "cache.view_seed", "cache.augment_pad", "distill.views"]
     for stage in ("teacher", "distill"):
@@ -620,7 +622,7 @@ def _open_cache(
     """The train-split cache: the given path, zip or URL (read through a local copy), else the newest
     complete match under the cache root."""
     if cache is not None and is_url(cache):
-        store = _read_through(str(cache), paths)
+        store = _far_cache(str(cache), paths, preset.distill)
     elif cache is not None:
         store = LogitStore.open(cache)
     else:
@@ -640,7 +642,7 @@ def _open_cache(
                 found[0].manifest.teacher.architecture, preset, f"the newest cache found ({found[0].where})"
             )
         if found and paths.remote:
-            found = [_read_through(found[0].where, paths)]
+            found = [_far_cache(found[0].where, paths, preset.distill)]
         if not found:
             if not required:
                 return None
@@ -659,6 +661,29 @@ def _open_cache(
 def _views_text(preset: Preset) -> str:
     c = preset.cache
     return "" if c.augment == "none" else f" with {c.views} {c.augment} views (pad {c.augment_pad})"
+
+
+def fits_in_memory(store: LogitStore, cfg: DistillConfig) -> bool:
+    """Whether the cache, as float32 logits, fits `distill.memory_budget_mb` (then it is read whole)."""
+    return store.num_rows * store.num_views * store.num_classes * 4 <= cfg.memory_budget_mb * 2**20
+
+
+def _far_cache(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:
+    """A remote cache: one that fits in memory is read through a local copy; a larger one is streamed
+    lazily, shard by shard as training asks for them, through a bounded local shard cache (LRU,
+    `distill.remote_cache_mb`), never copied whole."""
+    remote = LogitStore.open(url)
+    remote.require_complete()
+    if fits_in_memory(remote, cfg):
+        return _read_through(url, paths)
+    folder = paths.data / "remote-cache" / "shards" / remote.manifest.key[:16]
+    remote.shard_cache = ShardCache(folder, cfg.remote_cache_mb * 2**20)
+    console.print(
+        f"streaming {url} lazily: shards fetched as needed, up to {cfg.remote_cache_mb} MB of them "
+        f"kept in {folder}",
+        highlight=False,
+    )
+    return remote
 
 
 def _read_through(url: str, paths: Paths) -> LogitStore:

@@ -74,3 +74,101 @@ def test_streamed_ddp_needs_a_batch_each_rank_can_share(tmp_path: Path) -> None:
     batches = StreamedBatches(LogitStore.open(path), split, torch.arange(ROWS), 10, torch.device("cpu"))
     with pytest.raises(KDError, match=r"batch_size \(10\) must be a multiple of the 3 processes"):
         batches.shard(0, 3)
+
+
+def test_the_local_shard_cache_keeps_to_its_byte_budget(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipeline.store.shard_cache import ShardCache
+
+    arrays = {"logits": np.zeros((100, 10), dtype=np.float16), "labels": np.zeros(100, dtype=np.int64)}
+    cache = ShardCache(tmp_path / "shards", budget_bytes=10**9)
+    cache.put(0, arrays)
+    size = cache.nbytes  # one shard's file
+    cache = ShardCache(tmp_path / "shards", budget_bytes=int(2.5 * size))  # reopened: shard 0 is held
+    assert cache.get(0) is not None and cache.hits == 1
+    cache.put(1, arrays)
+    assert cache.get(0) is not None  # 0 is now the most recently used
+    cache.put(2, arrays)  # over budget: the least recently used (1) goes
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-0.npz", "shard-2.npz"]
+    assert cache.get(1) is None and cache.misses == 1 and cache.nbytes <= 2.5 * size
+    np.testing.assert_array_equal(cache.get(2)["logits"], arrays["logits"])  # type: ignore[index]
+
+
+@pytest.mark.slow
+def test_a_far_cache_streams_lazily_and_trains_as_the_local_one(tiny_data, tmp_path: Path, s3: str) -> None:
+    """README: a remote cache larger than the memory budget is streamed shard by shard through a bounded
+    local shard cache, never copied whole; the run equals a streamed run from local disk."""
+    import json
+
+    from pipeline.config import Paths
+    from tests.conftest import cache_paths
+    from tests.test_cli import kd
+
+    (train,) = cache_paths(tiny_data, "train")
+    url = f"{s3}/lazy-{train.name}"
+    assert kd(tiny_data, "cache", "push", str(train), url).exit_code == 0
+    stream = ["--epochs", "3", "--set", "distill.memory_budget_mb=0"]
+    paths = Paths(data=tmp_path / "far")
+    far = kd(paths, "distill", "--preset", "tiny", "--cache", url, "--run-name", "far", *stream)
+    assert far.exit_code == 0, far.output
+    assert "streaming" in far.stderr and "lazily" in far.stderr
+    (folder,) = (paths.data / "remote-cache" / "shards").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [f"shard-{i}.npz" for i in range(4)]
+    assert not list((paths.data / "remote-cache").glob("*.zarr"))  # no whole copy
+    near = kd(tiny_data, "distill", "--preset", "tiny", "--cache", str(train), "--run-name", "near", *stream)
+    assert near.exit_code == 0, near.output
+
+    def curve(root: Path, name: str) -> list[float]:
+        return [json.loads(line)["val_accuracy"] for line in (root / "runs" / name / "metrics.jsonl").open()]
+
+    assert curve(paths.data, "far") == curve(tiny_data.data, "near")
+    # a budget smaller than a shard keeps nothing, and still trains
+    small = kd(
+        paths,
+        "distill",
+        "--preset",
+        "tiny",
+        "--cache",
+        url,
+        "--run-name",
+        "small",
+        *stream,
+        "--set",
+        "distill.remote_cache_mb=0",
+    )
+    assert small.exit_code == 0, small.output
+    assert curve(paths.data, "small") == curve(tiny_data.data, "near")
+
+
+@pytest.mark.slow
+def test_a_corrupted_remote_shard_is_refused_in_one_line(tiny_data, tmp_path: Path, s3: str) -> None:
+    import fsspec
+
+    from pipeline.config import Paths
+    from tests.conftest import cache_paths
+    from tests.test_cli import kd
+
+    (train,) = cache_paths(tiny_data, "train")
+    url = f"{s3}/corrupt-{train.name}"
+    assert kd(tiny_data, "cache", "push", str(train), url).exit_code == 0
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe(f"{root}/logits/c/0/0", fs.cat(f"{root}/logits/c/1/0"))  # shard 1's bytes under shard 0's name
+    paths = Paths(data=tmp_path / "far")
+    argv = [
+        "distill",
+        "--preset",
+        "tiny",
+        "--cache",
+        url,
+        "--epochs",
+        "2",
+        "--set",
+        "distill.memory_budget_mb=0",
+    ]
+    result = kd(paths, *argv)  # found once training reaches that shard: after the run's opening lines
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "shard 0 fails its CRC32C checksum" in errors[0], result.stderr
+    folder = paths.data / "remote-cache" / "shards"
+    assert not any(p.name == "shard-0.npz" for p in folder.rglob("*"))  # never kept locally

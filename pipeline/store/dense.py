@@ -34,6 +34,7 @@ from pipeline.errors import KDError
 from pipeline.store.encoding import as_tensor, compressors, decode_logits, encode_logits, to_float
 from pipeline.store.integrity import nonfinite_rows, row_stats, shard_digest
 from pipeline.store.manifest import DISK_DTYPES, Manifest
+from pipeline.store.shard_cache import ShardCache
 from pipeline.store.views import augment_spec, create_views_array, expected_views_shape
 
 RECORDS = ("done", "stats", "crc32c")  # per-shard arrays, one chunk per shard
@@ -64,6 +65,7 @@ class LogitStore:
         self.manifest = Manifest.from_dict(group.attrs.asdict())
         self._arrays: dict[str, zarr.Array] = {}
         self.logit_bytes_read = 0
+        self.shard_cache: ShardCache | None = None  # a far cache streamed lazily keeps shards here
 
     def array(self, name: str) -> zarr.Array:
         """logits, labels, index or done; opened once (each group lookup re-reads the array's metadata)."""
@@ -447,10 +449,11 @@ class LogitStore:
             raws, ids, views = [], [], []  # logits in the storage dtype, ids, view parameters
             for i in blocks:
                 a, b = starts[i], min(starts[i] + block, self.num_rows)
-                raw = self.read("logits", a, b)
-                params = self.read("views", a, b) if has_views else None
-                if block == self.shard_rows:  # a whole shard: check it against its checksum as it streams
-                    self.check_shard(i, raw, self.read("labels", a, b), self.ids[a:b].numpy(), params)
+                if block == self.shard_rows:  # a whole shard: checked against its checksum as it streams
+                    raw, _, params = self.read_shard(i)
+                else:
+                    raw = self.read("logits", a, b)
+                    params = self.read("views", a, b) if has_views else None
                 raws.append(as_tensor(raw))
                 ids.append(self.ids[a:b])
                 if params is not None:
@@ -468,6 +471,28 @@ class LogitStore:
                 logits, ids = to_float(raw[perm], self.manifest.storage.dtype), ids[perm]  # gather, widen
                 self.refuse_nonfinite(logits, ids)  # before any of these rows reaches training
                 yield logits, ids, None if views is None else views[perm]
+
+    def read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One shard's stored (logits, labels, view parameters or None), checked against its CRC32C:
+        from the local shard cache when it holds them (a copy that fails the check is fetched again),
+        else read from the store and then kept there."""
+        a, b = self.shard_range(shard)
+        ids = self.ids[a:b].numpy()
+        held = self.shard_cache.get(shard) if self.shard_cache is not None else None
+        if held is not None:
+            arrays = (held["logits"], held["labels"], held.get("views"))
+            try:
+                self.check_shard(shard, *arrays[:2], ids, arrays[2])
+                return arrays
+            except KDError:
+                pass  # a damaged local copy: the store's shard below replaces it
+        raw, labels = self.read("logits", a, b), self.read("labels", a, b)
+        views = self.read("views", a, b) if self.manifest.views else None
+        self.check_shard(shard, raw, labels, ids, views)
+        if self.shard_cache is not None:
+            kept = {"logits": raw, "labels": labels, **({} if views is None else {"views": views})}
+            self.shard_cache.put(shard, kept)
+        return raw, labels, views
 
     def nbytes_stored(self) -> int:
         names = ("logits", "labels", "index", "done", *(("views",) if self.manifest.views else ()))

@@ -1,0 +1,70 @@
+"""A bounded local cache of a far cache's shards: what a lazily streamed remote cache keeps on disk.
+
+Each shard fetched from remote storage (its stored logits, labels and view parameters, as read) is kept
+as one .npz file under a folder of its own per cache key; when the files pass the byte budget, the
+least recently used are deleted. A shard read back from here is checked against its CRC32C like any
+other read, so a damaged local file is refused, never trained on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+NAMES = ("logits", "labels", "views")
+
+
+class ShardCache:
+    def __init__(self, folder: Path, budget_bytes: int) -> None:
+        self.folder, self.budget = folder, budget_bytes
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # the prefetch thread and the reader share it
+        self._sizes: OrderedDict[int, int] = OrderedDict()  # shard -> bytes, least recently used first
+        files = sorted(folder.glob("shard-*.npz"), key=lambda p: p.stat().st_mtime)
+        for path in files:  # what an earlier run left, oldest first
+            self._sizes[int(path.stem.split("-")[1])] = path.stat().st_size
+        self.hits = self.misses = 0
+        self._evict()
+
+    def path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard}.npz"
+
+    def get(self, shard: int) -> dict[str, np.ndarray] | None:
+        """The shard's arrays when held here (it becomes the most recently used), else None."""
+        with self._lock:
+            if shard not in self._sizes:
+                self.misses += 1
+                return None
+            self._sizes.move_to_end(shard)
+            self.hits += 1
+        try:
+            with np.load(self.path(shard), allow_pickle=False) as f:
+                return {name: f[name] for name in f.files}
+        except (OSError, ValueError, EOFError):  # gone or damaged: fetch it again
+            with self._lock:
+                self._sizes.pop(shard, None)
+            return None
+
+    def put(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        """Keep a fetched shard (written to a temporary name, then renamed), evicting LRU shards."""
+        tmp = self.folder / f".shard-{shard}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        tmp.replace(self.path(shard))
+        with self._lock:
+            self._sizes[shard] = self.path(shard).stat().st_size
+            self._sizes.move_to_end(shard)
+            self._evict()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def _evict(self) -> None:
+        while self._sizes and sum(self._sizes.values()) > self.budget:
+            shard, _ = self._sizes.popitem(last=False)
+            self.path(shard).unlink(missing_ok=True)
