@@ -32,7 +32,7 @@ RUN := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_no
 DISTILL_OPTS := $(if $(METHOD),--method $(METHOD)) $(if $(T),--temperature $(T)) \
                 $(if $(ALPHA),--alpha $(ALPHA)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEED),--seed $(SEED))
 
-.PHONY: setup train-teacher teacher teacher-logits distill compare sweep bench test mutation lint clean-data
+.PHONY: setup train-teacher teacher teacher-logits distill compare sweep bench bench-scale test mutation lint clean-data
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ sweep: teacher-logits
 
 bench: teacher
 	$(KD) bench $(ARGS)
+
+# a 1,000,000 x 1,000 synthetic cache (2 GB, made once under data/bench/scale) read from disk, loopback S3
+# and a memmap: rows/s, first batch, bytes, peak RSS -> data/bench/scale.md
+bench-scale: setup
+	$(KD) bench --workload scale $(ARGS)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_JOBS) $(ARGS)

@@ -366,11 +366,24 @@ def bench(
     quick: Annotated[bool, typer.Option(help="Small sizes, 2 repetitions: a smoke run.")] = False,
     reps: Annotated[int | None, typer.Option(help="Repetitions per figure [default: 5, quick: 2].")] = None,
     only: Annotated[
-        list[str] | None, typer.Option(help="Workload(s) to run: mnist1d, cifar-synthetic.")
+        list[str] | None,
+        typer.Option(
+            "--only",
+            "--workload",
+            help="Workload(s) to run: mnist1d, cifar-synthetic, or scale (a 1M x 1,000 cache read from "
+            "disk, loopback S3 and a memmap; not run by default).",
+        ),
     ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Measure dump overhead, cached-KD overhead, online-KD speed-up, storage and read throughput."""
+    if only and "scale" in only:
+        from stages import bench_scale
+
+        bench_scale.run(_state["paths"], quick=quick)
+        only = [w for w in only if w != "scale"]
+        if not only:
+            return
     from stages import bench as stage
 
     stage.run(_state["paths"], quick=quick, reps=reps, device_name=device, only=only)

@@ -36,3 +36,20 @@ def test_bench_quick_writes_all_figures(tmp_path) -> None:
         assert w["read"]["rows_per_s"]["streamed"] > 0 and w["read"]["rows"] >= 20_000
     text = (tmp_path / "bench" / "bench.md").read_text()
     assert "1. dump overhead" in text and "cifar-synthetic" in text
+
+
+@pytest.mark.slow
+def test_bench_scale_quick_reads_the_cache_three_ways(tmp_path) -> None:
+    """`kd bench --workload scale --quick`: local streamed, remote (loopback S3) and memmap each read every
+    row once, in a process of their own; the figures are written, never judged here."""
+    paths = Paths(data=tmp_path)
+    result = kd(paths, "bench", "--workload", "scale", "--quick")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench" / "scale.json").read_text())
+    assert (report["rows"], report["classes"]) == (20_000, 100)
+    for kind in ("local", "remote", "memmap"):
+        figures = report[kind]
+        assert figures["rows"] == 20_000 and figures["rows_per_s"] > 0 and figures["peak_rss_mb"] > 0
+    assert report["local"]["bytes_fetched"] == report["logits_bytes"]  # every shard read once
+    assert report["remote"]["bytes_fetched"] == report["logits_bytes"]
+    assert (tmp_path / "bench" / "scale.md").read_text().startswith("# kd bench-scale")

@@ -1,0 +1,256 @@
+"""`kd bench --workload scale` (= make bench-scale): reading a cache far bigger than memory.
+
+A synthetic cache of 1,000,000 rows x 1,000 classes float16 (2 GB of logits; generated, no teacher) is
+written once under DATA_DIR/bench/scale/ and read three ways, each in a fresh process so its peak RSS
+is its own:
+
+    local     streamed from local disk: shard-shuffled, prefetched, every shard CRC-checked
+    remote    streamed lazily from the loopback S3 server (moto, real HTTP on 127.0.0.1) through the
+              bounded local shard cache, as `kd distill --cache s3://...` reads a far cache
+    memmap    the baseline: a numpy .npy of the same float16 logits, memory-mapped, read in shuffled
+              256-row batches of sorted indices
+
+Reported: rows/s, seconds to the first batch, bytes fetched, peak RSS; in DATA_DIR/bench/scale.json
+and scale.md. Figures are measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from pipeline import strict_json
+from pipeline.config import Paths
+from pipeline.store import (
+    DatasetInfo,
+    LogitStore,
+    Manifest,
+    ShardWriter,
+    StorageInfo,
+    TeacherInfo,
+)
+
+console = Console(stderr=True, soft_wrap=True)
+GOALS = {
+    "remote_over_local": 0.5,
+    "local_over_memmap": 0.5,
+    "first_batch_s": 2.0,
+    "rss_over_budget_mb": 500,
+}
+MEMORY_BUDGET_MB = 256  # the distill.memory_budget_mb the streamed readers are held to
+SHARD_CACHE_MB = 256  # distill.remote_cache_mb of the remote reader
+
+
+def run(paths: Paths, *, quick: bool = False) -> Path:
+    rows, classes = (20_000, 100) if quick else (1_000_000, 1_000)
+    out = paths.data / "bench"
+    folder = out / "scale"
+    folder.mkdir(parents=True, exist_ok=True)
+    cache = folder / f"scale-{rows}x{classes}.zarr"
+    npy = folder / f"scale-{rows}x{classes}.npy"
+    write_s = _write(cache, npy, rows, classes)
+    report: dict[str, Any] = {
+        "rows": rows,
+        "classes": classes,
+        "logits_bytes": rows * classes * 2,
+        "stored_bytes": LogitStore.open(cache).nbytes_stored(),
+        "write_s": write_s,
+        "memory_budget_mb": MEMORY_BUDGET_MB,
+        "shard_cache_mb": SHARD_CACHE_MB,
+        "goals": GOALS,
+        "cpu_count": os.cpu_count(),
+    }
+    report["local"] = _child("local", str(cache))
+    report["memmap"] = _child("memmap", str(npy))
+    with _s3_server() as endpoint:
+        url = "s3://bench/scale.zarr"
+        t0 = time.perf_counter()
+        from pipeline.remote import copy_cache
+
+        copy_cache(cache, url, overwrite=True)
+        report["upload_s"] = time.perf_counter() - t0
+        shard_dir = folder / "shard-cache"
+        report["remote"] = _child("remote", url, endpoint=endpoint, shard_dir=str(shard_dir))
+    report["ratios"] = {
+        "remote_over_local": report["remote"]["rows_per_s"] / report["local"]["rows_per_s"],
+        "local_over_memmap": report["local"]["rows_per_s"] / report["memmap"]["rows_per_s"],
+    }
+    (out / "scale.json").write_text(strict_json.dumps(report, indent=2) + "\n")
+    (out / "scale.md").write_text(markdown(report))
+    console.print(markdown(report), highlight=False)
+    console.print(f"wrote {out / 'scale.json'} and {out / 'scale.md'}")
+    return out
+
+
+def _write(cache: Path, npy: Path, rows: int, classes: int) -> float | None:
+    """The synthetic cache and its .npy twin, generated in blocks (never the whole in memory); reused
+    when complete. Seconds it took, or None when reused."""
+    if cache.exists() and npy.exists():
+        try:
+            if LogitStore.open(cache).is_complete:
+                return None
+        except Exception:  # noqa: BLE001 - anything unreadable is rebuilt
+            pass
+    started = time.perf_counter()
+    manifest = Manifest(
+        teacher=TeacherInfo(name="synthetic", architecture={}, fingerprint="0" * 64),
+        dataset=DatasetInfo(
+            name="scale", split="train", length=rows, num_classes=classes, fingerprint="0" * 64
+        ),
+        storage=StorageInfo(dtype="float16", chunk_rows=512, shard_rows=512 * 16),
+    )
+    store = LogitStore.create(cache, manifest, overwrite=True)
+    twin = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(rows, classes))
+    writer = ShardWriter(store)
+    generator = torch.Generator().manual_seed(0)
+    block = 16_384
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        logits = 3 * torch.randn(stop - start, classes, generator=generator)  # teacher-like spread
+        labels = logits.argmax(1)
+        writer.add(logits, labels, torch.arange(start, stop))
+        twin[start:stop] = logits.numpy().astype(np.float16)
+    writer.close()
+    twin.flush()
+    del twin
+    store.finish()
+    return time.perf_counter() - started
+
+
+def _child(kind: str, where: str, **extra: str) -> dict[str, Any]:
+    """One reading run in a fresh process: its own figures and peak RSS."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if "endpoint" in extra:
+        env.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=extra["endpoint"],
+        )
+    code = "import json, sys; from stages.bench_scale import read; print(json.dumps(read(*sys.argv[1:])))"
+    argv = [sys.executable, "-c", code, kind, where, extra.get("shard_dir", "")]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"scale bench '{kind}' failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def read(kind: str, where: str, shard_dir: str = "") -> dict[str, Any]:
+    """Read every row once in shuffled order as float32 batches of 256 (run in a child process)."""
+    import resource
+
+    batch = 256
+    started = time.perf_counter()
+    first: float | None = None
+    rows = 0
+    fetched = 0
+    if kind == "memmap":
+        mm = np.load(where, mmap_mode="r")
+        order = np.random.default_rng(0).permutation(len(mm))
+        for i in range(0, len(mm), batch):
+            torch.from_numpy(mm[np.sort(order[i : i + batch])].astype(np.float32))
+            first = first or time.perf_counter() - started
+            rows += min(batch, len(mm) - i)
+        fetched = int(mm.nbytes)
+    else:
+        store = LogitStore.open(where)
+        store.require_complete()
+        if kind == "remote":
+            from pipeline.store.shard_cache import ShardCache
+
+            store.shard_cache = ShardCache(Path(shard_dir), SHARD_CACHE_MB * 2**20)
+        for logits, _, _ in store.iter_shuffled(torch.Generator().manual_seed(0), buffer_blocks=2):
+            for i in range(0, len(logits), batch):
+                logits[i : i + batch]
+                first = first or time.perf_counter() - started
+            rows += len(logits)
+        fetched = store.logit_bytes_read
+    seconds = time.perf_counter() - started
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_s": rows / seconds,
+        "first_batch_s": first,
+        "bytes_fetched": fetched,
+        "peak_rss_mb": peak_kb / 1024,
+    }
+
+
+class _s3_server:  # noqa: N801 - a context manager, used as `with _s3_server() as endpoint`
+    """The loopback S3 server of the tests (moto), with an empty bucket `bench`."""
+
+    def __enter__(self) -> str:
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        endpoint = f"http://127.0.0.1:{port}"
+        self.saved = {
+            k: os.environ.get(k)
+            for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+        }
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=endpoint,
+        )
+        import fsspec
+
+        fs, _ = fsspec.core.url_to_fs("s3://bench")
+        fs.mkdir("bench")
+        return endpoint
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def markdown(report: dict[str, Any]) -> str:
+    g, r = report["goals"], report["ratios"]
+    lines = [
+        f"# kd bench-scale: {report['rows']:,} rows x {report['classes']:,} classes float16",
+        "",
+        f"{_size(report['logits_bytes'])} of logits, {_size(report['stored_bytes'])} stored (zstd);"
+        f" {report['cpu_count']} CPUs; readers held to a {report['memory_budget_mb']} MB memory "
+        f"budget, the remote one to a {report['shard_cache_mb']} MB local shard cache.",
+        "",
+        "| reader | rows/s | first batch (s) | logits read (decoded) | peak RSS (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in ("local", "remote", "memmap"):
+        x = report[kind]
+        lines.append(
+            f"| {kind} | {x['rows_per_s']:,.0f} | {x['first_batch_s']:.2f} | {_size(x['bytes_fetched'])} "
+            f"| {x['peak_rss_mb']:,.0f} |"
+        )
+    lines += [
+        "",
+        f"- remote / local streamed: {r['remote_over_local']:.2f} (goal >= {g['remote_over_local']})",
+        f"- local streamed / memmap: {r['local_over_memmap']:.2f} (goal >= {g['local_over_memmap']})",
+        f"- first batch: goal <= {g['first_batch_s']} s; peak RSS: goal <= budget + "
+        f"{g['rss_over_budget_mb']} MB",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
