@@ -20,6 +20,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline import strict_json
 from pipeline.errors import KDError
@@ -87,7 +88,8 @@ def verify(path: str | Path) -> bool:
     m = store.manifest
     console.print(
         f"ok: {path} ({m.dataset.length} x {f'{m.num_views} views x ' if m.views else ''}"
-        f"{m.dataset.num_classes} {m.storage.dtype}, {store.num_shards} shards, checksums, shapes, finite "
+        f"{m.dataset.num_classes} {m.storage.dtype}, {_count(store.num_shards, 'shard')}, checksums, "
+        "shapes, finite "
         f"values{', view parameters' if m.views else ''} and labels all check)",
         highlight=False,
     )
@@ -197,11 +199,19 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
     if as_json:
         print(strict_json.dumps(rows, indent=2))
         return
-    console = Console()
+    console = Console(soft_wrap=True)  # lines are never broken mid-field: the terminal wraps them
     if not rows:
         console.print(f"no logit caches in {root}")
         return
-    if long:  # one block per cache: readable at any width
+    # a name not made by kd (team.zip) does not say whose logits these are: then the teacher is shown too
+    unnamed = any(not r["name"].startswith(f"{r['teacher']}.{r['dataset']}.{r['split']}.") for r in rows)
+    extra = ["teacher", "split"] if unnamed else []
+    columns = ["name", "rows", "size", "acc", "created", "ok", *extra]
+    cells = [_cells(r, extra) for r in rows]
+    width = sum(
+        max(len(c), *(len(Text.from_markup(row[i]).plain) for row in cells)) for i, c in enumerate(columns)
+    )
+    if long or width + len(columns) - 1 > console.width:  # one block per cache: readable at any width
         console.print(f"logit caches in {root}", highlight=False)
         for r in rows:
             console.print(r["name"], highlight=False, soft_wrap=True)
@@ -222,27 +232,33 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
         title=f"logit caches in {root}", box=None, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0)
     )
     table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
-    # a name not made by kd (team.zip) does not say whose logits these are: then the teacher is shown too
-    unnamed = any(not r["name"].startswith(f"{r['teacher']}.{r['dataset']}.{r['split']}.") for r in rows)
-    extra = ["teacher", "split"] if unnamed else []
-    for column in ["rows", "size", "acc", "created", "ok", *extra]:
+    for column in columns[1:]:
         right = column in ("rows", "size", "acc")
         table.add_column(column, justify="right" if right else "left", no_wrap=column != "teacher")
-    for r in rows:
-        cells = [
-            f"{r['rows']:,}" + (f"x{r['views']}" if r["augment"] != "none" else ""),
-            _size(r["bytes"]).replace(" ", "").replace("iB", ""),  # 83.5K: the table fits 80 columns
-            "-" if r["teacher_accuracy"] is None else f"{100 * r['teacher_accuracy']:.1f}%",
-            r["created"][5:16].replace("T", " ") or "-",  # MM-DD HH:MM (UTC); --json has the full time
-            "yes" if r["complete"] else "[red]no[/red]",
-        ]
-        cells += [str(r[column]) for column in extra]
-        table.add_row(r["name"], *cells)
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
-    console.print(
+    Console().print(  # the legend may wrap between words
         "acc: the teacher's accuracy on the split; created: UTC; -l: every field, one cache a block"
         + ("; rows xK: K augmented views a row" if any(r["augment"] != "none" for r in rows) else "")
     )
+
+
+def _cells(r: dict[str, Any], extra: list[str]) -> list[str]:
+    """One table row of `kd cache ls`: short cells, so kd's own names fit 80 columns."""
+    return [
+        r["name"],
+        f"{r['rows']:,}" + (f"x{r['views']}" if r["augment"] != "none" else ""),
+        _size(r["bytes"]).replace(" ", "").replace("iB", ""),  # 83.5K
+        "-" if r["teacher_accuracy"] is None else f"{100 * r['teacher_accuracy']:.1f}%",
+        r["created"][5:16].replace("T", " ") or "-",  # MM-DD HH:MM (UTC); --json has the full time
+        "yes" if r["complete"] else "[red]no[/red]",
+        *(str(r[column]) for column in extra),
+    ]
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _views(views: dict[str, Any]) -> str:

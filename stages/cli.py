@@ -294,7 +294,11 @@ def compare(
     preset: PresetOpt = "mnist1d",
     seeds: Annotated[int, typer.Option(help="Seeds per configuration (0, 1, ...).")] = 3,
     name: Annotated[
-        str | None, typer.Option(help="Report name under DATA_DIR/reports [default: preset].")
+        str | None,
+        typer.Option(
+            help="Report name under DATA_DIR/reports [default: the preset's name, plus a short hash of "
+            "the labels, seeds and --set when they are not the preset's all, 3 and none]."
+        ),
     ] = None,
     only: Annotated[
         list[str] | None, typer.Option(help="Run only these labels of the preset's [compare].")

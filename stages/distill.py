@@ -649,13 +649,21 @@ def _open_cache(
             raise KDError(
                 f"no complete train-split cache of teacher '{preset.teacher.name}' for this dataset"
                 f"{_views_text(preset)} under {paths.logits}: run `kd teacher-logits --preset "
-                f"{preset.command_name}` with the same --data-dir (or `make teacher-logits` in this "
-                "repository), or pass --cache PATH"
+                f"{preset.command_name}{_cache_sets(preset)}` with the same --data-dir (or `make "
+                "teacher-logits` in this repository), or pass --cache PATH"
             )
         store = found[0]
     store.require_complete()
     check_cache_matches(store, train)
     return store
+
+
+def _cache_sets(preset: Preset) -> str:
+    """` --set cache.views=8 ...`: the cache settings this command changed, which stage 1 needs too."""
+    if not preset.source:
+        return ""
+    changed = changed_settings(preset, preset.source)
+    return "".join(f" --set {k}={v}" for k, v in changed.items() if k.startswith("cache."))
 
 
 def _views_text(preset: Preset) -> str:
