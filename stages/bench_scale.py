@@ -226,13 +226,18 @@ class _s3_server:  # noqa: N801 - a context manager, used as `with _s3_server() 
             AWS_ENDPOINT_URL=endpoint,
         )
         import fsspec
+        import s3fs
 
+        s3fs.S3FileSystem.clear_instance_cache()  # not one cached with another endpoint
         fs, _ = fsspec.core.url_to_fs("s3://bench")
         fs.mkdir("bench")
         return endpoint
 
     def __exit__(self, *exc: object) -> None:
+        import s3fs
+
         self.server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches filesystems, and so this endpoint
         for k, v in self.saved.items():
             if v is None:
                 os.environ.pop(k, None)
