@@ -63,3 +63,12 @@ def broadcast(ranks: Ranks, value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def total(ranks: Ranks, value: int) -> int:
+    """The sum of an integer over every rank (the value itself in one process)."""
+    if not ranks.active:
+        return value
+    box = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(box)  # gloo and nccl both sum int64 on the CPU tensor's backend
+    return int(box.item())

@@ -36,7 +36,7 @@ from pipeline.batches import (
 )
 from pipeline.config import DistillConfig, OptimConfig, Paths, Preset, changed_settings, flat_settings
 from pipeline.datasets import Split, load_split, validation_rows
-from pipeline.distributed import barrier, device_for, init
+from pipeline.distributed import barrier, device_for, init, total
 from pipeline.errors import DivergedError, KDError
 from pipeline.losses import LOSSES
 from pipeline.methods import LABEL_ONLY
@@ -150,9 +150,11 @@ def run(
         offset += phase.optim.epochs
         seconds += result.seconds
     barrier(ranks)
+    # logits read from the cache by every rank together: with shards partitioned, one copy an epoch
+    read = total(ranks, data.store.logit_bytes_read if data.store is not None else 0)
     if recorder is None:  # metrics, checkpoints and the summary come from rank 0
         return {}
-    summary = recorder.finish(best_epoch, result.best_val_accuracy, result.test_accuracy, seconds)
+    summary = recorder.finish(best_epoch, result.best_val_accuracy, result.test_accuracy, seconds, read)
     if verbose:
         print_summary(summary)
     return summary
@@ -356,7 +358,12 @@ class RunRecorder:
             save_checkpoint(self.run_dir / folder, model, self.arch, info)
 
     def finish(
-        self, best_epoch: int, val_accuracy: float, test_accuracy: float | None, seconds: float
+        self,
+        best_epoch: int,
+        val_accuracy: float,
+        test_accuracy: float | None,
+        seconds: float,
+        cache_bytes_read: int = 0,
     ) -> dict[str, Any]:
         cfg, store = self.preset.distill, self.data.store
         soft = soft_settings(cfg)
@@ -384,6 +391,7 @@ class RunRecorder:
             "cache": store.where if store else None,
             "device": str(self.data.device),
             "wall_time_s": round(seconds, 2),
+            "cache_bytes_read": cache_bytes_read,  # stored logits read, every process together
             "run_dir": str(self.run_dir),
         }
         plot_curves(

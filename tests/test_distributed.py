@@ -94,6 +94,9 @@ def test_ddp_over_a_streamed_cache_partitions_its_shards(tiny_data: Paths, tmp_p
     config = json.loads((data / "runs" / "s" / "config.json").read_text())
     assert config["batches"] == "cache streamed (shard-shuffled), shards partitioned across 2 processes"
     summary = json.loads((data / "runs" / "s" / "summary.json").read_text())
+    # every epoch, the two processes together read the cache's logits once (counted in each, summed)
+    one_copy = 800 * 10 * 2  # float16 logits
+    assert summary["cache_bytes_read"] == 4 * one_copy  # 4 epochs; each rank reading all would be 8
     # measured 0.23 after 4 epochs: with 4 uneven shards (256, 256, 256, 32 rows) a rank's epoch stops at
     # the smaller share's batches, so ~25% of the rows sit each epoch out (README: many shards fix it)
     assert summary["student_test_accuracy"] > 0.15
