@@ -7,6 +7,7 @@ integrity     per-shard CRC32C and statistics, NaN/Inf checks, verify
 lock          one writer per cache (flock)
 housekeeping  finding caches under a root; what rm and gc may delete
 views         the views layout: K augmented views per sample and their replay parameters
+shard_cache   a far cache's shards kept on local disk (LRU, byte budget) while it streams lazily
 """
 
 from pipeline.store.dense import MEMBERS, LogitStore, ShardWriter
