@@ -12,6 +12,7 @@ views are drawn from the data-order generator (the target then stays the fixed v
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,10 +48,14 @@ class Views:
     def picker(self, count: int, num_rows: int) -> ViewPicker:
         return ViewPicker(self.choice, count, num_rows, self.seed)
 
+    @functools.cached_property
+    def table(self) -> torch.Tensor:
+        """Every view's parameters (space, P), built once, not per batch."""
+        return torch.from_numpy(self.spec.enumerate())
+
     def fresh(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """(B, P) parameters drawn uniformly over the views, from the data-order generator."""
-        table = torch.from_numpy(self.spec.enumerate())
-        return table[torch.randint(0, self.spec.space, (batch,), generator=generator)]
+        return self.table[torch.randint(0, self.spec.space, (batch,), generator=generator)]
 
 
 class ViewPicker:

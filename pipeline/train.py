@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.augment import augment
 from pipeline.batches import Batch
 from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
@@ -113,18 +112,15 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Batch],
     loss_fn: BatchLoss,
-    augment_kind: str = "none",
-    augment_pad: int = 4,
 ) -> tuple[float, float]:
-    """One pass; returns (mean loss, accuracy) over the samples seen. Batches not already augmented by
-    their source (teacher training) get fresh `augment_kind` views here."""
+    """One pass; returns (mean loss, accuracy) over the samples seen. The batches come augmented (or
+    not) from their source, pipeline.batches: the loop never augments."""
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     seen = 0
     for batch in batches:
-        inputs = batch.inputs if batch.augmented else augment(batch.inputs, augment_kind, augment_pad)
-        logits = model(inputs)  # (B, C)
+        logits = model(batch.inputs)  # (B, C)
         loss = loss_fn(logits, batch.teacher_logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,9 +157,7 @@ def fit(
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        train_loss, train_acc = train_epoch(
-            model, optimizer, batches(epoch), loss_at(epoch), cfg.augment, cfg.augment_pad
-        )
+        train_loss, train_acc = train_epoch(model, optimizer, batches(epoch), loss_at(epoch))
         if not math.isfinite(train_loss):
             bar.close()
             raise DivergedError(epoch + 1, train_loss)
@@ -256,8 +250,7 @@ def fit_many(
         seen = 0
         vectorized = _stacked_kd_settings(losses, device)
         for batch in batches(epoch):
-            inputs = batch.inputs if batch.augmented else augment(batch.inputs, cfg.augment, cfg.augment_pad)
-            logits = stacked(params, inputs)  # (N, B, C), one view for all
+            logits = stacked(params, batch.inputs)  # (N, B, C), one view for all
             if vectorized is not None:  # kd / ce students: all N losses in the ops of one
                 per_model = hinton_kd_stacked(logits, batch.teacher_logits, batch.labels, **vectorized)
             else:

@@ -691,7 +691,7 @@ def _far_cache(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:
     remote = LogitStore.open(url)
     remote.require_complete()
     if fits_in_memory(remote, cfg):
-        return _read_through(url, paths)
+        return _read_through(remote, paths)
     folder = paths.data / "remote-cache" / "shards" / remote.manifest.key[:16]
     remote.shard_cache = ShardCache(folder, cfg.remote_cache_mb * 2**20)
     console.print(
@@ -702,11 +702,11 @@ def _far_cache(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:
     return remote
 
 
-def _read_through(url: str, paths: Paths) -> LogitStore:
-    """A remote cache through its local copy under DATA_DIR/remote-cache (fetched again only when the
-    remote manifest's content key differs); shards are checked against their checksums as they load."""
-    remote = LogitStore.open(url)
-    remote.require_complete()
+def _read_through(remote: LogitStore, paths: Paths) -> LogitStore:
+    """A remote cache (opened and checked complete) through its local copy under DATA_DIR/remote-cache
+    (fetched again only when the remote manifest's content key differs); shards are checked against
+    their checksums as they load."""
+    url = remote.where
     local = (
         paths.logits / read_through_path(url, Path()).name
         if paths.remote
