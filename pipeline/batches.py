@@ -21,6 +21,7 @@ import torch
 from pipeline.augment import AugmentSpec, replay
 from pipeline.datasets import Split
 from pipeline.errors import KDError
+from pipeline.models import teacher_autocast
 from pipeline.store import LogitStore
 
 
@@ -272,14 +273,15 @@ class OnlineBatches:
     """Online KD: the teacher runs on each (augmented) batch of `base`, so its targets are always those
     of the student's views; the reference a view cache is measured against."""
 
-    def __init__(self, base: InMemoryBatches, teacher: torch.nn.Module) -> None:
-        self.base, self.teacher = base, teacher
+    def __init__(self, base: InMemoryBatches, teacher: torch.nn.Module, precision: str = "fp32") -> None:
+        self.base, self.teacher, self.precision = base, teacher, precision  # precision: as cache.precision
 
     def shard(self, rank: int, world: int) -> None:
         self.base.shard(rank, world)
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
         for batch in self.base.epoch(generator):
-            with torch.no_grad():  # not inference_mode: the targets enter the student's autograd graph
+            # not inference_mode: the targets enter the student's autograd graph
+            with torch.no_grad(), teacher_autocast(batch.inputs.device, self.precision):
                 logits = self.teacher(batch.inputs).float()
             yield Batch(batch.inputs, batch.labels, logits, True)

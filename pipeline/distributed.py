@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import KDError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -30,22 +32,42 @@ class Ranks:
         return self.world > 1
 
 
-def init() -> Ranks:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPUs)."""
+def init(device: torch.device | None = None) -> Ranks:
+    """Join the process group torchrun describes in the environment: nccl when the processes run on GPUs
+    (`device`, as picked for this process), gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
+    on_gpu = device is not None and device.type == "cuda"
+    if on_gpu:
+        check_one_gpu_each(device)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo")
     return Ranks(
         rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0))
     )
 
 
-def device_for(ranks: Ranks, device_name: str, picked: torch.device) -> torch.device:
-    """One GPU per local rank when there are GPUs; the CPU otherwise."""
-    if ranks.active and device_name == "auto" and picked.type == "cuda":
+def check_one_gpu_each(device: torch.device) -> None:
+    """Under torchrun on GPUs every process of a machine takes the GPU of its local rank (nccl refuses
+    two processes on one GPU): so no GPU index may be named, and there must be a GPU per process."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count()
+    if device.index is not None:
+        raise KDError(
+            f"--device {device} names one GPU, but under torchrun each process takes the GPU of its local "
+            "rank: use --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs"
+        )
+    if local_world > gpus:
+        raise KDError(
+            f"torchrun started {local_world} processes on this machine but it has {gpus} GPU(s): use "
+            f"--nproc_per_node={gpus}, or --device cpu to run them all on the CPU"
+        )
+
+
+def device_for(ranks: Ranks, picked: torch.device) -> torch.device:
+    """One GPU per local rank when the processes run on GPUs; the picked device otherwise."""
+    if ranks.active and picked.type == "cuda":
         torch.cuda.set_device(ranks.local_rank)
         return torch.device("cuda", ranks.local_rank)
     return picked

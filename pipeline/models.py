@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -109,6 +110,18 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet56": functools.partial(cifar_resnet, depth=56),
     "resnet110": functools.partial(cifar_resnet, depth=110),
 }
+
+
+def teacher_precision(device: torch.device, precision: str) -> str:
+    """The precision a teacher runs in: `cache.precision` (bf16, fp16 or fp32) on a GPU, fp32 elsewhere."""
+    return precision if device.type == "cuda" else "fp32"
+
+
+def teacher_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for a teacher's forward pass in `teacher_precision(device, precision)`: stage 1 and the
+    online teacher both run under it, so online and cached targets are the same numbers."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(teacher_precision(device, precision))
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def prefers_channels_last(model: nn.Module) -> bool:

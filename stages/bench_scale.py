@@ -16,6 +16,7 @@ and scale.md. Figures are measured, never asserted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -31,6 +32,7 @@ from rich.console import Console
 
 from pipeline import strict_json
 from pipeline.config import Paths
+from pipeline.errors import KDError
 from pipeline.store import (
     DatasetInfo,
     LogitStore,
@@ -52,6 +54,11 @@ SHARD_CACHE_MB = 256  # distill.remote_cache_mb of the remote reader
 
 
 def run(paths: Paths, *, quick: bool = False) -> Path:
+    if importlib.util.find_spec("moto") is None:
+        raise KDError(
+            "the scale benchmark serves its remote leg from moto's loopback S3 server, which is not "
+            "installed: pip install 'kd-cache[dev]' (make setup does)"
+        )
     rows, classes = (20_000, 100) if quick else (1_000_000, 1_000)
     out = paths.data / "bench"
     folder = out / "scale"

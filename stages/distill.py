@@ -49,6 +49,7 @@ from pipeline.models import (
     checkpoint_architecture,
     load_checkpoint,
     save_checkpoint,
+    teacher_autocast,
 )
 from pipeline.plots import plot_curves
 from pipeline.remote import copy_cache, is_url, read_through_path
@@ -85,8 +86,9 @@ def run(
     name = run_name or default_run_name(preset, changes)
     folder_of_run = run_dir or paths.runs / name
     check_run_folder(folder_of_run, preset)  # before any work: never replace another run's folder
-    ranks = init()
-    device = device_for(ranks, device_name, pick_device(device_name))
+    picked = pick_device(device_name)
+    ranks = init(picked)
+    device = device_for(ranks, picked)
     generator = seed_everything(cfg.seed)  # the same on every rank: same init, same global batches
     data = prepare(preset, paths, cache=cache, device=device)
     student = build_model(preset.student, data.train.num_classes, data.train.input_shape)
@@ -196,9 +198,12 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
     if cfg.teacher_online and cfg.method not in LABEL_ONLY:
         teacher, name = _online_teacher(preset, paths, train, device)
         batches = OnlineBatches(
-            InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device, fresh), teacher
+            InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device, fresh),
+            teacher,
+            preset.cache.precision,  # the precision stage 1 would run the teacher in
         )
-        teacher_test = accuracy(predict(teacher, test.inputs, device), test.labels)
+        with torch.no_grad(), teacher_autocast(device, preset.cache.precision):
+            teacher_test = accuracy(predict(teacher, test.inputs, device), test.labels)
         views += ", teacher run on the same views (online)"
         return Prepared(
             train,

@@ -30,6 +30,8 @@ from pipeline.models import (
     fingerprint,
     load_checkpoint,
     prefers_channels_last,
+    teacher_autocast,
+    teacher_precision,
 )
 from pipeline.progress import Progress
 from pipeline.remote import copy_cache
@@ -84,8 +86,9 @@ def run(
 
     if teacher_dir is None:  # the preset's own teacher: it must be the architecture the preset describes
         check_same_teacher(checkpoint_architecture(folder), preset, str(folder))
-    ranks = init()
-    device = device_for(ranks, device_name, pick_device(device_name))
+    picked = pick_device(device_name)
+    ranks = init(picked)
+    device = device_for(ranks, picked)
     teacher, record = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
     teacher.to(device).eval()
     teacher_info = TeacherInfo(
@@ -165,7 +168,7 @@ def _dump(
         codec=preset.cache.codec,
         level=preset.cache.zstd_level,
     )
-    precision = preset.cache.precision if device.type == "cuda" else "fp32"
+    precision = teacher_precision(device, preset.cache.precision)
     if preset.cache.augment != "none" and split.split == "train":
         check_augment(preset.cache.augment, split.inputs)
     manifest = Manifest(
@@ -299,9 +302,8 @@ def write_logits(
         total=total, desc=f"teacher-logits {split.split}", unit="sample", every_s=10.0, enabled=progress
     )
     try:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:  # logits stored raw, as the teacher computed them
+        # logits stored raw, as the teacher computed them
+        with torch.inference_mode(), teacher_autocast(device, precision):
             for shard in shards:
                 first, last = store.shard_range(shard)
                 for start in range(first, last, batch_size):

@@ -55,3 +55,19 @@ def test_bench_scale_quick_reads_the_cache_three_ways(tmp_path) -> None:
     assert report["local"]["bytes_fetched"] == report["logits_bytes"]  # every shard read once
     assert report["remote"]["bytes_fetched"] == report["logits_bytes"]
     assert (tmp_path / "bench" / "scale.md").read_text().startswith("# kd bench-scale")
+
+
+def test_bench_scale_without_moto_is_one_line(tmp_path, monkeypatch) -> None:
+    """moto is a dev dependency: a plain install asking for the scale benchmark gets one line, no work."""
+    import importlib.util
+
+    from pipeline.config import Paths
+    from tests.test_cli import assert_one_line_error, kd
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "moto" else find_spec(name, *a)
+    )
+    result = kd(Paths(data=tmp_path), "bench", "--workload", "scale", "--quick")
+    assert_one_line_error(result, "pip install 'kd-cache[dev]'")
+    assert not (tmp_path / "bench").exists()

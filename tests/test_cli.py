@@ -16,6 +16,7 @@ from pipeline.models import fingerprint, load_checkpoint
 from pipeline.store import LogitStore
 from stages.cli import app
 from tests.conftest import cache_paths
+from tests.factories import PRECISION
 
 runner = CliRunner()
 
@@ -48,7 +49,7 @@ def test_teacher_logits_writes_complete_caches_with_manifest(tiny_data: Paths) -
         assert (m.dataset.name, m.dataset.split, m.dataset.length) == ("mnist1d", split, len(data))
         assert m.dataset.fingerprint == data.fingerprint
         assert m.storage.dtype == "float16" and (m.storage.chunk_rows, m.storage.shard_rows) == (64, 256)
-        assert m.preprocessing == {**data.preprocessing, "teacher_precision": "fp32"}  # CPU: no autocast
+        assert m.preprocessing == {**data.preprocessing, "teacher_precision": PRECISION}  # CPU: fp32
         assert {"torch", "zarr", "numpy", "kd"} <= set(m.software)
         assert m.created and m.complete
         # the stored logits are the teacher's own: its accuracy recomputed from them matches

@@ -1,4 +1,5 @@
-"""Both stages under torchrun: two gloo processes on CPU."""
+"""Both stages under torchrun: two gloo processes on the CPU (also on a machine with GPUs), and nccl on a
+GPU where there is one."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import Paths
+from pipeline.errors import KDError
 from pipeline.store import LogitStore
 from tests.conftest import cache_paths
+from tests.factories import PRECISION
 from tests.test_cli import kd
 from tests.test_resume import array_files
 
 
-def torchrun(data: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(
+    data: Path, *args: str, nproc: int = 2, device: str | None = "cpu"
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("KD_FAULT_AFTER_SHARDS", None)
     command = [
@@ -26,14 +32,27 @@ def torchrun(data: Path, *args: str) -> subprocess.CompletedProcess:
         "-m",
         "torch.distributed.run",
         "--standalone",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={nproc}",
         "-m",
         "stages.cli",
         "--data-dir",
         str(data),
         *args,
+        *(["--device", device] if device else []),
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def cpu_reference(made: Paths, tmp_path: Path, *argv: str) -> Paths:
+    """`made`'s caches where they were dumped on the CPU (fp32 teacher); on a GPU machine, where the
+    fixtures' teacher ran in bf16, the same dump (`argv`) made again in one CPU process."""
+    if PRECISION == "fp32":
+        return made
+    paths = Paths(data=tmp_path / "cpu")
+    shutil.copytree(made.teachers, paths.teachers)
+    result = kd(paths, "teacher-logits", "--preset", "tiny", *argv, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return paths
 
 
 @pytest.mark.slow
@@ -43,8 +62,9 @@ def test_two_process_dump_is_byte_identical(tiny_data: Paths, tmp_path: Path) ->
     result = torchrun(data, "teacher-logits", "--preset", "tiny")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("2 processes") == 2  # rank 0 reports, once per split
+    reference = cpu_reference(tiny_data, tmp_path)
     for split in ("train", "test"):
-        (single,) = cache_paths(tiny_data, split)
+        (single,) = cache_paths(reference, split)
         (double,) = cache_paths(Paths(data=data), split)
         assert single.name == double.name  # same content address
         assert array_files(double) == array_files(single)  # every chunk of every array, byte for byte
@@ -68,7 +88,8 @@ def test_ddp_distill_writes_one_summary(tiny_data: Paths, tmp_path: Path) -> Non
     assert json.loads((runs[0] / "config.json").read_text())["mode"] == "ddp x2"
     assert summary["student_test_accuracy"] > 0.2
     # README: "a run matches a one-process run with the same global batch": per-epoch validation accuracy
-    one = kd(Paths(data=data), "distill", "--preset", "tiny", "--epochs", "4", "--run-name", "one")
+    argv = ["distill", "--preset", "tiny", "--epochs", "4", "--run-name", "one", "--device", "cpu"]
+    one = kd(Paths(data=data), *argv)
     assert one.exit_code == 0, one.output
     single = [json.loads(line)["val_accuracy"] for line in (data / "runs" / "one" / "metrics.jsonl").open()]
     assert [json.loads(line)["val_accuracy"] for line in metrics] == single
@@ -109,3 +130,40 @@ def test_shards_are_dealt_round_robin() -> None:
     plan = [0, 2, 3, 5, 6, 7, 9]
     dealt = [shards_of(plan, rank, 3) for rank in range(3)]
     assert dealt == [[0, 5, 9], [2, 6], [3, 7]]
+
+
+@pytest.mark.parametrize(
+    ("local_world", "name", "message"),
+    [
+        ("4", "cuda", "started 4 processes on this machine but it has 2 GPU(s): use --nproc_per_node=2"),
+        ("2", "cuda:1", "--device cuda:1 names one GPU, but under torchrun each process takes the GPU"),
+    ],
+)
+def test_gpu_processes_need_a_gpu_each(
+    monkeypatch: pytest.MonkeyPatch, local_world: str, name: str, message: str
+) -> None:
+    """nccl refuses two processes on one GPU (it showed as a CUDA traceback): refused up front, in words."""
+    from pipeline.distributed import init
+
+    monkeypatch.setenv("WORLD_SIZE", local_world)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(KDError) as refused:
+        init(torch.device(name))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_torchrun_on_a_gpu_uses_nccl(tiny_data: Paths, tmp_path: Path) -> None:
+    data = tmp_path / "ddp"
+    shutil.copytree(tiny_data.logits, data / "logits")
+    argv = ["distill", "--preset", "tiny", "--epochs", "2", "--run-name", "nccl"]
+    result = torchrun(data, *argv, nproc=1, device=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((data / "runs" / "nccl" / "summary.json").read_text())["device"].startswith("cuda")
+    if torch.cuda.device_count() == 1:  # more processes than GPUs: one line from each process, no traceback
+        result = torchrun(data, *argv[:-1], "again", nproc=2, device=None)
+        assert result.returncode != 0
+        assert "error: torchrun started 2 processes on this machine but it has 1 GPU(s)" in result.stderr
+        assert "AcceleratorError" not in result.stderr and not (data / "runs" / "again").exists()

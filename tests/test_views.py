@@ -23,6 +23,7 @@ from pipeline.errors import KDError
 from pipeline.models import load_checkpoint
 from pipeline.store import LogitStore, cache_key
 from tests.conftest import cache_paths
+from tests.factories import PRECISION, raw_logit_tolerance
 from tests.test_bad_inputs import assert_refused, run_kd, snapshot
 from tests.test_resume import array_files
 
@@ -112,7 +113,7 @@ def test_stage_1_stores_the_teachers_logits_of_each_replayed_view(views_data: Pa
     with torch.no_grad():
         for k in range(3):  # raw logits of the replayed view, as float16 stores them
             expected = teacher.eval()(replay(split.inputs, torch.from_numpy(params[:, k]), store.augment))
-            torch.testing.assert_close(logits[:, k], expected, atol=2e-2, rtol=2e-3)
+            torch.testing.assert_close(logits[:, k], expected, **raw_logit_tolerance(PRECISION))
     assert not torch.equal(logits[:, 0], logits[:, 1])  # other views, other logits
     # the test split stays the fixed view; the dense keys are what they were before views existed
     (test,) = cache_paths(views_data, "test")
@@ -331,8 +332,8 @@ def test_online_kd_runs_the_teacher_on_the_students_views(views_data: Paths, tmp
     assert summary["views"] == "fresh shift (pad 2), teacher run on the same views (online)"
     assert summary["cache"] is None and summary["teacher"] == "tiny-cnn1d"
     (test_cache,) = cache_paths(views_data, "test")  # the teacher's test accuracy, computed directly
-    assert summary["teacher_test_accuracy"] == pytest.approx(
-        LogitStore.open(test_cache).manifest.teacher_accuracy, abs=1e-6
+    assert summary["teacher_test_accuracy"] == pytest.approx(  # on a GPU, bf16 may flip one of 200
+        LogitStore.open(test_cache).manifest.teacher_accuracy, abs=1e-6 if PRECISION == "fp32" else 0.011
     )
     # each batch's targets are the teacher's logits of exactly that batch's (augmented) inputs
     teacher, _ = load_checkpoint(paths.teachers / "tiny-cnn1d")
@@ -430,13 +431,14 @@ def test_torchrun_writes_the_same_view_cache_and_trains_like_one_process(
     import json
 
     from tests.test_cli import kd
-    from tests.test_distributed import torchrun
+    from tests.test_distributed import cpu_reference, torchrun
 
     data = tmp_path / "ddp"
     shutil.copytree(views_data.teachers, data / "teachers")
     result = torchrun(data, "teacher-logits", "--preset", "tiny", "--split", "train", *VIEW_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    single, double = view_cache(views_data), view_cache(Paths(data=data))
+    reference = cpu_reference(views_data, tmp_path, "--split", "train", *VIEW_ARGS)
+    single, double = view_cache(reference), view_cache(Paths(data=data))
     assert single.name == double.name
     assert array_files(double) == array_files(single)
     views = {p.relative_to(single): p.read_bytes() for p in (single / "views").rglob("*") if p.is_file()}
@@ -448,7 +450,7 @@ def test_torchrun_writes_the_same_view_cache_and_trains_like_one_process(
     argv = ["distill", "--preset", "tiny", "--epochs", "3", *VIEW_ARGS]
     result = torchrun(data, *argv, "--run-name", "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
-    one = kd(Paths(data=data), *argv, "--run-name", "one")
+    one = kd(Paths(data=data), *argv, "--run-name", "one", "--device", "cpu")
     assert one.exit_code == 0, one.output
 
     def curve(name: str) -> list[float]:
