@@ -21,7 +21,7 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,15 @@ from pipeline.store.encoding import as_tensor, compressors, decode_logits, encod
 from pipeline.store.integrity import nonfinite_rows, row_stats, shard_digest
 from pipeline.store.manifest import DISK_DTYPES, Manifest
 from pipeline.store.shard_cache import ShardCache
+from pipeline.store.sparse import EXTRAS as SPARSE_EXTRAS
+from pipeline.store.sparse import create_sparse_arrays, sparse_specs
 from pipeline.store.views import augment_spec, create_views_array, expected_views_shape
 
 RECORDS = ("done", "stats", "crc32c")  # per-shard arrays, one chunk per shard
-# everything a cache folder holds (views: the views layout only, see pipeline/store/views.py)
-MEMBERS = ("zarr.json", "logits", "labels", "index", "views", *RECORDS)
+# everything a cache folder holds (views: the views layout, store/views.py; the sparse layout's arrays:
+# store/sparse.py)
+MEMBERS = ("zarr.json", "logits", "labels", "index", "views", *SPARSE_EXTRAS, *RECORDS)
+Extras = Mapping[str, np.ndarray]  # a shard's arrays beside logits, labels and ids, by name
 
 # Testing hook: `KD_FAULT_AFTER_SHARDS=N` kills the process (SIGKILL, as kill -9) once N shards are done,
 # so tests can interrupt stage 1 at exact points. Never set outside tests.
@@ -88,9 +92,9 @@ class LogitStore:
             group = zarr.open_group(store, mode="w" if overwrite else "w-", zarr_format=3)
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
             raise KDError(f"a cache already exists at {where}: remove it or pass --force") from None
-        n, c, st = manifest.dataset.length, manifest.dataset.num_classes, manifest.storage
+        n, st = manifest.dataset.length, manifest.storage
         chunk, shard = st.chunk_rows, st.shard_rows  # may exceed n: zarr keeps edge chunks partial
-        row = (manifest.num_views, c) if manifest.views else (c,)  # views: (K, C) per sample
+        row = _row_shape(manifest)  # (C,); views: (K, C); sparse: (L, k)
         group.create_array(
             "logits",
             shape=(n, *row),
@@ -101,11 +105,12 @@ class LogitStore:
             fill_value=0,
         )
         for name in ("labels", "index"):  # 8 bytes a row: one chunk per shard, still one writer per shard
+            per_row = _label_shape(manifest) if name == "labels" else ()
             group.create_array(
                 name,
-                shape=(n,),
-                chunks=(shard,),
-                shards=(shard,),
+                shape=(n, *per_row),
+                chunks=(shard, *per_row),
+                shards=(shard, *per_row),
                 dtype="int64",
                 compressors=compressors(st.codec, st.level, 8),
                 fill_value=-1,
@@ -117,6 +122,8 @@ class LogitStore:
         group.create_array("done", shape=(num_shards,), chunks=(1,), dtype="bool", fill_value=False)
         if manifest.views:
             create_views_array(group, manifest, where)
+        if manifest.sparse:
+            create_sparse_arrays(group, manifest.sparse, n, st)
         group.attrs.put(dataclasses.replace(manifest, complete=False).to_dict())
         return cls(group, where)
 
@@ -126,7 +133,22 @@ class LogitStore:
 
     @property
     def num_classes(self) -> int:
+        """Classes (the vocabulary, in the sparse layout, whose logits hold only the top k)."""
+        if self.manifest.sparse:
+            return int(self.manifest.dataset.num_classes)
         return int(self.array("logits").shape[-1])
+
+    @functools.cached_property
+    def extra_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{array: (shape, dtype)} of the layout's arrays beside logits, labels and index: none (dense),
+        the views' parameters, or the sparse layout's token ids, logsumexps and samples. Each is written
+        with its shard and covered by the shard's CRC32C, in this order."""
+        m = self.manifest
+        if m.views:
+            return {"views": (expected_views_shape(m), "int16")}
+        if m.sparse:
+            return sparse_specs(m.sparse, m.dataset.length, DISK_DTYPES[m.storage.dtype])
+        return {}
 
     @property
     def num_views(self) -> int:
@@ -135,8 +157,8 @@ class LogitStore:
 
     @property
     def row_shape(self) -> tuple[int, ...]:
-        """The logits of one sample: (C,), or (K, C) for the views layout."""
-        return (self.num_views, self.num_classes) if self.manifest.views else (self.num_classes,)
+        """The stored logits of one sample: (C,); (K, C) for the views layout; (L, k) for the sparse one."""
+        return _row_shape(self.manifest)
 
     @functools.cached_property
     def augment(self) -> Any:
@@ -168,25 +190,29 @@ class LogitStore:
         ids: np.ndarray,
         stats: np.ndarray | None = None,
         views: np.ndarray | None = None,
+        extras: Extras | None = None,
     ) -> None:
-        """Write one whole shard (already encoded logits, and the views' parameters in the views layout),
-        its stats row (correct, sum of L2 norms, sum of max-softmax, over every view) and checksum, then
-        mark it done: `done` is the last thing a shard writes."""
+        """Write one whole shard (already encoded logits, and the layout's other arrays: `views`, the
+        views' parameters, or `extras` by name), its stats row (dense and views: correct, sum of L2
+        norms, sum of max-softmax over every view; sparse: correct tokens, NLL, tokens) and checksum,
+        then mark it done: `done` is the last thing a shard writes."""
         start, stop = self.shard_range(shard)
         if logits.shape != (stop - start, *self.row_shape):
             want = (stop - start, *self.row_shape)
             raise ValueError(f"shard {shard} needs {want} logits, got {logits.shape}")
-        if (views is None) != (not self.manifest.views):
-            raise ValueError(f"shard {shard}: the views layout needs view parameters, the dense one none")
+        extras = self._extras(extras, views)
+        if set(extras) != set(self.extra_specs):
+            layout = self.manifest.layout
+            raise ValueError(f"shard {shard}: the {layout} layout needs {list(self.extra_specs)}")
         self.array("logits")[start:stop] = logits
         self.array("labels")[start:stop] = labels
         self.array("index")[start:stop] = ids
-        extra = () if views is None else (views,)
-        if views is not None:
-            self.array("views")[start:stop] = views
+        ordered = [np.asarray(extras[name], dtype=dtype) for name, (_, dtype) in self.extra_specs.items()]
+        for name, values in zip(self.extra_specs, ordered, strict=True):
+            self.array(name)[start:stop] = values
         if stats is not None:
             self.array("stats")[shard] = stats
-        digest = shard_digest(logits, labels, ids, *extra)
+        digest = shard_digest(logits, labels, ids, *ordered)
         self.array("crc32c")[shard] = np.frombuffer(digest, dtype=np.uint8)
         self.array("done")[shard] = True
         if _FAULT_AFTER_SHARDS is not None:
@@ -254,12 +280,15 @@ class LogitStore:
                 "unreadable): re-run `kd teacher-logits` to write them"
             )
         totals = np.asarray(self.array("stats")[:]).sum(0)
-        n = self.num_rows * self.num_views  # the stats sum over every view of every row
-        derived = {
-            "teacher_accuracy": float(totals[0] / n),
-            "logit_stats": {"mean_l2_norm": float(totals[1] / n), "mean_max_softmax": float(totals[2] / n)},
-            "shard_crc32c": self.shard_checksums(),
-        }
+        if self.manifest.sparse:  # per shard: correct tokens, NLL (T = 1), real tokens
+            tokens = max(float(totals[2]), 1.0)
+            accuracy = float(totals[0] / tokens)
+            stats = {"perplexity": float(np.exp(totals[1] / tokens)), "tokens": int(totals[2])}
+        else:
+            n = self.num_rows * self.num_views  # the stats sum over every view of every row
+            accuracy = float(totals[0] / n)
+            stats = {"mean_l2_norm": float(totals[1] / n), "mean_max_softmax": float(totals[2] / n)}
+        derived = {"teacher_accuracy": accuracy, "logit_stats": stats, "shard_crc32c": self.shard_checksums()}
         self.manifest = dataclasses.replace(self.manifest, **{**derived, **updates})
         self.group.attrs.put(self.manifest.to_dict())
         self.manifest = dataclasses.replace(self.manifest, complete=True)
@@ -320,14 +349,14 @@ class LogitStore:
         """Shapes, dtypes and checksum records against the manifest: no array data is read."""
         m, problems = self.manifest, []
         n, c = m.dataset.length, m.dataset.num_classes
+        row = self.row_shape if m.sparse else (*self.row_shape[:-1], c)
         expected = {
-            "logits": ((n, *self.row_shape[:-1], c), DISK_DTYPES[m.storage.dtype]),
-            "labels": ((n,), "int64"),
+            "logits": ((n, *row), DISK_DTYPES[m.storage.dtype]),
+            "labels": ((n, *_label_shape(m)), "int64"),
             "index": ((n,), "int64"),
             "done": ((self.num_shards,), "bool"),
+            **self.extra_specs,
         }
-        if m.views:
-            expected["views"] = (expected_views_shape(m), "int16")
         for name, (shape, dtype) in expected.items():
             try:
                 array = self.array(name)
@@ -352,11 +381,13 @@ class LogitStore:
         logits: np.ndarray,
         labels: np.ndarray,
         ids: np.ndarray,
-        views: np.ndarray | None = None,
+        extras: np.ndarray | Extras | None = None,
     ) -> None:
-        """Raise KDError when a shard's data (as read) does not match its recorded checksum."""
+        """Raise KDError when a shard's data (as read) does not match its recorded checksum. `extras`: the
+        layout's other arrays by name (a bare array: the views' parameters)."""
         expected = self.manifest.shard_crc32c[shard] if shard < len(self.manifest.shard_crc32c) else None
-        extra = () if views is None else (views,)
+        held = self._extras(None, extras) if isinstance(extras, np.ndarray) else dict(extras or {})
+        extra = [held[name] for name in self.extra_specs if name in held]
         if expected is not None and shard_digest(logits, labels, ids, *extra).hex() != expected:
             raise KDError(
                 f"cache {self.where}: shard {shard} fails its CRC32C checksum (damaged or truncated file): "
@@ -395,20 +426,31 @@ class LogitStore:
         """The views' parameters (N, K, P) int16, or None for the dense layout."""
         return self.read("views") if self.manifest.views else None
 
+    def read_extras(self) -> dict[str, np.ndarray]:
+        """The layout's other arrays, whole ({} for the dense layout)."""
+        return {name: self.read(name) for name in self.extra_specs}
+
     def read_all(self, *, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits float32 (N, C) or (N, K, C), labels (N,), ids (N,)), each array read in one call; with
-        `verify`, every shard is checked against its recorded CRC32C (hashing costs far less than the
-        read). The views' parameters: read_views()."""
+        """(logits float32 (N, C), (N, K, C) or, sparse, the top-k values (N, L, k), labels (N,) or (N, L),
+        ids (N,)), each array read in one call; with `verify`, every shard is checked against its recorded
+        CRC32C (hashing costs far less than the read). The layout's other arrays: read_extras()."""
+        logits, labels, ids, _ = self.read_everything(verify=verify)
+        return logits, labels, ids
+
+    def read_everything(
+        self, *, verify: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+        """read_all() and read_extras() together, every shard checked against its CRC32C."""
         raw, labels, ids = self.read("logits"), self.read("labels"), self.ids.numpy()
-        views = self.read_views()
+        extras = self.read_extras()
         if verify:
             for shard in range(self.num_shards):
                 a, b = self.shard_range(shard)
-                params = None if views is None else views[a:b]
-                self.check_shard(shard, raw[a:b], labels[a:b], ids[a:b], params)
+                held = {name: values[a:b] for name, values in extras.items()}
+                self.check_shard(shard, raw[a:b], labels[a:b], ids[a:b], held)
         logits = decode_logits(raw, self.manifest.storage.dtype)
         self.refuse_nonfinite(logits, self.ids)
-        return logits, torch.from_numpy(labels), self.ids
+        return logits, torch.from_numpy(labels), self.ids, extras
 
     def refuse_nonfinite(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
         """A KDError naming the rows when any logit is NaN or Inf: nobody trains on them."""
@@ -434,6 +476,7 @@ class LogitStore:
         a background thread while this one is used; rows are shuffled in the storage dtype, then
         converted. Pass block_rows=chunk_rows to bound memory on huge shards. `shards` (whole-shard
         blocks only): read just these, in this order (a DDP rank's share of an epoch)."""
+        self.refuse_sparse_stream()
         block = block_rows or self.shard_rows
         starts = list(range(0, self.num_rows, block))
         if shards is not None:
@@ -476,6 +519,7 @@ class LogitStore:
         """One shard's stored (logits, labels, view parameters or None), checked against its CRC32C:
         from the local shard cache when it holds them (a copy that fails the check is fetched again),
         else read from the store and then kept there."""
+        self.refuse_sparse_stream()
         a, b = self.shard_range(shard)
         ids = self.ids[a:b].numpy()
         held = self.shard_cache.get(shard) if self.shard_cache is not None else None
@@ -494,9 +538,26 @@ class LogitStore:
             self.shard_cache.put(shard, kept)
         return raw, labels, views
 
-    def nbytes_stored(self) -> int:
-        names = ("logits", "labels", "index", "done", *(("views",) if self.manifest.views else ()))
+    def refuse_sparse_stream(self) -> None:
+        if self.manifest.sparse:
+            raise KDError(
+                f"cache {self.where} is sparse (per-token top-k), which loads into memory and is not "
+                "streamed yet: raise distill.memory_budget_mb (and distill.remote_cache_mb for a far cache)"
+            )
+
+    def nbytes_stored(self, names: tuple[str, ...] | None = None) -> int:
+        """Bytes on disk of `names` (default every array of the layout but the per-shard records)."""
+        names = names or ("logits", "labels", "index", "done", *self.extra_specs)
         return sum(int(self.array(name).nbytes_stored()) for name in names)
+
+    @staticmethod
+    def _extras(extras: Extras | None, views: np.ndarray | Extras | None) -> dict[str, np.ndarray]:
+        held = dict(extras or {})
+        if isinstance(views, np.ndarray):
+            held["views"] = views
+        elif views:
+            held.update(views)
+        return held
 
 
 class ShardWriter:
@@ -509,7 +570,7 @@ class ShardWriter:
         self.store = store
         self.dtype = store.manifest.storage.dtype
         self.shards = list(range(store.num_shards)) if shards is None else list(shards)
-        self._parts: list[tuple[np.ndarray, ...]] = []  # (logits, labels, ids, stats[, views]) blocks
+        self._parts: list[dict[str, np.ndarray]] = []  # blocks of logits, labels, ids, stats[, extras]
         self._buffered = 0
         self._next = 0  # index into self.shards
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(max_pending)
@@ -518,10 +579,18 @@ class ShardWriter:
         self._thread.start()
 
     def add(
-        self, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, views: np.ndarray | None = None
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        ids: torch.Tensor,
+        views: np.ndarray | None = None,
+        *,
+        extras: Mapping[str, Any] | None = None,
+        stats: np.ndarray | None = None,
     ) -> None:
         """Rows of float logits (B, C) with their labels and ids, continuing the current shard; in the
-        views layout logits (B, K, C) and the views' parameters (B, K, P)."""
+        views layout logits (B, K, C) and the views' parameters (B, K, P); in the sparse layout the
+        top-k values (B, L, k), the other arrays in `extras` and the rows' `stats` (B, 3)."""
         self._raise_if_failed()
         labels, ids = labels.cpu(), ids.cpu()
         encoded = encode_logits(logits, self.dtype)
@@ -535,9 +604,21 @@ class ShardWriter:
                 "incomplete; check the teacher and its inputs"
                 + (" or store float32 (--dtype float32)" if self.dtype == "float16" else "")
             )
-        stats = row_stats(logits, labels)
-        extra = () if views is None else (np.asarray(views, dtype=np.int16),)
-        self._parts.append((encoded, labels.numpy(), ids.numpy(), stats, *extra))
+        part = {
+            "logits": encoded,
+            "labels": labels.numpy(),
+            "ids": ids.numpy(),
+            "stats": row_stats(logits, labels) if stats is None else stats,
+        }
+        if views is not None:
+            part["views"] = np.asarray(views, dtype=np.int16)
+        for name, values in (extras or {}).items():
+            dtype = self.store.extra_specs[name][1]
+            if name.endswith("logits") and dtype == DISK_DTYPES[self.dtype] and torch.is_tensor(values):
+                part[name] = encode_logits(values, self.dtype)  # raw logits: the storage dtype
+            else:
+                part[name] = np.asarray(values.numpy() if torch.is_tensor(values) else values, dtype=dtype)
+        self._parts.append(part)
         self._buffered += len(ids)
         while self._next < len(self.shards):
             start, stop = self.store.shard_range(self.shards[self._next])
@@ -561,14 +642,13 @@ class ShardWriter:
         self._thread.join()
 
     def _submit(self, rows: int) -> None:
-        parts = [np.concatenate(a) for a in zip(*self._parts, strict=True)]
-        ids = parts[2]
-        self._parts = [tuple(a[rows:] for a in parts)] if len(ids) > rows else []
-        self._buffered = len(ids) - rows
-        logits, labels, ids, stats, *views = (a[:rows] for a in parts)
-        self._queue.put(
-            (self.shards[self._next], logits, labels, ids, stats.sum(0), views[0] if views else None)
-        )
+        parts = {name: np.concatenate([p[name] for p in self._parts]) for name in self._parts[0]}
+        left = len(parts["ids"]) - rows
+        self._parts = [{name: a[rows:] for name, a in parts.items()}] if left > 0 else []
+        self._buffered = left
+        head = {name: a[:rows] for name, a in parts.items()}
+        logits, labels, ids, stats = (head.pop(name) for name in ("logits", "labels", "ids", "stats"))
+        self._queue.put((self.shards[self._next], logits, labels, ids, stats.sum(0), None, head))
         self._next += 1
 
     def _run(self) -> None:
@@ -582,6 +662,20 @@ class ShardWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _row_shape(manifest: Manifest) -> tuple[int, ...]:
+    """The stored logits of one sample: (C,); (K, C) for the views layout; (L, k) for the sparse one."""
+    if manifest.sparse:
+        return (manifest.sparse["seq_len"], manifest.sparse["k"])
+    if manifest.views:
+        return (manifest.num_views, manifest.dataset.num_classes)
+    return (manifest.dataset.num_classes,)
+
+
+def _label_shape(manifest: Manifest) -> tuple[int, ...]:
+    """Labels per sample beyond the first axis: () for one label a row, (L,) for a sequence's tokens."""
+    return (manifest.sparse["seq_len"],) if manifest.sparse else ()
 
 
 def _first_ids(ids: torch.Tensor, limit: int = 5) -> str:

@@ -21,7 +21,8 @@ from pipeline.errors import KDError
 FORMAT_NAME = "kd-logits"
 FORMAT_VERSION = 2  # 2: per-shard stats and crc32c arrays, shard_crc32c in the manifest
 VIEWS_FORMAT_VERSION = 3  # 3: the views layout (logits (N, K, C) + views (N, K, P)); dense caches stay 2
-READABLE_VERSIONS = (FORMAT_VERSION, VIEWS_FORMAT_VERSION)
+SPARSE_FORMAT_VERSION = 4  # 4: the sparse layout (per token top-k + logsumexp + samples, store/sparse.py)
+READABLE_VERSIONS = (FORMAT_VERSION, VIEWS_FORMAT_VERSION, SPARSE_FORMAT_VERSION)
 # The on-disk dtype of each storage dtype: zarr has no bfloat16, so its bits are kept as uint16.
 DISK_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
@@ -68,15 +69,20 @@ class Manifest:
     # the views layout: {"count": K, "all": bool, "seed": s, "augment": {kind, pad, params}, "version": v};
     # empty: the dense layout, the one fixed view of each sample
     views: dict[str, Any] = field(default_factory=dict)
+    # the sparse layout (store/sparse.py): {"k", "lse_temperatures", "samples", "sample_seed", "seq_len",
+    # "vocab", "id_dtype", "version"}; empty: dense logits
+    sparse: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        version = VIEWS_FORMAT_VERSION if self.views else FORMAT_VERSION
+        version = (
+            SPARSE_FORMAT_VERSION if self.sparse else VIEWS_FORMAT_VERSION if self.views else FORMAT_VERSION
+        )
         if self.format.get("version") != version:  # the layout decides the version it is written with
             object.__setattr__(self, "format", {"name": FORMAT_NAME, "version": version})
 
     @property
     def layout(self) -> str:
-        return "views" if self.views else "dense"
+        return "sparse" if self.sparse else "views" if self.views else "dense"
 
     @property
     def num_views(self) -> int:
@@ -96,11 +102,13 @@ class Manifest:
                 f"(this kd reads {' and '.join(map(str, READABLE_VERSIONS))}): "
                 "re-run `kd teacher-logits` or upgrade kd"
             )
-        views = dict(raw.get("views", {}))
-        if (fmt.get("version") == VIEWS_FORMAT_VERSION) != bool(views):
+        views, sparse = dict(raw.get("views", {})), dict(raw.get("sparse", {}))
+        layout = "sparse" if sparse else "views" if views else "dense"
+        wanted = {"sparse": SPARSE_FORMAT_VERSION, "views": VIEWS_FORMAT_VERSION, "dense": FORMAT_VERSION}
+        if fmt.get("version") != wanted[layout] or (views and sparse):
             raise KDError(
-                f"format version {fmt.get('version')} does not match its layout "
-                f"({'views' if views else 'dense'}): re-run `kd teacher-logits`"
+                f"format version {fmt.get('version')} does not match its layout ({layout}): "
+                "re-run `kd teacher-logits`"
             )
         return cls(
             teacher=TeacherInfo(**raw["teacher"]),
@@ -115,11 +123,14 @@ class Manifest:
             complete=bool(raw.get("complete", False)),
             format=dict(fmt),
             views=views,
+            sparse=sparse,
         )
 
     @property
     def key(self) -> str:
-        return cache_key(self.teacher.fingerprint, self.dataset, self.preprocessing, self.storage, self.views)
+        return cache_key(
+            self.teacher.fingerprint, self.dataset, self.preprocessing, self.storage, self.views, self.sparse
+        )
 
 
 def cache_key(
@@ -128,6 +139,7 @@ def cache_key(
     preprocessing: Mapping[str, Any],
     storage: StorageInfo,
     views: Mapping[str, Any] | None = None,
+    sparse: Mapping[str, Any] | None = None,
 ) -> str:
     """Content address of a cache: what was run on what, and how it is stored (a dense cache's key has no
     views entry, so keys made before views existed are unchanged)."""
@@ -140,6 +152,8 @@ def cache_key(
     }
     if views:
         record["views"] = dict(views)
+    if sparse:  # likewise absent from dense and view keys
+        record["sparse"] = dict(sparse)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,0 +1,134 @@
+"""The sparse layout: per token of a sequence (language-model teachers), the teacher's k largest raw logits
+and their token ids, the logsumexp of the *full* row at each listed temperature (so the kept tokens'
+probabilities and the missing tail mass are exact there), S tokens drawn from the teacher's distribution
+with their raw logits, and the label token's raw logit. Same group, manifest, shards, checksums and lock
+as the dense layout:
+
+    logits/          (N, L, k) storage dtype: the k largest raw logits of each token, largest first
+    topk_ids/        (N, L, k) uint16 (vocabulary <= 65,536) | uint32: their token ids
+    lse/             (N, L, T) float32: logsumexp(z / t) over the whole vocabulary, t in lse_temperatures
+    sampled_ids/     (N, L, S) uint16 | uint32: S tokens drawn from softmax(z) (S = 0: no such array)
+    sampled_logits/  (N, L, S) storage dtype: their raw logits (importance weights at any temperature)
+    target_logit/    (N, L) float32: the raw logit of the label token (teacher perplexity, from the cache)
+    labels/          (N, L) int64: the next-token targets; -100 marks padding, never trained on
+
+The manifest's `sparse` entry holds k, the temperatures, S, the sampling seed, L and the vocabulary size;
+it is part of the cache key. Each extra array has one chunk per shard, so a shard still has one writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.errors import KDError
+from pipeline.store.encoding import compressors
+
+SPARSE_VERSION = 1
+PAD_LABEL = -100  # labels at padding positions (torch's cross_entropy ignore_index)
+EXTRAS = ("topk_ids", "lse", "sampled_ids", "sampled_logits", "target_logit")
+
+__all__ = [
+    "EXTRAS",
+    "PAD_LABEL",
+    "SPARSE_VERSION",
+    "create_sparse_arrays",
+    "id_dtype",
+    "reduce_logits",
+    "sparse_record",
+    "sparse_specs",
+]
+
+
+def id_dtype(vocab: int) -> str:
+    return "uint16" if vocab <= 65_536 else "uint32"
+
+
+def sparse_record(
+    k: int, lse_temperatures: Sequence[float], samples: int, seed: int, seq_len: int, vocab: int
+) -> dict[str, Any]:
+    """The manifest's `sparse` entry (part of the cache key)."""
+    if not 1 <= k <= vocab:
+        raise KDError(f"cache.topk = {k} must be between 1 and the vocabulary size {vocab}")
+    return {
+        "k": int(k),
+        "lse_temperatures": [float(t) for t in lse_temperatures],
+        "samples": int(samples),
+        "sample_seed": int(seed),
+        "seq_len": int(seq_len),
+        "vocab": int(vocab),
+        "id_dtype": id_dtype(vocab),
+        "version": SPARSE_VERSION,
+    }
+
+
+def sparse_specs(entry: Mapping[str, Any], rows: int, value_dtype: str) -> dict[str, tuple[tuple, str]]:
+    """{extra array: (shape, dtype)} of a sparse cache of `rows` sequences (sampled ones only if S > 0)."""
+    length, ids, s = entry["seq_len"], entry["id_dtype"], entry["samples"]
+    specs: dict[str, tuple[tuple, str]] = {
+        "topk_ids": ((rows, length, entry["k"]), ids),
+        "lse": ((rows, length, len(entry["lse_temperatures"])), "float32"),
+        "target_logit": ((rows, length), "float32"),
+    }
+    if s:
+        specs["sampled_ids"] = ((rows, length, s), ids)
+        specs["sampled_logits"] = ((rows, length, s), value_dtype)
+    return specs
+
+
+def create_sparse_arrays(group: zarr.Group, entry: Mapping[str, Any], rows: int, storage: Any) -> None:
+    from pipeline.store.manifest import DISK_DTYPES
+
+    for name, (shape, dtype) in sparse_specs(entry, rows, DISK_DTYPES[storage.dtype]).items():
+        chunk = (storage.shard_rows, *shape[1:])  # one chunk per shard: one writer per shard
+        group.create_array(
+            name,
+            shape=shape,
+            chunks=chunk,
+            shards=chunk,
+            dtype=dtype,
+            compressors=compressors(storage.codec, storage.level, np.dtype(dtype).itemsize),
+            fill_value=0,
+        )
+
+
+def _generator(seed: int, first_id: int, device: torch.device) -> torch.Generator:
+    """The sampling generator of a batch: a pure function of (seed, the batch's first sample id), so a
+    resumed or multi-process dump draws exactly the tokens an uninterrupted one does."""
+    digest = hashlib.sha256(f"{seed}/{first_id}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@torch.no_grad()
+def reduce_logits(
+    logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, entry: Mapping[str, Any]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], np.ndarray]:
+    """A batch of full raw logits (B, L, V) -> (top-k values (B, L, k) float32, {extra array: tensor on
+    the CPU}, per-sequence stats (B, 3): teacher-correct tokens, summed NLL at T = 1, real tokens)."""
+    z = logits.float()
+    b, length, vocab = z.shape
+    values, topk = z.topk(entry["k"], dim=-1)  # sorted, largest first
+    lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in entry["lse_temperatures"]], -1)
+    real = labels != PAD_LABEL
+    safe = torch.where(real, labels, torch.zeros_like(labels)).to(z.device)
+    target = z.gather(-1, safe[..., None])[..., 0]
+    target = torch.where(real.to(z.device), target, torch.zeros_like(target))
+    ids_dtype = torch.int32 if entry["id_dtype"] == "uint16" else torch.int64
+    extras = {"topk_ids": topk.to(ids_dtype).cpu(), "lse": lse.cpu(), "target_logit": target.cpu()}
+    if entry["samples"]:
+        probs = torch.softmax(z, dim=-1).reshape(-1, vocab)
+        g = _generator(entry["sample_seed"], int(ids[0]), probs.device)
+        drawn = torch.multinomial(probs, entry["samples"], replacement=True, generator=g)
+        drawn = drawn.reshape(b, length, -1)
+        extras["sampled_ids"] = drawn.to(ids_dtype).cpu()
+        extras["sampled_logits"] = z.gather(-1, drawn).cpu()
+    log_p = target - torch.logsumexp(z, dim=-1)
+    correct = ((topk[..., 0] == safe.to(topk.device)) & real.to(z.device)).sum(1).double()
+    nll = torch.where(real.to(z.device), -log_p, torch.zeros_like(log_p)).sum(1).double()
+    stats = torch.stack([correct, nll, real.sum(1).double().to(z.device)], 1).cpu().numpy()
+    return values, extras, stats
