@@ -120,9 +120,20 @@ class CacheConfig:
     # cut the student's input diversity and were measured to lose to the fixed view, README)
     views: int | str = "all"
     view_seed: int = 0  # which K views: a pure function of (view_seed, sample id, view index)
+    # Language-model teachers (dataset lm-text) store a sparse cache per token (README "Language models"):
+    topk: int = 32  # the k largest raw logits and their token ids
+    lse_temperatures: list[float] = field(default_factory=lambda: [1.0])  # full-row logsumexp at each
+    samples: int = 0  # S tokens drawn from the teacher's softmax, with their raw logits (0: none)
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         AugmentSpec(self.augment, self.augment_pad)  # checks both
+        _require(self.topk >= 1, f"cache.topk must be at least 1, got {self.topk}")
+        _require(
+            bool(self.lse_temperatures) and all(t > 0 for t in self.lse_temperatures),
+            f"cache.lse_temperatures must list positive temperatures, got {self.lse_temperatures}",
+        )
+        _require(self.samples >= 0, f"cache.samples must be >= 0, got {self.samples}")
         _require(
             self.views == "all" or (isinstance(self.views, int) and self.views >= 1),
             f'cache.views must be a positive number or "all", got {self.views!r}',
@@ -160,6 +171,17 @@ class CacheConfig:
     @property
     def augment_spec(self) -> AugmentSpec:
         return AugmentSpec(self.augment, self.augment_pad)
+
+    def sparse_for(self, split: Any) -> dict[str, Any]:
+        """The manifest's sparse entry of a language-modelling split's cache ({}: not token sequences).
+        `split`: a pipeline.datasets.Split."""
+        if split.labels.dim() != 2:
+            return {}
+        from pipeline.store.sparse import sparse_record
+
+        length = int(split.labels.shape[1])
+        temps = self.lse_temperatures
+        return sparse_record(self.topk, temps, self.samples, self.sample_seed, length, split.num_classes)
 
     def views_for(self, split: str) -> dict[str, Any]:
         """The manifest's views entry of a split's cache ({}: the dense layout). The train split gets the
@@ -277,6 +299,11 @@ class DistillConfig:
     seed: int = 0
     views: str = "random"  # with a view cache: the view each sample gets per epoch, random | cycle
     teacher_online: bool = False  # run the teacher on each augmented batch (online KD) instead of a cache
+    # language models, from a sparse cache: topk-tail (top-k + the exact tail bucket) | topk (renormalised
+    # over the kept tokens, the common biased baseline) | sampled (importance-sampled tokens, unbiased);
+    # teacher_online = true is dense KD
+    sparse_target: str = "topk-tail"
+    sparse_exact: bool = False  # refuse a temperature the cache has no logsumexp for (else approximate)
     memory_budget_mb: int = 2048  # caches up to this size (as float32) are loaded into RAM, else streamed
     remote_cache_mb: int = 4096  # a remote cache streamed lazily keeps at most this much of its shards
     train: OptimConfig = field(default_factory=OptimConfig)
@@ -309,6 +336,10 @@ class DistillConfig:
             _require(weight is None or weight >= 0, f"distill.{name} must be >= 0, got {weight}")
         _require(
             self.views in ("random", "cycle"), f"distill.views must be random or cycle, got '{self.views}'"
+        )
+        _require(
+            self.sparse_target in ("topk-tail", "topk", "sampled"),
+            f"distill.sparse_target must be topk-tail, topk or sampled, got '{self.sparse_target}'",
         )
         _require(self.remote_cache_mb >= 0, f"remote_cache_mb must be >= 0, got {self.remote_cache_mb}")
         _require(self.memory_budget_mb >= 0, f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
@@ -588,6 +619,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 continue
         hint = choices[-1]
         origin = typing.get_origin(hint)
+    if origin is list:  # a TOML array, or on the command line JSON ('[1, 2]') or '1,2'
+        parsed = parse_literal(value)
+        if isinstance(parsed, str):
+            parsed = [parse_literal(part.strip()) for part in parsed.split(",") if part.strip()]
+        items = parsed if isinstance(parsed, (list, tuple)) else [parsed]
+        (item,) = typing.get_args(hint) or (str,)
+        return [_coerce(v, item, key) for v in items]
     if origin is not None and issubclass(origin, Mapping):
         parsed = parse_literal(value)  # a CLI table arrives as JSON: '{"channels": 8}'
         if isinstance(parsed, Mapping):

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.config import DatasetConfig
 from pipeline.errors import KDError
+from pipeline.lm_data import OPTIONS, lm_text
 
 SPLITS = ("train", "test")
 
@@ -403,6 +404,7 @@ DATASET_OPTIONS: dict[str, set[str]] = {
         "num_classes",
         "name",
     },  # fmt: skip
+    "lm-text": set(OPTIONS),
 }
 
 DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
@@ -413,4 +415,11 @@ DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
     "cifar10": _cifar,
     "cifar100": _cifar,
     "hf-text": _hf_text,
+    "lm-text": lm_text,  # language modelling: token sequences (pipeline/lm_data.py)
 }
+
+
+def tokenizer_of(cfg: DatasetConfig) -> Any:
+    """The tokenizer a language-modelling dataset was tokenized with (built with the dataset)."""
+    load_split(cfg, "train")
+    return _built[json.dumps(dataclasses.asdict(cfg), sort_keys=True)]["tokenizer"]

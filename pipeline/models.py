@@ -101,6 +101,54 @@ def cifar_resnet(num_classes: int, input_shape: Sequence[int], depth: int = 20, 
     return nn.Sequential(*layers)
 
 
+class CausalLM(nn.Module):
+    """A Hugging Face causal language model taking (B, L) int64 token ids -> next-token logits (B, L, V)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+
+def gpt(
+    num_classes: int, input_shape: Sequence[int], layers: int = 2, width: int = 128, heads: int = 4
+) -> nn.Module:
+    """A small GPT-2 (transformers' GPT2 built from a config, random init, no dropout): vocabulary =
+    num_classes, context = input_shape[0]. Untied embeddings, so safetensors holds every weight once."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(
+        vocab_size=num_classes,
+        n_positions=int(input_shape[0]),
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=0,  # the data's <|endoftext|> (lm_data: the first special token)
+        eos_token_id=0,
+    )
+    return CausalLM(AutoModelForCausalLM.from_config(config))
+
+
+def _hf_causal_lm(name_or_path: str, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
+    """AutoModelForCausalLM from a hub id or a local save_pretrained folder."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path)
+    except Exception as err:  # offline hub ids, missing folders
+        raise KDError(
+            f"cannot load causal language model '{name_or_path}' ({type(err).__name__}): offline, pass "
+            "the path of a local save_pretrained folder"
+        ) from None
+    return CausalLM(model)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "cnn1d": cnn1d,
     "mlp": mlp,
@@ -109,6 +157,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": functools.partial(cifar_resnet, depth=20),
     "resnet56": functools.partial(cifar_resnet, depth=56),
     "resnet110": functools.partial(cifar_resnet, depth=110),
+    "gpt": gpt,  # language models (dataset lm-text)
 }
 
 
@@ -144,7 +193,9 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) 
 
 
 @torch.no_grad()
-def check_outputs(model: nn.Module, inputs: torch.Tensor, num_classes: int, role: str, arch: str) -> None:
+def check_outputs(
+    model: nn.Module, inputs: torch.Tensor, num_classes: int, role: str, arch: str, per_row: tuple = ()
+) -> None:
     """One forward pass on two samples (CPU, eval mode) before any training: the model must give one
     logit per class. A student with the wrong head would train on a mismatched target or fail mid-epoch."""
     was_training = model.training
@@ -158,17 +209,21 @@ def check_outputs(model: nn.Module, inputs: torch.Tensor, num_classes: int, role
         ) from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (min(2, len(inputs)), num_classes):
+    want = (min(2, len(inputs)), *per_row, num_classes)  # per_row: (L,) for token sequences
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        what = "tokens in its vocabulary" if per_row else "classes"
         raise KDError(
-            f"the {role} '{arch}' returns {shape} for 2 samples, but the data has {num_classes} classes: it "
-            f"must return logits of shape (batch, {num_classes})"
+            f"the {role} '{arch}' returns {shape} for 2 samples, but the data has {num_classes} {what}: it "
+            f"must return logits of shape ({', '.join(map(str, ('batch', *per_row, num_classes)))})"
         )
 
 
 def _builder(arch: str) -> Callable[..., nn.Module]:
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
+    if arch.startswith("hf-lm:"):
+        return functools.partial(_hf_causal_lm, arch.split(":", 1)[1])
     if arch.startswith("hf:"):
         return functools.partial(_hf_model, arch.split(":", 1)[1])
     if arch.startswith("torchvision:"):
@@ -202,8 +257,39 @@ class HFClassifier(nn.Module):
 def check_fits_data(model: nn.Module, split: Any, role: str, arch: str) -> None:
     """Before any training: the model reads the split's inputs (text: the same vocabulary) and returns one
     logit per class. `split`: a pipeline.datasets.Split."""
-    check_vocabulary(model, split.inputs, split.preprocessing.get("tokenizer"), role)
-    check_outputs(model, split.inputs, split.num_classes, role, arch)
+    if isinstance(model, CausalLM):
+        check_lm_vocabulary(model, split, role, arch)
+    else:
+        check_vocabulary(model, split.inputs, split.preprocessing.get("tokenizer"), role)
+    check_outputs(model, split.inputs, split.num_classes, role, arch, tuple(split.labels.shape[1:]))
+
+
+def check_lm_vocabulary(model: CausalLM, split: Any, role: str, arch: str) -> None:
+    """A student language model shares the teacher's tokenizer (the data's: same vocabulary, same ids):
+    its embedding table must have the tokenizer's size, and a tokenizer.json saved beside it must be the
+    very same tokenizer."""
+    import hashlib
+
+    data_tokenizer = split.preprocessing.get("tokenizer") or "the data's tokenizer"
+    size = model.model.get_input_embeddings().num_embeddings
+    fix = f"{role}s share the teacher's tokenizer: build the {role} with the data's vocabulary"
+    if size != split.num_classes:
+        raise KDError(
+            f"the {role} '{arch}' has a vocabulary of {size} tokens but the data's tokenizer "
+            f"({data_tokenizer}) has {split.num_classes}: {fix}"
+        )
+    folder = Path(str(getattr(model.model.config, "_name_or_path", "") or "-"))
+    own = folder / "tokenizer.json"
+    if own.is_file():
+        mine = hashlib.sha256(own.read_bytes()).hexdigest()
+        theirs = split.preprocessing.get("tokenizer_fingerprint")
+        from tokenizers import Tokenizer
+
+        if theirs and hashlib.sha256(Tokenizer.from_file(str(own)).to_str().encode()).hexdigest() != theirs:
+            raise KDError(
+                f"the {role} '{arch}' comes with tokenizer {own} ({mine[:12]}), not the data's tokenizer "
+                f"({data_tokenizer}, {theirs[:12]}): {fix}"
+            )
 
 
 def check_vocabulary(model: nn.Module, inputs: torch.Tensor, tokenizer: str | None, role: str) -> None:

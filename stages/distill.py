@@ -86,6 +86,10 @@ def run(
     name = run_name or default_run_name(preset, changes)
     folder_of_run = run_dir or paths.runs / name
     check_run_folder(folder_of_run, preset)  # before any work: never replace another run's folder
+    if preset.dataset.name == "lm-text":  # language models: token sequences, perplexity
+        from stages import distill_lm
+
+        return distill_lm.run(preset, paths, cache, name, folder_of_run, device_name, verbose, changes)
     picked = pick_device(device_name)
     ranks = init(picked)
     device = device_for(ranks, picked)
@@ -575,6 +579,9 @@ def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
     if method != "kd":
         ignored += ["distill.alpha", "distill.ce_weight", "distill.kd_weight"]  # alpha_schedule, alpha_end
     ignored.append("distill.remote_cache_mb")  # where far shards are kept: never what is trained
+    if flat["dataset.name"] != "lm-text":  # the sparse (token-level) settings apply to language models
+        ignored += ["cache.topk", "cache.lse_temperatures", "cache.samples", "cache.sample_seed"]
+        ignored += ["distill.sparse_target", "distill.sparse_exact"]
     if flat["cache.augment"] == "none":  # the fixed view: the view settings mean nothing
         ignored += ["cache.views", "cache.view_seed", "cache.augment_pad", "distill.views"]
     for stage in ("teacher", "distill"):
@@ -595,6 +602,9 @@ def default_run_name(preset: Preset, changes: dict[str, Any] | None = None) -> s
     soft = "".join(f"-{_NAME_PARTS[k]}{v:g}" for k, v in shown.items())
     soft += "-zscore" if cfg.standardize else ""  # logit standardization
     named = {"distill.method", "distill.seed", "distill.standardize", *(f"distill.{k}" for k in shown)}
+    if preset.dataset.name == "lm-text" and cfg.method == "kd":  # which teacher target: in the name
+        soft = f"-{'online' if cfg.teacher_online else cfg.sparse_target}{soft}"
+        named |= {"distill.sparse_target", "distill.teacher_online"}
     used = used_settings(preset)
     rest = {k: v for k, v in (changes or {}).items() if k not in named and k in used}
     tag = (
@@ -646,6 +656,7 @@ def _open_cache(
             split="train",
             teacher=preset.teacher.name,
             views=preset.cache.views_for("train"),  # the fixed view, or the preset's augmented views
+            sparse=preset.cache.sparse_for(train),  # token sequences: the preset's k, temperatures, S
             skipped=skipped,
         )
         for problem in skipped:
@@ -739,7 +750,13 @@ def check_cache_matches(store: LogitStore, split: Split) -> None:
             f"cache {store.where} has {d.length} rows but the {split.dataset} {split.split} split has "
             f"{len(split)}: {fix}"
         )
-    for key in ("tokenizer", "max_length"):
+    cached_length, length = store.manifest.preprocessing.get("seq_len"), split.preprocessing.get("seq_len")
+    if cached_length != length:
+        raise KDError(
+            f"cache {store.where} holds sequences of {cached_length} tokens but dataset.options.seq_len is "
+            f"{length}: use the cache's sequence length, or re-run `kd teacher-logits` with this one"
+        )
+    for key in ("tokenizer", "tokenizer_fingerprint", "max_length"):
         cached, current = store.manifest.preprocessing.get(key), split.preprocessing.get(key)
         if cached != current:
             raise KDError(

@@ -49,6 +49,7 @@ from pipeline.store import (
     now_iso,
     software_versions,
 )
+from pipeline.store.sparse import reduce_logits
 from pipeline.train import pick_device
 
 console = Console(stderr=True, soft_wrap=True)
@@ -160,7 +161,9 @@ def _dump(
             f"teacher '{teacher_info.name}' has {teacher_info.architecture['num_classes']} classes but "
             f"{split.dataset} has {split.num_classes}: pick a matching teacher or dataset"
         )
-    chunk_rows = preset.cache.chunk_rows_for(split.num_classes)
+    sparse = preset.cache.sparse_for(split)  # token sequences: the sparse layout (store/sparse.py)
+    row_width = sparse["seq_len"] * sparse["k"] if sparse else split.num_classes
+    chunk_rows = preset.cache.chunk_rows_for(row_width)
     storage = StorageInfo(
         dtype=preset.cache.dtype,
         chunk_rows=chunk_rows,
@@ -185,6 +188,7 @@ def _dump(
         software=software_versions(),
         created=now_iso(),
         views=preset.cache.views_for(split.split),
+        sparse=sparse,
     )
     path = paths.logits / cache_dirname(manifest)
     # a cache hit is decided by reading alone (no lock, so read-only cache folders work)
@@ -237,10 +241,23 @@ def _dump(
     if not ranks.is_main:
         return path
     n, seconds = len(split), time.perf_counter() - started
+    processes = f", {ranks.world} processes" if ranks.active else ""
+    if sparse:
+        tokens = store.manifest.logit_stats["tokens"]
+        samples = f" + {sparse['samples']} samples" if sparse["samples"] else ""
+        console.print(
+            f"wrote {path} ({n} x {sparse['seq_len']} tokens, top {sparse['k']} of {sparse['vocab']} "
+            f"{storage.dtype}{samples}, "
+            f"teacher token accuracy {store.manifest.teacher_accuracy:.2%}, perplexity "
+            f"{store.manifest.logit_stats['perplexity']:.2f}, {store.nbytes_stored() / tokens:.1f} bytes a "
+            f"token, {tokens / seconds:,.0f} tokens/s{processes})",
+            highlight=False,
+        )
+        return path
     console.print(
         f"wrote {path} ({n} x {_views_text(manifest)}{split.num_classes} {storage.dtype}, teacher accuracy "
         f"{store.manifest.teacher_accuracy:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, "
-        f"{n / seconds:,.0f} samples/s{f', {ranks.world} processes' if ranks.active else ''})"
+        f"{n / seconds:,.0f} samples/s{processes})"
     )
     return path
 
@@ -295,6 +312,7 @@ def write_logits(
         teacher = teacher.to(memory_format=torch.channels_last)
     inputs = split.inputs.pin_memory() if device.type == "cuda" else split.inputs  # async copies to the GPU
     views = store.manifest.views  # the views layout: K augmented views of every row
+    sparse = store.manifest.sparse  # the sparse layout: per-token top-k, logsumexp, samples
     spec = store.augment
     writer = ShardWriter(store, shards)
     total = sum(b - a for a, b in map(store.shard_range, shards))
@@ -310,7 +328,11 @@ def write_logits(
                     stop = min(start + batch_size, last)
                     x = inputs[start:stop].to(device, non_blocking=True)
                     ids = split.ids[start:stop]
-                    if not views:
+                    if sparse:  # token sequences: (B, L, V) raw, reduced on the device to the sparse arrays
+                        labels = split.labels[start:stop]
+                        values, extras, stats = reduce_logits(teacher(x), labels, ids, sparse)
+                        writer.add(values.cpu(), labels, ids, extras=extras, stats=stats)
+                    elif not views:
                         logits = _forward(teacher, x, channels_last)  # (B, C) raw
                         writer.add(logits, split.labels[start:stop], ids)
                     else:  # the parameters of every view of these rows, then the teacher on each view

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from pipeline.augment import AugmentSpec, check_augment
 from pipeline.batches import InMemoryBatches, Views
 from pipeline.config import Paths, Preset
-from pipeline.datasets import load_split, validation_rows
+from pipeline.datasets import Split, load_split, tokenizer_of, validation_rows
+from pipeline.lm import LMEpoch, fit_lm, lm_loss
 from pipeline.losses import cross_entropy
 from pipeline.models import (
     CONFIG_FILE,
@@ -52,6 +54,8 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
             return folder
 
     cfg, device = preset.teacher, pick_device(device_name)
+    if train.labels.dim() == 2:  # token sequences: a causal language model
+        return _train_lm(preset, folder, train, test, device, generator)
     check_augment(cfg.train.augment, train.inputs)
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     model = build_model(cfg.model, train.num_classes, train.input_shape)
@@ -91,5 +95,70 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
     console.print(
         f"teacher saved to {folder}: train {train_acc:.2%}, val {result.best_val_accuracy:.2%}, "
         f"test {result.test_accuracy:.2%} (best epoch {result.best_epoch}, {result.seconds:.0f}s)"
+    )
+    return folder
+
+
+def _train_lm(
+    preset: Preset, folder: Path, train: Split, test: Split, device: torch.device, generator: torch.Generator
+) -> Path:
+    """A causal language model trained on next tokens; its tokenizer is saved beside it (tokenizer.json):
+    students share it."""
+    cfg = preset.teacher
+    train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
+    model = build_model(cfg.model, train.num_classes, train.input_shape)
+    check_fits_data(model, train, "teacher", cfg.model.arch)
+    model.to(device)
+    console.print(
+        f"training teacher '{cfg.name}' ({cfg.model.arch}, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters) on {train.dataset} ({len(train_rows)} sequences of {train.input_shape[0]} tokens) for "
+        f"{cfg.train.epochs} epochs on {device}",
+        highlight=False,
+    )
+
+    def batches(epoch: int):
+        order = train_rows[torch.randperm(len(train_rows), generator=generator)]
+        for i in range(0, len(order), cfg.train.batch_size):
+            rows = order[i : i + cfg.train.batch_size]
+            yield train.inputs[rows].to(device), train.labels[rows].to(device), None
+
+    def log(record: LMEpoch) -> None:
+        console.print(
+            f"epoch {record.epoch}/{cfg.train.epochs}: loss {record.train_loss:.3f}, val perplexity "
+            f"{record.val_perplexity:.2f}",
+            highlight=False,
+        )
+
+    result = fit_lm(
+        model,
+        cfg.train,
+        batches,
+        lambda epoch: (lambda s, y, _: lm_loss(s, y, None), {}),
+        (train.inputs[val_rows], train.labels[val_rows]),
+        (test.inputs, test.labels),
+        device,
+        log,
+    )
+    info = {
+        "name": cfg.name,
+        "dataset": {
+            "name": train.dataset,
+            "train_fingerprint": train.fingerprint,
+            "val_size": preset.dataset.val_size,
+        },
+        "val_perplexity": result.best_val_perplexity,
+        "test_perplexity": result.test_perplexity,
+        "test_token_accuracy": result.test_token_accuracy,
+        "best_epoch": result.best_epoch,
+        "tokenizer_fingerprint": train.preprocessing.get("tokenizer_fingerprint"),
+        "training": preset.to_dict()["teacher"],
+    }
+    save_checkpoint(folder, model, architecture_record(cfg.model, train.num_classes, train.input_shape), info)
+    tokenizer_of(preset.dataset).save(str(folder / "tokenizer.json"))  # students share the teacher's
+    console.print(
+        f"teacher saved to {folder}: val perplexity {result.best_val_perplexity:.2f}, test perplexity "
+        f"{result.test_perplexity:.2f} (token accuracy {result.test_token_accuracy:.2%}, best epoch "
+        f"{result.best_epoch}, {result.seconds:.0f}s)",
+        highlight=False,
     )
     return folder

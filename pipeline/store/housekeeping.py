@@ -113,10 +113,11 @@ def find_caches(
     split: str | None = None,
     teacher: str | None = None,
     views: Mapping[str, Any] | None = None,
+    sparse: Mapping[str, Any] | None = None,
     skipped: list[str] | None = None,
 ) -> list[LogitStore]:
-    """Complete caches under `root` matching the given fields (`views`: the manifest's views entry, {}
-    for the dense layout), newest first. Entries that cannot be opened are left out, each named with its
+    """Complete caches under `root` matching the given fields (`views`, `sparse`: the manifest's entries,
+    {} for the dense layout), newest first. Entries that cannot be opened are left out, each named with its
     reason in `skipped` when a list is given."""
     from pipeline.remote import is_url, list_root
 
@@ -143,6 +144,8 @@ def find_caches(
         if teacher and m.teacher.name != teacher:
             continue
         if views is not None and m.views != dict(views):
+            continue
+        if sparse is not None and m.sparse != dict(sparse):
             continue
         found.append(store)
     return sorted(found, key=lambda s: s.manifest.created, reverse=True)

@@ -83,12 +83,13 @@ def verify(store: LogitStore) -> list[str]:
             raw = np.asarray(store.array("logits")[start:stop])
             labels = np.asarray(store.array("labels")[start:stop])
             ids = np.asarray(store.array("index")[start:stop])
-            views = np.asarray(store.array("views")[start:stop]) if m.views else None
+            extras = {name: np.asarray(store.array(name)[start:stop]) for name in store.extra_specs}
         except Exception as err:  # a damaged file can fail in the codec itself
             problems.append(f"{rows} cannot be read: {type(err).__name__}: {err}")
             continue
+        views = extras.get("views")
         try:
-            store.check_shard(shard, raw, labels, ids, views)
+            store.check_shard(shard, raw, labels, ids, extras)
         except KDError:
             problems.append(f"{rows} fails its CRC32C checksum")
         if recorded_crc[shard] != m.shard_crc32c[shard]:
@@ -99,9 +100,16 @@ def verify(store: LogitStore) -> list[str]:
             problems.append(f"{rows} has {bad} rows with NaN or Inf logits")
         if views is not None and views.size and not _replayable(views, store):
             problems.append(f"{rows} holds view parameters outside its augmentation's range")
-        predicted = logits.argmax(-1).view(len(labels), -1)  # (rows, K): every view's prediction
-        correct += int((predicted == torch.from_numpy(labels)[:, None]).sum())
-        checked += len(labels) * store.num_views
+        if m.sparse:  # the teacher's top token against each real next token
+            if not np.isfinite(extras["lse"]).all():
+                problems.append(f"{rows} has NaN or Inf logsumexps")
+            real = labels != -100
+            correct += int(((extras["topk_ids"][..., 0].astype(np.int64) == labels) & real).sum())
+            checked += int(real.sum())
+        else:
+            predicted = logits.argmax(-1).view(len(labels), -1)  # (rows, K): every view's prediction
+            correct += int((predicted == torch.from_numpy(labels)[:, None]).sum())
+            checked += len(labels) * store.num_views
         id_list = ids.tolist()
         if len(set(id_list)) != len(id_list) or seen.intersection(id_list):
             repeated.append(shard)

@@ -1,0 +1,280 @@
+"""`kd distill` for language models (dataset lm-text): a student GPT trained on next tokens, from a sparse
+cache of its teacher (top-k + tail, top-k renormalised, or sampled tokens), from the teacher run online
+(dense KD), or from labels alone (ce). Writes the run folder as for classification: config.json,
+metrics.jsonl (per epoch: loss, validation perplexity and token accuracy, T and alpha used),
+checkpoint/, curves.png, summary.json (perplexities of student and teacher).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from pipeline import strict_json
+from pipeline.config import Paths, Preset
+from pipeline.datasets import load_split, validation_rows
+from pipeline.distributed import init
+from pipeline.errors import KDError
+from pipeline.lm import LMEpoch, SparseTargets, evaluate, fit_lm, lm_loss
+from pipeline.methods import LABEL_ONLY
+from pipeline.models import (
+    architecture_record,
+    build_model,
+    check_fits_data,
+    save_checkpoint,
+    teacher_autocast,
+)
+from pipeline.schedules import alpha_at, temperature_at
+from pipeline.store import LogitStore
+from pipeline.train import pick_device, seed_everything
+
+console = Console(stderr=True, soft_wrap=True)
+LM_METHODS = ("ce", "kd")
+APPROXIMATION = (
+    "uniform tail: at a temperature with no stored logsumexp, the V - k missing logits are taken equal, "
+    "keeping their total mass at the first stored temperature exact"
+)
+
+
+def run(
+    preset: Preset,
+    paths: Paths,
+    cache: str | Path | None,
+    name: str,
+    folder: Path,
+    device_name: str,
+    verbose: bool,
+    changes: dict[str, Any],
+) -> dict[str, Any]:
+    from stages.distill import _online_teacher, _open_cache, describe
+
+    cfg = preset.distill
+    if cfg.method not in LM_METHODS:
+        raise KDError(
+            f"method '{cfg.method}' is for classification: a language model trains with "
+            f"{' or '.join(LM_METHODS)} (kd from a sparse cache or --online)"
+        )
+    device = pick_device(device_name)
+    if init(device).active:
+        raise KDError("distilling a language model under torchrun is not supported yet: run one process")
+    generator = seed_everything(cfg.seed)
+    train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
+    train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
+    temperatures = [temperature_at(e, cfg) for e in range(cfg.train.epochs)]
+    store: LogitStore | None = None
+    targets: SparseTargets | None = None
+    teacher = None
+    teacher_test = None
+    if cfg.method == "kd" and cfg.teacher_online:
+        teacher, _ = _online_teacher(preset, paths, train, device)
+        with teacher_autocast(device, preset.cache.precision):
+            teacher_test = evaluate(teacher, test.inputs, test.labels, device)[0]
+        source = "teacher online (dense KD)"
+    elif cfg.method == "kd":
+        store = _open_cache(preset, paths, train, cache, required=True)
+        assert store is not None
+        values, _, ids, extras = store.read_everything()
+        if not torch.equal(ids, train.ids):
+            raise KDError(f"cache {store.where} lists its sequences in another order than the data")
+        targets = SparseTargets.from_arrays(values, extras, store.manifest.sparse)
+        missing = sorted({t for t in temperatures if not targets.has_temperature(t)})
+        if missing and cfg.sparse_exact:
+            listed = ", ".join(f"{t:g}" for t in targets.temperatures)
+            wanted = ",".join(f"{t:g}" for t in sorted({*targets.temperatures, *missing}))
+            raise KDError(
+                f"cache {store.where} has the full logsumexp at T = {listed} only, not at T = "
+                f"{', '.join(f'{t:g}' for t in missing)} (distill.sparse_exact = true): rebuild it with "
+                f"--set cache.lse_temperatures={wanted}"
+                ", or set distill.sparse_exact=false for the uniform-tail approximation"
+            )
+        if cfg.sparse_target == "sampled" and targets.sampled_ids is None:
+            raise KDError(
+                f"distill.sparse_target = sampled but cache {store.where} holds no sampled tokens: rebuild "
+                "it with --set cache.samples=S (e.g. 32)"
+            )
+        teacher_test = _teacher_test_perplexity(store, test)
+        source = f"cache in memory ({cfg.sparse_target})"
+    elif cfg.method not in LABEL_ONLY:
+        raise AssertionError(cfg.method)
+    else:
+        source = "labels"
+    approximated = sorted({t for t in temperatures if targets is not None and not targets.has_temperature(t)})
+
+    student = build_model(preset.student, train.num_classes, train.input_shape)
+    check_fits_data(student, train, "student", preset.student.arch)
+    student.to(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "preset": preset.to_dict(),
+        "run_name": name,
+        "cache": store.where if store else None,
+        "device": str(device),
+        "batches": source,
+        "mode": "sequential",
+        "changed_settings": changes,
+        "sparse_target": cfg.sparse_target if store else None,
+        "approximated_temperatures": approximated,  # T the cache has no logsumexp for
+        "approximation": APPROXIMATION if approximated else None,
+    }
+    (folder / "config.json").write_text(strict_json.dumps(config, indent=2) + "\n")
+    (folder / "summary.json").unlink(missing_ok=True)
+    metrics = folder / "metrics.jsonl"
+    metrics.write_text("")
+    if verbose:
+        console.print(
+            f"distilling {preset.student.arch} with '{cfg.method}' from {source}"
+            f"{'' if store is None else ' ' + store.where} on {device}",
+            highlight=False,
+        )
+        if changes:
+            console.print(f"settings changed from the preset: {describe(changes)}", highlight=False)
+        if approximated:
+            console.print(
+                f"note: T = {', '.join(f'{t:g}' for t in approximated)} has no stored logsumexp; using the "
+                f"{APPROXIMATION}",
+                highlight=False,
+            )
+
+    bs = cfg.train.batch_size
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+        order = train_rows[torch.randperm(len(train_rows), generator=generator)]
+        for i in range(0, len(order), bs):
+            rows = order[i : i + bs]
+            x, y = train.inputs[rows].to(device), train.labels[rows].to(device)
+            side: Any = None
+            if targets is not None:
+                side = targets.rows(rows, device)
+            elif teacher is not None:
+                with torch.no_grad(), teacher_autocast(device, preset.cache.precision):
+                    side = teacher(x).float()
+            yield x, y, side
+
+    def loss_at(epoch: int) -> tuple[Any, dict[str, float]]:
+        if cfg.method == "ce":
+            settings: dict[str, float] = {}
+            return lambda s, y, _: lm_loss(s, y, None, label_smoothing=cfg.label_smoothing), settings
+        t, a = temperature_at(epoch, cfg), alpha_at(epoch, cfg)
+        settings = {"temperature": t, "alpha": a}
+
+        def loss(s: torch.Tensor, y: torch.Tensor, side: Any) -> torch.Tensor:
+            return lm_loss(
+                s,
+                y,
+                side,
+                temperature=t,
+                alpha=a,
+                label_smoothing=cfg.label_smoothing,
+                target=cfg.sparse_target,
+            )
+
+        return loss, settings
+
+    def log(record: LMEpoch) -> None:
+        line = {
+            "epoch": record.epoch,
+            "lr": record.lr,
+            "train_loss": record.train_loss,
+            "val_perplexity": record.val_perplexity,
+            "val_token_accuracy": record.val_token_accuracy,
+            **record.settings,
+            "seconds": record.seconds,
+        }
+        with metrics.open("a") as f:
+            f.write(strict_json.dumps(line) + "\n")
+        if verbose:
+            console.print(
+                f"epoch {record.epoch}/{cfg.train.epochs}: loss {record.train_loss:.4f}, val perplexity "
+                f"{record.val_perplexity:.2f}",
+                highlight=False,
+            )
+
+    val = (train.inputs[val_rows], train.labels[val_rows])
+    result = fit_lm(student, cfg.train, batches, loss_at, val, (test.inputs, test.labels), device, log)
+    arch = architecture_record(preset.student, train.num_classes, train.input_shape)
+    save_checkpoint(folder / "checkpoint", student, arch, {"best_epoch": result.best_epoch})
+    tokens_stored = (
+        store.nbytes_stored() / max(store.manifest.logit_stats.get("tokens", 1), 1) if store else None
+    )
+    summary = {
+        "run_name": name,
+        "preset": preset.name,
+        "method": cfg.method,
+        "sparse_target": config["sparse_target"],
+        "teacher_online": bool(cfg.teacher_online and cfg.method == "kd"),
+        "temperature": cfg.temperature if cfg.method == "kd" else None,
+        "alpha": cfg.alpha if cfg.method == "kd" else None,
+        "label_smoothing": cfg.label_smoothing,
+        "changed_settings": changes,
+        "seed": cfg.seed,
+        "epochs": cfg.train.epochs,
+        "best_epoch": result.best_epoch,
+        "student_val_perplexity": result.best_val_perplexity,
+        "student_test_perplexity": result.test_perplexity,
+        "student_test_token_accuracy": result.test_token_accuracy,
+        "teacher_test_perplexity": teacher_test,
+        "teacher": preset.teacher.name if cfg.method == "kd" else None,
+        "cache": store.where if store else None,
+        "cache_bytes_per_token": tokens_stored,
+        "approximated_temperatures": approximated,
+        "device": str(device),
+        "wall_time_s": round(result.seconds, 2),
+        "step_seconds": result.step_seconds,  # median training step
+        "run_dir": str(folder),
+    }
+    _plot(result.history, folder / "curves.png", name, result.best_epoch, teacher_test)
+    (folder / "summary.json").write_text(strict_json.dumps(summary, indent=2) + "\n")
+    if verbose:
+        teacher_text = "" if teacher_test is None else f", teacher {teacher_test:.2f}"
+        console.print(
+            f"test perplexity {result.test_perplexity:.2f} (token accuracy {result.test_token_accuracy:.2%}, "
+            f"best epoch {result.best_epoch}{teacher_text}); outputs: {folder}",
+            highlight=False,
+        )
+    return summary
+
+
+def _teacher_test_perplexity(store: LogitStore, test: Any) -> float | None:
+    """The teacher's test perplexity from its test-split cache, when one with the same teacher exists."""
+    from pipeline.store import find_caches
+
+    for candidate in find_caches(
+        Path(store.where).parent,
+        dataset_fingerprint=test.fingerprint,
+        split="test",
+        teacher=store.manifest.teacher.name,
+    ):
+        if candidate.manifest.teacher.fingerprint == store.manifest.teacher.fingerprint:
+            return candidate.manifest.logit_stats.get("perplexity")
+    return None
+
+
+def _plot(history: list[LMEpoch], path: Path, title: str, best_epoch: int, teacher: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.epoch for r in history]
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [r.train_loss for r in history])
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss")
+    ax_ppl.plot(epochs, [r.val_perplexity for r in history], label="val", color="tab:blue")
+    if teacher is not None:
+        ax_ppl.axhline(teacher, ls="--", color="tab:green", label="teacher test")
+    ax_ppl.axvline(best_epoch, ls=":", color="k", label=f"selected (epoch {best_epoch})")
+    ax_ppl.set(xlabel="epoch", ylabel="perplexity", title="validation perplexity", yscale="log")
+    ax_ppl.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

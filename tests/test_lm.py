@@ -1,0 +1,330 @@
+"""Language-model teachers: the sparse token-level cache (top-k + exact tail, sampled tokens) and the
+sequence losses computed from it (README "Language models")."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import Paths, load_preset
+from pipeline.datasets import load_split
+from pipeline.lm import SparseTargets, kd_per_token, lm_loss
+from pipeline.models import load_checkpoint
+from pipeline.store import LogitStore
+from pipeline.store.sparse import reduce_logits, sparse_record
+from tests.conftest import cache_paths
+from tests.test_bad_inputs import assert_refused, run_kd, snapshot
+
+ARRAYS = ("logits", "labels", "index", "topk_ids", "lse", "sampled_ids", "sampled_logits", "target_logit")
+
+
+def sparse(z: torch.Tensor, labels: torch.Tensor, k: int, temps=(1.0, 2.0), samples: int = 0, seed: int = 0):
+    entry = sparse_record(k, temps, samples, seed, z.shape[1], z.shape[-1])
+    values, extras, _ = reduce_logits(z, labels, torch.arange(len(z)), entry)
+    return SparseTargets.from_arrays(values, {n: t.numpy() for n, t in extras.items()}, entry)
+
+
+# -- losses ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_top_k_with_k_equal_to_the_vocabulary_is_the_dense_loss(t: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    z, s = 3 * torch.randn(3, 5, 40, generator=g), 3 * torch.randn(3, 5, 40, generator=g)
+    labels = torch.randint(0, 40, (3, 5), generator=g)
+    dense = kd_per_token(s, z, t)
+    full = sparse(z, labels, k=40)
+    for target in ("topk-tail", "topk"):
+        torch.testing.assert_close(kd_per_token(s, full, t, target), dense, atol=1e-4, rtol=1e-4)
+    some = sparse(z, labels, k=8)
+    assert not torch.allclose(kd_per_token(s, some, t, "topk"), dense, atol=1e-3)  # the biased baseline
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_kept_tokens_and_the_tail_bucket_are_the_teachers_distribution(t: float) -> None:
+    """At a stored temperature the kept probabilities are exact and the tail holds exactly the rest."""
+    g = torch.Generator().manual_seed(1)
+    z = 4 * torch.randn(2, 6, 50, generator=g)
+    targets = sparse(z, torch.zeros(2, 6, dtype=torch.long), k=5)
+    p_kept = (targets.values / t - targets.lse_at(t)[..., None]).exp()
+    p = torch.softmax(z / t, -1)
+    torch.testing.assert_close(p_kept, p.gather(-1, targets.ids), atol=1e-5, rtol=1e-4)
+    tail = 1 - p_kept.sum(-1)
+    torch.testing.assert_close(tail, p.sum(-1) - p.gather(-1, targets.ids).sum(-1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p_kept.sum(-1) + tail, torch.ones(2, 6))
+    assert (tail > 1e-3).all()  # a real tail: k = 5 of 50
+
+
+def test_the_uniform_tail_approximation_is_exact_for_a_flat_tail() -> None:
+    z = torch.full((1, 1, 30), -1.0)
+    z[..., :4] = torch.tensor([5.0, 3.0, 2.0, 1.0])
+    targets = sparse(z, torch.zeros(1, 1, dtype=torch.long), k=4, temps=(1.0,))
+    assert not targets.has_temperature(3.0)
+    torch.testing.assert_close(targets.lse_at(3.0), torch.logsumexp(z / 3.0, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_the_sampled_estimators_gradient_averages_to_the_dense_gradient(t: float) -> None:
+    """4,000 independent draws of S = 4 tokens of one teacher row: the mean gradient of the sampled loss
+    w.r.t. the student's logits matches the dense KD gradient (fixed seed; the tolerance is ~5 standard
+    errors of the mean, measured)."""
+    g = torch.Generator().manual_seed(2)
+    z = 2 * torch.randn(1, 1, 20, generator=g)
+    s = torch.randn(1, 1, 20, generator=g)
+    student = s.clone().requires_grad_(True)
+    kd_per_token(student, z, t).sum().backward()
+    dense = student.grad.clone()
+    many = z.expand(4000, 1, 20).contiguous()
+    targets = sparse(many, torch.zeros(4000, 1, dtype=torch.long), k=3, samples=4, seed=7)
+    assert len({tuple(r) for r in targets.sampled_ids[:, 0].tolist()}) > 100  # the draws differ
+    students = s.expand(4000, 1, 20).clone().requires_grad_(True)
+    kd_per_token(students, targets, t, "sampled").sum().backward()
+    sampled = students.grad.mean(0, keepdim=True)
+    torch.testing.assert_close(sampled, dense, atol=0.02, rtol=0)
+    biased = students.grad.clone().zero_()  # and the top-k baseline's gradient is off by much more
+    students.grad = None
+    kd_per_token(students, targets, t, "topk").sum().backward()
+    biased = students.grad.mean(0, keepdim=True)
+    assert (biased - dense).abs().max() > 0.05
+
+
+def test_padding_never_contributes() -> None:
+    g = torch.Generator().manual_seed(3)
+    z, s = torch.randn(2, 6, 30, generator=g), torch.randn(2, 6, 30, generator=g)
+    labels = torch.randint(0, 30, (2, 6), generator=g)
+    labels[1, 3:] = -100
+    targets = sparse(z, labels, k=6, samples=4)
+    for target in ("topk-tail", "topk", "sampled"):
+        base = lm_loss(s, labels, targets, temperature=2.0, alpha=0.5, target=target)
+        noisy = s.clone()
+        noisy[1, 3:] += 100 * torch.randn(3, 30, generator=g)  # anything at padding positions
+        assert torch.equal(lm_loss(noisy, labels, targets, temperature=2.0, alpha=0.5, target=target), base)
+        # the mean over real tokens only: the padded rows dropped give the same per-token loss
+        real = lm_loss(
+            s[:1],
+            labels[:1],
+            targets.rows(torch.tensor([0]), torch.device("cpu")),
+            temperature=2.0,
+            alpha=0.5,
+            target=target,
+        )
+        part = lm_loss(
+            s[1:, :3], labels[1:, :3], _cut(targets, 1, 3), temperature=2.0, alpha=0.5, target=target
+        )
+        torch.testing.assert_close(base, (6 * real + 3 * part) / 9)
+
+
+def _cut(targets: SparseTargets, row: int, length: int) -> SparseTargets:
+    def cut(t):
+        return None if t is None else t[row : row + 1, :length]
+
+    return SparseTargets(
+        cut(targets.values),
+        cut(targets.ids),
+        cut(targets.lse),
+        targets.temperatures,
+        targets.vocab,
+        cut(targets.sampled_ids),
+        cut(targets.sampled_logits),
+    )
+
+
+# -- stage 1 and stage 2 on the tiny language-model preset ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    from stages import teacher_logits, train_teacher
+
+    paths = Paths(data=tmp_path_factory.mktemp("lm"))
+    preset = load_preset("tiny-lm")
+    train_teacher.run(preset, paths, device_name="cpu")
+    teacher_logits.run(preset, paths, device_name="cpu")
+    return paths
+
+
+def lm_cache(paths: Paths, split: str = "train") -> Path:
+    (path,) = cache_paths(paths, split, teacher="tiny-gpt")
+    return path
+
+
+@pytest.mark.slow
+def test_stage_1_stores_the_teachers_top_k_logsumexp_and_samples(lm_data: Paths) -> None:
+    store = LogitStore.open(lm_cache(lm_data))
+    m = store.manifest
+    assert m.format["version"] == 4 and m.layout == "sparse" and store.row_shape == (16, 8)
+    assert m.sparse["k"] == 8 and m.sparse["lse_temperatures"] == [1.0, 2.0] and m.sparse["samples"] == 8
+    values, labels, ids, extras = store.read_everything()
+    split = load_split(load_preset("tiny-lm").dataset, "train")
+    assert torch.equal(ids, split.ids) and torch.equal(labels, split.labels)
+    teacher, _ = load_checkpoint(lm_data.teachers / "tiny-gpt")
+    with torch.no_grad():
+        z = teacher.eval()(split.inputs).float()
+    top, top_ids = z.topk(8, -1)
+    torch.testing.assert_close(values, top, atol=2e-2, rtol=2e-3)  # float16 of the raw values
+    agree = (torch.from_numpy(extras["topk_ids"].astype(np.int64)) == top_ids).float().mean()
+    assert agree > 0.99  # float16 ties aside
+    lse = torch.stack([torch.logsumexp(z, -1), torch.logsumexp(z / 2, -1)], -1)
+    torch.testing.assert_close(torch.from_numpy(extras["lse"]), lse, atol=1e-4, rtol=1e-5)
+    target = z.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(torch.from_numpy(extras["target_logit"]), target, atol=1e-4, rtol=1e-5)
+    drawn = torch.from_numpy(extras["sampled_ids"].astype(np.int64))
+    torch.testing.assert_close(
+        torch.from_numpy(extras["sampled_logits"].astype(np.float32)),
+        z.gather(-1, drawn),
+        atol=2e-2,
+        rtol=2e-3,
+    )
+    assert extras["topk_ids"].dtype == np.uint16 and store.nbytes_stored() > 0
+    nll = -(target - torch.logsumexp(z, -1))
+    assert m.logit_stats["perplexity"] == pytest.approx(float(nll.mean().exp()), rel=1e-4)
+    assert LogitStore.open(lm_cache(lm_data)).verify() == []
+
+
+@pytest.mark.slow
+def test_a_killed_sparse_dump_resumes_byte_identical(lm_data: Paths, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(lm_data.teachers, data / "teachers")
+    argv = [
+        sys.executable,
+        "-c",
+        "from stages.cli import app; app()",
+        "teacher-logits",
+        "--preset",
+        "tiny-lm",
+        "--split",
+        "train",
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "KD_DATA_DIR": str(data), "TQDM_DISABLE": "1", "KD_FAULT_AFTER_SHARDS": "2"}
+    killed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    env.pop("KD_FAULT_AFTER_SHARDS")
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr and "2/4 shards done" in resumed.stderr
+    (again,) = cache_paths(Paths(data=data), "train", teacher="tiny-gpt")
+    assert again.name == lm_cache(lm_data).name
+    mine = {
+        str(p.relative_to(again)): p.read_bytes()
+        for n in ARRAYS
+        for p in sorted((again / n).rglob("*"))
+        if p.is_file()
+    }
+    theirs = {
+        str(p.relative_to(lm_cache(lm_data))): p.read_bytes()
+        for n in ARRAYS
+        for p in sorted((lm_cache(lm_data) / n).rglob("*"))
+        if p.is_file()
+    }
+    assert mine == theirs and len(mine) >= len(ARRAYS)
+
+
+@pytest.mark.slow
+def test_a_two_process_sparse_dump_is_byte_identical(lm_data: Paths, tmp_path: Path) -> None:
+    from tests.test_distributed import torchrun
+
+    data = tmp_path / "ddp"
+    shutil.copytree(lm_data.teachers, data / "teachers")
+    result = torchrun(data, "teacher-logits", "--preset", "tiny-lm", "--split", "train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = lm_cache(lm_data), lm_cache(Paths(data=data))
+    assert single.name == double.name
+    for name in ARRAYS:
+        mine = {
+            p.relative_to(double): p.read_bytes() for p in sorted((double / name).rglob("*")) if p.is_file()
+        }
+        assert mine == {
+            p.relative_to(single): p.read_bytes() for p in sorted((single / name).rglob("*")) if p.is_file()
+        }
+
+
+@pytest.mark.slow
+def test_every_target_trains_and_reports_perplexity(lm_data: Paths, tmp_path: Path) -> None:
+    from tests.test_cli import kd
+
+    paths = Paths(data=tmp_path)
+    shutil.copytree(lm_data.teachers, paths.teachers)
+    shutil.copytree(lm_data.logits, paths.logits)
+    runs = {
+        "ce": ["--method", "ce"],
+        "tail": ["--set", "distill.sparse_target=topk-tail", "--temperature", "2"],
+        "topk": ["--set", "distill.sparse_target=topk"],
+        "sampled": ["--set", "distill.sparse_target=sampled"],
+        "online": ["--online"],
+        "approx": ["--temperature", "3"],
+    }
+    for name, args in runs.items():
+        result = kd(paths, "distill", "--preset", "tiny-lm", "--run-name", name, "--device", "cpu", *args)
+        assert result.exit_code == 0, result.output
+        summary = json.loads((paths.runs / name / "summary.json").read_text())
+        assert 1 < summary["student_test_perplexity"] < 300  # a vocabulary of 300: chance is 300
+        metrics = [json.loads(line) for line in (paths.runs / name / "metrics.jsonl").open()]
+        assert len(metrics) == 3 and all(m["val_perplexity"] > 1 for m in metrics)
+        if name != "ce":
+            assert summary["teacher_test_perplexity"] == pytest.approx(
+                LogitStore.open(lm_cache(lm_data, "test")).manifest.logit_stats["perplexity"], rel=1e-3
+            )
+    assert [m["temperature"] for m in map(json.loads, (paths.runs / "tail" / "metrics.jsonl").open())] == [
+        2.0
+    ] * 3
+    config = json.loads((paths.runs / "approx" / "config.json").read_text())
+    assert config["approximated_temperatures"] == [3.0] and "uniform tail" in config["approximation"]
+    assert json.loads((paths.runs / "tail" / "config.json").read_text())["approximated_temperatures"] == []
+    tail = json.loads((paths.runs / "tail" / "summary.json").read_text())
+    assert tail["sparse_target"] == "topk-tail" and tail["cache_bytes_per_token"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--temperature", "3", "--set", "distill.sparse_exact=true"],
+            "has the full logsumexp at T = 1, 2 only, not at T = 3 (distill.sparse_exact = true)",
+        ),
+        (
+            ["--set", "dataset.options.seq_len=8", "--cache", "CACHE"],
+            "holds sequences of 16 tokens but dataset.options.seq_len is 8",
+        ),
+        (
+            ["--set", "student.arch=hf-lm:OTHER", "--set", "student.options={}"],
+            "has a vocabulary of 500 tokens but the data's tokenizer (byte-level BPE trained here, 300",
+        ),
+        (["--method", "dist"], "method 'dist' is for classification"),
+    ],
+)
+def test_language_model_refusals_are_one_line(
+    lm_data: Paths, tmp_path: Path, args: list[str], message: str
+) -> None:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_config(
+        GPT2Config(
+            vocab_size=500,
+            n_positions=16,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=False,
+        )
+    ).save_pretrained(other)
+    data = tmp_path / "data"
+    shutil.copytree(lm_data.data, data)
+    args = [a.replace("CACHE", str(lm_cache(Paths(data=data)))).replace("OTHER", str(other)) for a in args]
+    before = snapshot(data)
+    result = run_kd(data, "distill", "--preset", "tiny-lm", "--device", "cpu", *args)
+    assert_refused(result, message)
+    assert snapshot(data) == before  # nothing written
