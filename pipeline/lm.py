@@ -35,6 +35,7 @@ from torch import nn
 from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
 from pipeline.schedules import lr_at
+from pipeline.store.encoding import decode_logits
 from pipeline.store.sparse import PAD_LABEL
 from pipeline.train import make_optimizer
 
@@ -55,25 +56,23 @@ class SparseTargets:
 
     @classmethod
     def from_arrays(
-        cls, values: torch.Tensor, extras: Mapping[str, np.ndarray], entry: Mapping
+        cls, values: torch.Tensor, extras: Mapping[str, np.ndarray], entry: Mapping, storage: str = "float16"
     ) -> SparseTargets:
-        def tensor(name: str, dtype: torch.dtype) -> torch.Tensor | None:
-            return (
-                torch.from_numpy(
-                    np.asarray(extras[name]).astype(np.int64 if dtype == torch.int64 else np.float32)
-                )
-                if name in extras
-                else None
-            )
+        """From a sparse cache's arrays as read (LogitStore.read_everything): ids widened to int64, the
+        sampled logits decoded from the storage dtype."""
 
+        def ids(name: str) -> torch.Tensor | None:
+            return torch.from_numpy(extras[name].astype(np.int64)) if name in extras else None
+
+        sampled = extras.get("sampled_logits")
         return cls(
             values=values.float(),
-            ids=tensor("topk_ids", torch.int64),
-            lse=tensor("lse", torch.float32),
+            ids=ids("topk_ids"),
+            lse=torch.from_numpy(np.asarray(extras["lse"], dtype=np.float32)),
             temperatures=tuple(float(t) for t in entry["lse_temperatures"]),
             vocab=int(entry["vocab"]),
-            sampled_ids=tensor("sampled_ids", torch.int64),
-            sampled_logits=tensor("sampled_logits", torch.float32),
+            sampled_ids=ids("sampled_ids"),
+            sampled_logits=None if sampled is None else decode_logits(sampled, storage).float(),
         )
 
     def rows(self, index: torch.Tensor, device: torch.device) -> SparseTargets:

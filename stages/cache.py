@@ -57,6 +57,7 @@ def info(path: str | Path, *, as_json: bool = False) -> None:
         ),
         ("preprocessing", json.dumps(m.preprocessing)),
         ("views", _views(m.views)),
+        *([("sparse", _sparse(m.sparse, store))] if m.sparse else []),
         (
             "storage",
             f"{m.storage.dtype}, chunks {m.storage.chunk_rows} rows, shards {m.storage.shard_rows} rows, "
@@ -259,6 +260,19 @@ def _cells(r: dict[str, Any], extra: list[str]) -> list[str]:
 
 def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _sparse(sparse: dict[str, Any], store: LogitStore) -> str:
+    """The sparse layout in words, with its bytes per token on disk."""
+    tokens = max(int(store.manifest.logit_stats.get("tokens", 0)), 1)
+    temps = ", ".join(f"{t:g}" for t in sparse["lse_temperatures"])
+    s, seed = sparse["samples"], sparse["sample_seed"]
+    samples = f", {s} sampled tokens (seed {seed})" if s else ""
+    return (
+        f"per token of {sparse['seq_len']}: top {sparse['k']} of {sparse['vocab']} logits "
+        f"({sparse['id_dtype']} ids), logsumexp at T = {temps}{samples}; "
+        f"{store.nbytes_stored() / tokens:.1f} bytes a token on disk"
+    )
 
 
 def _views(views: dict[str, Any]) -> str:

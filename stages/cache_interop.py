@@ -5,7 +5,8 @@
 
 An export holds `logits` (the stored dtype; bfloat16 is widened to float32, HDF5 has no bfloat16),
 `labels`, `index` and the manifest as a JSON attribute / entry; a view cache's export holds logits
-(N, K, C) and `views` (N, K, P), the views' parameters, and imports back as a view cache. An import
+(N, K, C) and `views` (N, K, P), the views' parameters, and imports back as a view cache; a sparse
+cache's export holds every array of its layout (topk_ids, lse, ...; not importable yet). An import
 checks the file against the preset's dataset split (row count, and labels and ids when the file has
 them), then writes a complete cache that `kd distill` finds by teacher name.
 """
@@ -51,8 +52,7 @@ def export(path: Path, out: Path, fmt: str) -> Path:
     store = LogitStore.open(path)
     store.require_complete()
     raw, labels, ids = store.read("logits"), store.read("labels"), store.ids.numpy()
-    views = store.read_views()
-    extra = {} if views is None else {"views": views}
+    extra = store.read_extras()  # the layout's other arrays: views, or the sparse layout's
     dtype = store.manifest.storage.dtype
     logits = decode_logits(raw, dtype).numpy() if dtype == "bfloat16" else raw
     manifest = strict_json.dumps(store.manifest.to_dict())
@@ -79,7 +79,8 @@ def export(path: Path, out: Path, fmt: str) -> Path:
             )
     tmp.replace(out)
     shape = " x ".join(map(str, logits.shape))
-    console.print(f"exported {path} -> {out} ({shape} {logits.dtype}{', with views' if extra else ''})")
+    also = f", with {', '.join(extra)}" if extra else ""
+    console.print(f"exported {path} -> {out} ({shape} {logits.dtype}{also})")
     return out
 
 
@@ -88,6 +89,11 @@ def import_(
 ) -> Path:
     """A complete cache under `root` from an HDF5 or npz file of logits for `preset`'s `split`."""
     arrays, manifest = _read(source)
+    if (manifest or {}).get("sparse") or "topk_ids" in arrays:
+        raise KDError(
+            f"{source} is an export of a sparse (per-token top-k) cache, which kd cannot import yet: "
+            "copy the Zarr cache itself (kd cache push / pull)"
+        )
     logits = np.asarray(arrays["logits"])
     views_entry, params = _views_of(source, arrays, manifest, logits)
     if logits.ndim != (3 if views_entry else 2) or not np.issubdtype(logits.dtype, np.floating):

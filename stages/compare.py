@@ -44,6 +44,12 @@ def run(
     device_name: str = "auto",
 ) -> Path:
     base = load_preset(preset_name)
+    if base.dataset.name == "lm-text":
+        raise KDError(
+            f"kd compare does not run language-model presets yet: run `kd distill --preset {base.name}` "
+            "once per setting (--temperature, --alpha, --set distill.sparse_target=...): they share one "
+            "sparse cache"
+        )
     entries = dict(base.compare)
     if not entries:
         raise KDError(

@@ -81,7 +81,9 @@ def run(
         values, _, ids, extras = store.read_everything()
         if not torch.equal(ids, train.ids):
             raise KDError(f"cache {store.where} lists its sequences in another order than the data")
-        targets = SparseTargets.from_arrays(values, extras, store.manifest.sparse)
+        targets = SparseTargets.from_arrays(
+            values, extras, store.manifest.sparse, store.manifest.storage.dtype
+        )
         missing = sorted({t for t in temperatures if not targets.has_temperature(t)})
         if missing and cfg.sparse_exact:
             listed = ", ".join(f"{t:g}" for t in targets.temperatures)

@@ -93,6 +93,12 @@ def run(
     if seeds < 1:
         raise KDError(f"--seeds must be at least 1, got {seeds}")
     base = load_preset(preset_name)
+    if base.dataset.name == "lm-text":
+        raise KDError(
+            f"kd sweep does not run language-model presets yet: run `kd distill --preset {base.name}` "
+            "once per setting (--temperature, --alpha, --set distill.sparse_target=...): they share one "
+            "sparse cache"
+        )
     axes = parse_grid(base.sweep, grid)
     spec = {"grid": axes, "seeds": seeds, "overrides": dict(overrides or {}), "mode": mode}
     default = {"grid": parse_grid(base.sweep, []) if base.sweep else None, "seeds": 1, "overrides": {}}

@@ -328,3 +328,29 @@ def test_language_model_refusals_are_one_line(
     result = run_kd(data, "distill", "--preset", "tiny-lm", "--device", "cpu", *args)
     assert_refused(result, message)
     assert snapshot(data) == before  # nothing written
+
+
+@pytest.mark.parametrize("command", [["sweep", "--preset", "tiny-lm"], ["compare", "--preset", "tiny-lm"]])
+def test_sweep_and_compare_refuse_language_models_in_one_line(tmp_path: Path, command: list[str]) -> None:
+    result = run_kd(tmp_path, *command)
+    assert_refused(result, "does not run language-model presets yet")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_sparse_cache_exports_every_array_and_describes_itself(lm_data: Paths, tmp_path: Path) -> None:
+    from tests.test_cli import kd
+
+    out = tmp_path / "lm.npz"
+    result = kd(lm_data, "cache", "export", str(lm_cache(lm_data)), "--format", "npz", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    with np.load(out) as f:
+        exported = {name: f[name] for name in f.files}
+    _, _, _, extras = LogitStore.open(lm_cache(lm_data)).read_everything()
+    for name, values in extras.items():  # nothing of the layout is left behind
+        np.testing.assert_array_equal(exported[name], values)
+    assert json.loads(str(exported["manifest"]))["sparse"]["k"] == 8
+    refused = run_kd(tmp_path, "cache", "import", str(out), "--preset", "tiny-lm", "--teacher-name", "t")
+    assert_refused(refused, "is an export of a sparse (per-token top-k) cache, which kd cannot import yet")
+    info = kd(lm_data, "cache", "info", str(lm_cache(lm_data)))
+    assert info.exit_code == 0 and "per token of 16: top 8 of 300 logits (uint16 ids)" in info.output
