@@ -212,7 +212,10 @@ class LMResult:
     step_seconds: float  # median seconds of a training step
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, Any]  # inputs, labels, teacher side (or None)
+# inputs, labels, teacher side (or None), and the factor on the loss's gradient: 1 in one process; under
+# DDP, world * this rank's real tokens / the global batch's, so the ranks' averaged gradients are those of
+# the global batch's mean over its real tokens (one process with the same global batch)
+Batch = tuple[torch.Tensor, torch.Tensor, Any, float]
 
 
 def fit_lm(
@@ -239,15 +242,13 @@ def fit_lm(
         loss_fn, settings = loss_at(epoch)
         model.train()
         t0, total, count = time.perf_counter(), 0.0, 0
-        for inputs, labels, teacher in batches(epoch):
+        for inputs, labels, teacher, scale in batches(epoch):
             s0 = time.perf_counter()
             loss = loss_fn(model(inputs), labels, teacher)
             if not torch.isfinite(loss):
-                raise DivergedError(
-                    f"the loss became {float(loss)} in epoch {epoch + 1}: lower the learning rate"
-                )
+                raise DivergedError(epoch + 1, float(loss))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale).backward()
             opt.step()
             steps.append(time.perf_counter() - s0)
             total, count = total + float(loss.detach()), count + 1

@@ -6,7 +6,7 @@
 An export holds `logits` (the stored dtype; bfloat16 is widened to float32, HDF5 has no bfloat16),
 `labels`, `index` and the manifest as a JSON attribute / entry; a view cache's export holds logits
 (N, K, C) and `views` (N, K, P), the views' parameters, and imports back as a view cache; a sparse
-cache's export holds every array of its layout (topk_ids, lse, ...; not importable yet). An import
+cache's export holds every array of its layout (topk_ids, lse, ...) and imports back as one. An import
 checks the file against the preset's dataset split (row count, and labels and ids when the file has
 them), then writes a complete cache that `kd distill` finds by teacher name.
 """
@@ -41,6 +41,8 @@ from pipeline.store import (
     now_iso,
     software_versions,
 )
+from pipeline.store.sparse import EXTRAS as SPARSE_EXTRAS
+from pipeline.store.sparse import sparse_specs
 
 console = Console(stderr=True, soft_wrap=True)
 FORMATS = ("hdf5", "npz")
@@ -90,10 +92,7 @@ def import_(
     """A complete cache under `root` from an HDF5 or npz file of logits for `preset`'s `split`."""
     arrays, manifest = _read(source)
     if (manifest or {}).get("sparse") or "topk_ids" in arrays:
-        raise KDError(
-            f"{source} is an export of a sparse (per-token top-k) cache, which kd cannot import yet: "
-            "copy the Zarr cache itself (kd cache push / pull)"
-        )
+        return _import_sparse(source, arrays, manifest or {}, preset, root, split, teacher_name, force)
     logits = np.asarray(arrays["logits"])
     views_entry, params = _views_of(source, arrays, manifest, logits)
     if logits.ndim != (3 if views_entry else 2) or not np.issubdtype(logits.dtype, np.floating):
@@ -228,7 +227,8 @@ def _read(source: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
         try:
             with h5py.File(source, "r") as f:
-                arrays = {k: f[k][()] for k in ("logits", "labels", "index", "views") if k in f}
+                wanted = ("logits", "labels", "index", "views", *SPARSE_EXTRAS)
+                arrays = {k: f[k][()] for k in wanted if k in f}
                 raw_manifest = f.attrs.get("manifest")
         except (OSError, TypeError, ValueError) as err:
             raise KDError(f"{source} is not an HDF5 or .npz file of logits ({err})") from None
@@ -241,3 +241,110 @@ def _read(source: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if manifest is not None and not isinstance(manifest, dict):
         raise KDError(f"{source}: its 'manifest' is not a JSON object")
     return arrays, manifest
+
+
+def _import_sparse(
+    source: Path,
+    arrays: dict[str, Any],
+    manifest: dict[str, Any],
+    preset: Preset,
+    root: Path,
+    split: str,
+    teacher_name: str | None,
+    force: bool,
+) -> Path:
+    """A sparse (per-token) cache from its export: the manifest's sparse entry and every array of the
+    layout, checked against the preset's token sequences (ids, labels, shapes) before anything is written."""
+    entry = manifest.get("sparse") or {}
+    data = load_split(preset.dataset, split)
+    if not entry or data.labels.dim() != 2:
+        raise KDError(
+            f"{source}: a sparse export needs its manifest's sparse entry and a language-model preset "
+            f"(dataset lm-text), got {'no entry' if not entry else data.dataset}"
+        )
+    n, length = data.labels.shape
+    if (entry.get("seq_len"), entry.get("vocab")) != (length, data.num_classes):
+        raise KDError(
+            f"{source} holds sequences of {entry.get('seq_len')} tokens over {entry.get('vocab')} but "
+            f"{data.dataset}/{split} has {length} over {data.num_classes}: use the preset it was made with"
+        )
+    storage_dtype = manifest.get("storage", {}).get("dtype", "float16")
+    if storage_dtype == "bfloat16":
+        storage_dtype = "float32"  # exported widened
+    expected = {"logits": ((n, length, entry["k"]), None), **sparse_specs(entry, n, storage_dtype)}
+    for name, (shape, _) in expected.items():
+        if name not in arrays or tuple(np.shape(arrays[name])) != shape:
+            got = tuple(np.shape(arrays[name])) if name in arrays else "nothing"
+            raise KDError(f"{source}: '{name}' must have shape {shape}, got {got}")
+    ids = np.asarray(arrays.get("index", data.ids.numpy()), dtype=np.int64)
+    labels = np.asarray(arrays.get("labels", data.labels.numpy()), dtype=np.int64)
+    if not np.array_equal(ids, data.ids.numpy()) or not np.array_equal(labels, data.labels.numpy()):
+        raise KDError(f"{source}: its sequence ids or tokens are not those of {data.dataset}/{split}")
+    values = np.asarray(arrays["logits"], dtype=np.float32)
+    extras = {name: np.asarray(arrays[name]) for name in sparse_specs(entry, n, storage_dtype)}
+    if not (np.isfinite(values).all() and np.isfinite(extras["lse"]).all()):
+        raise KDError(f"{source} holds NaN or Inf values: nothing imported; fix them at the source")
+    teacher = manifest.get("teacher") if isinstance(manifest.get("teacher"), dict) else {}
+    name = teacher_name or teacher.get("name")
+    if not name:
+        raise KDError(f"{source} names no teacher: pass --teacher-name")
+    digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+    chunk_rows = preset.cache.chunk_rows_for(length * entry["k"])
+    new = Manifest(
+        teacher=TeacherInfo(
+            name=name,
+            architecture=teacher.get("architecture", {"imported_from": str(source)}),
+            fingerprint=teacher.get("fingerprint") or f"imported-logits-sha256:{digest}",
+            train_accuracy=teacher.get("train_accuracy"),
+        ),
+        dataset=DatasetInfo(
+            name=data.dataset,
+            split=split,
+            length=n,
+            num_classes=data.num_classes,
+            fingerprint=data.fingerprint,
+        ),
+        storage=StorageInfo(
+            dtype="float32" if storage_dtype == "float32" else "float16",
+            chunk_rows=chunk_rows,
+            shard_rows=chunk_rows * preset.cache.shard_chunks,
+            codec=preset.cache.codec,
+            level=preset.cache.zstd_level,
+        ),
+        preprocessing={**data.preprocessing, "imported_from": source.name},
+        software=software_versions(),
+        created=now_iso(),
+        sparse=dict(entry),
+    )
+    real = labels != -100
+    ones = [i for i, t in enumerate(entry["lse_temperatures"]) if abs(t - 1.0) < 1e-6]
+    if not ones:
+        raise KDError(f"{source} has no logsumexp at T = 1, which an imported cache needs (its perplexity)")
+    nll = extras["lse"][..., ones[0]] - extras["target_logit"]
+    stats = np.stack(
+        [
+            ((extras["topk_ids"][..., 0].astype(np.int64) == labels) & real).sum(1),
+            np.where(real, nll, 0.0).sum(1),
+            real.sum(1),
+        ],
+        1,
+    ).astype(np.float64)
+    path = root / cache_dirname(new)
+    root.mkdir(parents=True, exist_ok=True)
+    with cache_lock(path):
+        store = LogitStore.create(path, new, overwrite=force)
+        writer = ShardWriter(store)
+        sampled = extras.get("sampled_logits")
+        if sampled is not None:
+            extras["sampled_logits"] = torch.from_numpy(np.asarray(sampled, dtype=np.float32))
+        writer.add(
+            torch.from_numpy(values),
+            torch.from_numpy(labels),
+            torch.from_numpy(ids),
+            extras=extras,
+            stats=stats,
+        )
+        writer.close()
+        store.finish()
+    console.print(f"imported {source} -> {path} (sparse, {n} x {length} tokens, teacher '{name}')")
+    return path

@@ -18,7 +18,7 @@ from rich.console import Console
 from pipeline import strict_json
 from pipeline.config import Paths, Preset
 from pipeline.datasets import load_split, validation_rows
-from pipeline.distributed import init
+from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import KDError
 from pipeline.lm import LMEpoch, SparseTargets, evaluate, fit_lm, lm_loss
 from pipeline.methods import LABEL_ONLY
@@ -31,6 +31,7 @@ from pipeline.models import (
 )
 from pipeline.schedules import alpha_at, temperature_at
 from pipeline.store import LogitStore
+from pipeline.store.sparse import PAD_LABEL
 from pipeline.train import pick_device, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)
@@ -59,10 +60,10 @@ def run(
             f"method '{cfg.method}' is for classification: a language model trains with "
             f"{' or '.join(LM_METHODS)} (kd from a sparse cache or --online)"
         )
-    device = pick_device(device_name)
-    if init(device).active:
-        raise KDError("distilling a language model under torchrun is not supported yet: run one process")
-    generator = seed_everything(cfg.seed)
+    picked = pick_device(device_name)
+    ranks = init(picked)
+    device = device_for(ranks, picked)
+    generator = seed_everything(cfg.seed)  # the same on every rank: same init, same global batches
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     temperatures = [temperature_at(e, cfg) for e in range(cfg.train.epochs)]
@@ -110,24 +111,32 @@ def run(
     student = build_model(preset.student, train.num_classes, train.input_shape)
     check_fits_data(student, train, "student", preset.student.arch)
     student.to(device)
-    folder.mkdir(parents=True, exist_ok=True)
+    model: torch.nn.Module = student
+    if ranks.active:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    main = ranks.is_main  # rank 0 writes the run folder; every rank trains
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
     config = {
         "preset": preset.to_dict(),
         "run_name": name,
         "cache": store.where if store else None,
         "device": str(device),
         "batches": source,
-        "mode": "sequential",
+        "mode": f"ddp x{ranks.world}" if ranks.active else "sequential",
         "changed_settings": changes,
         "sparse_target": cfg.sparse_target if store else None,
         "approximated_temperatures": approximated,  # T the cache has no logsumexp for
         "approximation": APPROXIMATION if approximated else None,
     }
-    (folder / "config.json").write_text(strict_json.dumps(config, indent=2) + "\n")
-    (folder / "summary.json").unlink(missing_ok=True)
     metrics = folder / "metrics.jsonl"
-    metrics.write_text("")
-    if verbose:
+    if main:
+        (folder / "config.json").write_text(strict_json.dumps(config, indent=2) + "\n")
+        (folder / "summary.json").unlink(missing_ok=True)
+        metrics.write_text("")
+    if verbose and main:
         console.print(
             f"distilling {preset.student.arch} with '{cfg.method}' from {source}"
             f"{'' if store is None else ' ' + store.where} on {device}",
@@ -144,10 +153,19 @@ def run(
 
     bs = cfg.train.batch_size
 
-    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any, float]]:
+        """Global batches of the shuffled training rows; under DDP each rank takes every world-th row
+        of each (a last batch with fewer rows than processes is skipped by all, so all step together)."""
         order = train_rows[torch.randperm(len(train_rows), generator=generator)]
         for i in range(0, len(order), bs):
-            rows = order[i : i + bs]
+            rows, scale = order[i : i + bs], 1.0
+            if ranks.active:
+                if len(rows) < ranks.world:
+                    continue
+                real = train.labels[rows] != PAD_LABEL
+                mine = torch.arange(len(rows))[ranks.rank :: ranks.world]
+                scale = ranks.world * float(real[mine].sum()) / max(float(real.sum()), 1.0)
+                rows = rows[mine]
             x, y = train.inputs[rows].to(device), train.labels[rows].to(device)
             side: Any = None
             if targets is not None:
@@ -155,7 +173,7 @@ def run(
             elif teacher is not None:
                 with torch.no_grad(), teacher_autocast(device, preset.cache.precision):
                     side = teacher(x).float()
-            yield x, y, side
+            yield x, y, side, scale
 
     def loss_at(epoch: int) -> tuple[Any, dict[str, float]]:
         if cfg.method == "ce":
@@ -197,7 +215,12 @@ def run(
             )
 
     val = (train.inputs[val_rows], train.labels[val_rows])
-    result = fit_lm(student, cfg.train, batches, loss_at, val, (test.inputs, test.labels), device, log)
+    result = fit_lm(
+        model, cfg.train, batches, loss_at, val, (test.inputs, test.labels), device, log if main else None
+    )
+    barrier(ranks)
+    if not main:
+        return {}
     arch = architecture_record(preset.student, train.num_classes, train.input_shape)
     save_checkpoint(folder / "checkpoint", student, arch, {"best_epoch": result.best_epoch})
     tokens_stored = (

@@ -120,7 +120,7 @@ def _train_lm(
         order = train_rows[torch.randperm(len(train_rows), generator=generator)]
         for i in range(0, len(order), cfg.train.batch_size):
             rows = order[i : i + cfg.train.batch_size]
-            yield train.inputs[rows].to(device), train.labels[rows].to(device), None
+            yield train.inputs[rows].to(device), train.labels[rows].to(device), None, 1.0
 
     def log(record: LMEpoch) -> None:
         console.print(

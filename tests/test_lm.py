@@ -338,7 +338,7 @@ def test_sweep_and_compare_refuse_language_models_in_one_line(tmp_path: Path, co
 
 
 @pytest.mark.slow
-def test_a_sparse_cache_exports_every_array_and_describes_itself(lm_data: Paths, tmp_path: Path) -> None:
+def test_a_sparse_cache_exports_imports_and_describes_itself(lm_data: Paths, tmp_path: Path) -> None:
     from tests.test_cli import kd
 
     out = tmp_path / "lm.npz"
@@ -350,7 +350,64 @@ def test_a_sparse_cache_exports_every_array_and_describes_itself(lm_data: Paths,
     for name, values in extras.items():  # nothing of the layout is left behind
         np.testing.assert_array_equal(exported[name], values)
     assert json.loads(str(exported["manifest"]))["sparse"]["k"] == 8
-    refused = run_kd(tmp_path, "cache", "import", str(out), "--preset", "tiny-lm", "--teacher-name", "t")
-    assert_refused(refused, "is an export of a sparse (per-token top-k) cache, which kd cannot import yet")
+    other = Paths(data=tmp_path / "other")
+    result = kd(other, "cache", "import", str(out), "--preset", "tiny-lm", "--teacher-name", "tiny-gpt")
+    assert result.exit_code == 0, result.output
+    (imported,) = cache_paths(other, "train", teacher="tiny-gpt")
+    store = LogitStore.open(imported)
+    assert (
+        store.verify() == [] and store.manifest.sparse == LogitStore.open(lm_cache(lm_data)).manifest.sparse
+    )
+    back = store.read_everything()
+    for name, values in extras.items():  # the round trip keeps every array
+        np.testing.assert_array_equal(back[3][name], values)
+    assert store.manifest.logit_stats["perplexity"] == pytest.approx(
+        LogitStore.open(lm_cache(lm_data)).manifest.logit_stats["perplexity"], rel=1e-3
+    )
     info = kd(lm_data, "cache", "info", str(lm_cache(lm_data)))
     assert info.exit_code == 0 and "per token of 16: top 8 of 300 logits (uint16 ids)" in info.output
+
+
+@pytest.mark.slow
+def test_torchrun_distills_a_language_model_like_one_process(lm_data: Paths, tmp_path: Path) -> None:
+    """Two gloo processes split each global batch; the loss is weighted by each rank's share of the real
+    tokens, so the per-epoch validation perplexity is that of one process (up to float summation order)."""
+    from tests.test_cli import kd
+    from tests.test_distributed import torchrun
+
+    data = tmp_path / "ddp"
+    shutil.copytree(lm_data.logits, data / "logits")
+    argv = ["distill", "--preset", "tiny-lm", "--epochs", "2"]
+    result = torchrun(data, *argv, "--run-name", "ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = kd(Paths(data=data), *argv, "--run-name", "one", "--device", "cpu")
+    assert one.exit_code == 0, one.output
+
+    def curve(name: str) -> list[float]:
+        return [
+            json.loads(line)["val_perplexity"] for line in (data / "runs" / name / "metrics.jsonl").open()
+        ]
+
+    assert curve("ddp") == pytest.approx(curve("one"), rel=1e-4)
+    assert json.loads((data / "runs" / "ddp" / "config.json").read_text())["mode"] == "ddp x2"
+    assert sorted(p.name for p in (data / "runs").iterdir()) == ["ddp", "one"]
+
+
+@pytest.mark.slow
+def test_a_sparse_cache_pushes_pulls_and_trains_from_a_zip(lm_data: Paths, tmp_path: Path) -> None:
+    from tests.test_cli import kd
+
+    team = tmp_path / "team"
+    result = kd(lm_data, "cache", "push", str(lm_cache(lm_data)), str(team))
+    assert result.exit_code == 0, result.output
+    (pushed,) = team.glob("*.zarr")
+    assert LogitStore.open(pushed).verify() == []
+    zipped = tmp_path / "lm.zip"
+    result = kd(lm_data, "cache", "push", str(lm_cache(lm_data)), str(zipped))
+    assert result.exit_code == 0, result.output
+    paths = Paths(data=tmp_path / "student")
+    result = kd(
+        paths, "distill", "--preset", "tiny-lm", "--cache", str(zipped), "--run-name", "z", "--device", "cpu"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((paths.runs / "z" / "summary.json").read_text())["cache"] == str(zipped)
