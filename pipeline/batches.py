@@ -23,6 +23,7 @@ from pipeline.datasets import Split
 from pipeline.errors import KDError
 from pipeline.models import teacher_autocast
 from pipeline.store import LogitStore
+from pipeline.store.sparse import dense_from_topk
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,9 @@ class InMemoryBatches:
 def cached_logits_for(store: LogitStore, split: Split) -> torch.Tensor:
     """The whole cache read into memory and reordered to the dataset's row order: (N, C) float32, or
     (N, K, C) for a view cache."""
-    logits, _, ids = store.read_all()
+    logits, _, ids, extras = store.read_everything()
+    if store.manifest.sparse:  # a top-k cache: every logit, the missing ones from the uniform tail
+        logits = dense_from_topk(logits, extras, store.manifest.sparse)
     aligned = torch.empty_like(logits)
     aligned[positions_of(ids, split.ids)] = logits
     return aligned

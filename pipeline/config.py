@@ -120,8 +120,10 @@ class CacheConfig:
     # cut the student's input diversity and were measured to lose to the fixed view, README)
     views: int | str = "all"
     view_seed: int = 0  # which K views: a pure function of (view_seed, sample id, view index)
-    # Language-model teachers (dataset lm-text) store a sparse cache per token (README "Language models"):
-    topk: int = 32  # the k largest raw logits and their token ids
+    # dense: every logit. topk: the sparse layout (README "Language models"; store/sparse.py), for many-class
+    # teachers; language-model teachers (dataset lm-text) always store it, per token
+    layout: str = "dense"
+    topk: int = 32  # the k largest raw logits and their token (class) ids
     lse_temperatures: list[float] = field(default_factory=lambda: [1.0])  # full-row logsumexp at each
     samples: int = 0  # S tokens drawn from the teacher's softmax, with their raw logits (0: none)
     sample_seed: int = 0
@@ -129,6 +131,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         AugmentSpec(self.augment, self.augment_pad)  # checks both
         _require(self.topk >= 1, f"cache.topk must be at least 1, got {self.topk}")
+        _require(self.layout in ("dense", "topk"), f"cache.layout must be dense or topk, got '{self.layout}'")
         _require(
             bool(self.lse_temperatures) and all(t > 0 for t in self.lse_temperatures),
             f"cache.lse_temperatures must list positive temperatures, got {self.lse_temperatures}",
@@ -159,6 +162,10 @@ class CacheConfig:
         """Checks across the view settings, once every override is applied (their order never matters)."""
         spec = self.augment_spec
         _require(
+            self.layout == "dense" or spec.kind == "none",
+            'cache.layout = "topk" with augmented views (cache.augment) is not supported yet: use either',
+        )
+        _require(
             spec.kind != "none" or self.views in (1, "all"),
             f'cache.views = {self.views!r} needs an augmentation: set cache.augment (e.g. "crop-flip")',
         )
@@ -175,11 +182,11 @@ class CacheConfig:
     def sparse_for(self, split: Any) -> dict[str, Any]:
         """The manifest's sparse entry of a language-modelling split's cache ({}: not token sequences).
         `split`: a pipeline.datasets.Split."""
-        if split.labels.dim() != 2:
+        if split.labels.dim() != 2 and self.layout != "topk":
             return {}
         from pipeline.store.sparse import sparse_record
 
-        length = int(split.labels.shape[1])
+        length = int(split.labels.shape[1]) if split.labels.dim() == 2 else 0  # 0: one label a row
         temps = self.lse_temperatures
         return sparse_record(self.topk, temps, self.samples, self.sample_seed, length, split.num_classes)
 

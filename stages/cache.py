@@ -89,6 +89,7 @@ def verify(path: str | Path) -> bool:
     m = store.manifest
     console.print(
         f"ok: {path} ({m.dataset.length} x {f'{m.num_views} views x ' if m.views else ''}"
+        f"{_sparse_short(m.sparse)}"
         f"{m.dataset.num_classes} {m.storage.dtype}, {_count(store.num_shards, 'shard')}, checksums, "
         "shapes, finite "
         f"values{', view parameters' if m.views else ''} and labels all check)",
@@ -262,16 +263,24 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
+def _sparse_short(sparse: dict[str, Any]) -> str:
+    """'64 tokens x top 32 of ' (language models), 'top 5 of ' (classification), '' (dense)."""
+    if not sparse:
+        return ""
+    return f"{sparse['seq_len']} tokens x " * bool(sparse["seq_len"]) + f"top {sparse['k']} of "
+
+
 def _sparse(sparse: dict[str, Any], store: LogitStore) -> str:
     """The sparse layout in words, with its bytes per token on disk."""
     tokens = max(int(store.manifest.logit_stats.get("tokens", 0)), 1)
+    where = f"per token of {sparse['seq_len']}: " if sparse["seq_len"] else "per row: "
     temps = ", ".join(f"{t:g}" for t in sparse["lse_temperatures"])
     s, seed = sparse["samples"], sparse["sample_seed"]
     samples = f", {s} sampled tokens (seed {seed})" if s else ""
     return (
-        f"per token of {sparse['seq_len']}: top {sparse['k']} of {sparse['vocab']} logits "
+        f"{where}top {sparse['k']} of {sparse['vocab']} logits "
         f"({sparse['id_dtype']} ids), logsumexp at T = {temps}{samples}; "
-        f"{store.nbytes_stored() / tokens:.1f} bytes a token on disk"
+        f"{store.nbytes_stored() / tokens:.1f} bytes a {'token' if sparse['seq_len'] else 'row'} on disk"
     )
 
 

@@ -579,9 +579,12 @@ def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
     if method != "kd":
         ignored += ["distill.alpha", "distill.ce_weight", "distill.kd_weight"]  # alpha_schedule, alpha_end
     ignored.append("distill.remote_cache_mb")  # where far shards are kept: never what is trained
-    if flat["dataset.name"] != "lm-text":  # the sparse (token-level) settings apply to language models
-        ignored += ["cache.topk", "cache.lse_temperatures", "cache.samples", "cache.sample_seed"]
+    if flat["dataset.name"] != "lm-text":  # the sparse (token-level) targets apply to language models
         ignored += ["distill.sparse_target", "distill.sparse_exact"]
+        if flat["cache.layout"] == "dense":  # and the sparse layout's settings to sparse caches
+            ignored += ["cache.topk", "cache.lse_temperatures", "cache.samples", "cache.sample_seed"]
+    else:
+        ignored.append("cache.layout")  # language models: always the sparse layout
     if flat["cache.augment"] == "none":  # the fixed view: the view settings mean nothing
         ignored += ["cache.views", "cache.view_seed", "cache.augment_pad", "distill.views"]
     for stage in ("teacher", "distill"):

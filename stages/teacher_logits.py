@@ -162,7 +162,7 @@ def _dump(
             f"{split.dataset} has {split.num_classes}: pick a matching teacher or dataset"
         )
     sparse = preset.cache.sparse_for(split)  # token sequences: the sparse layout (store/sparse.py)
-    row_width = sparse["seq_len"] * sparse["k"] if sparse else split.num_classes
+    row_width = max(sparse["seq_len"], 1) * sparse["k"] if sparse else split.num_classes
     chunk_rows = preset.cache.chunk_rows_for(row_width)
     storage = StorageInfo(
         dtype=preset.cache.dtype,
@@ -242,7 +242,7 @@ def _dump(
         return path
     n, seconds = len(split), time.perf_counter() - started
     processes = f", {ranks.world} processes" if ranks.active else ""
-    if sparse:
+    if sparse and sparse["seq_len"]:
         tokens = store.manifest.logit_stats["tokens"]
         samples = f" + {sparse['samples']} samples" if sparse["samples"] else ""
         console.print(
@@ -255,11 +255,16 @@ def _dump(
         )
         return path
     console.print(
-        f"wrote {path} ({n} x {_views_text(manifest)}{split.num_classes} {storage.dtype}, teacher accuracy "
+        f"wrote {path} ({n} x {_views_text(manifest)}{_topk_text(sparse)}{split.num_classes} "
+        f"{storage.dtype}, teacher accuracy "
         f"{store.manifest.teacher_accuracy:.2%}, {store.nbytes_stored() / 1024:.0f} KiB, "
         f"{n / seconds:,.0f} samples/s{processes})"
     )
     return path
+
+
+def _topk_text(sparse: dict) -> str:
+    return f"top {sparse['k']} of " if sparse else ""
 
 
 def _views_text(manifest: Manifest) -> str:
@@ -330,7 +335,8 @@ def write_logits(
                     ids = split.ids[start:stop]
                     if sparse:  # token sequences: (B, L, V) raw, reduced on the device to the sparse arrays
                         labels = split.labels[start:stop]
-                        values, extras, stats = reduce_logits(teacher(x), labels, ids, sparse)
+                        z = teacher(x) if labels.dim() == 2 else _forward(teacher, x, channels_last)
+                        values, extras, stats = reduce_logits(z, labels, ids, sparse)
                         writer.add(values.cpu(), labels, ids, extras=extras, stats=stats)
                     elif not views:
                         logits = _forward(teacher, x, channels_last)  # (B, C) raw

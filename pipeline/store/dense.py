@@ -666,8 +666,8 @@ class ShardWriter:
 
 def _row_shape(manifest: Manifest) -> tuple[int, ...]:
     """The stored logits of one sample: (C,); (K, C) for the views layout; (L, k) for the sparse one."""
-    if manifest.sparse:
-        return (manifest.sparse["seq_len"], manifest.sparse["k"])
+    if manifest.sparse:  # seq_len 0: classification rows, (k,)
+        return (*([manifest.sparse["seq_len"]] if manifest.sparse["seq_len"] else []), manifest.sparse["k"])
     if manifest.views:
         return (manifest.num_views, manifest.dataset.num_classes)
     return (manifest.dataset.num_classes,)
@@ -675,7 +675,7 @@ def _row_shape(manifest: Manifest) -> tuple[int, ...]:
 
 def _label_shape(manifest: Manifest) -> tuple[int, ...]:
     """Labels per sample beyond the first axis: () for one label a row, (L,) for a sequence's tokens."""
-    return (manifest.sparse["seq_len"],) if manifest.sparse else ()
+    return (manifest.sparse["seq_len"],) if manifest.sparse and manifest.sparse["seq_len"] else ()
 
 
 def _first_ids(ids: torch.Tensor, limit: int = 5) -> str:

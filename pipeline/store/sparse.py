@@ -38,6 +38,7 @@ __all__ = [
     "PAD_LABEL",
     "SPARSE_VERSION",
     "create_sparse_arrays",
+    "dense_from_topk",
     "id_dtype",
     "reduce_logits",
     "sparse_record",
@@ -52,7 +53,7 @@ def id_dtype(vocab: int) -> str:
 def sparse_record(
     k: int, lse_temperatures: Sequence[float], samples: int, seed: int, seq_len: int, vocab: int
 ) -> dict[str, Any]:
-    """The manifest's `sparse` entry (part of the cache key)."""
+    """The manifest's `sparse` entry (part of the cache key); seq_len 0: classification rows."""
     if not 1 <= k <= vocab:
         raise KDError(f"cache.topk = {k} must be between 1 and the vocabulary size {vocab}")
     return {
@@ -69,15 +70,16 @@ def sparse_record(
 
 def sparse_specs(entry: Mapping[str, Any], rows: int, value_dtype: str) -> dict[str, tuple[tuple, str]]:
     """{extra array: (shape, dtype)} of a sparse cache of `rows` sequences (sampled ones only if S > 0)."""
-    length, ids, s = entry["seq_len"], entry["id_dtype"], entry["samples"]
+    ids, s = entry["id_dtype"], entry["samples"]
+    lead = (rows, entry["seq_len"]) if entry["seq_len"] else (rows,)  # seq_len 0: one row, one label
     specs: dict[str, tuple[tuple, str]] = {
-        "topk_ids": ((rows, length, entry["k"]), ids),
-        "lse": ((rows, length, len(entry["lse_temperatures"])), "float32"),
-        "target_logit": ((rows, length), "float32"),
+        "topk_ids": ((*lead, entry["k"]), ids),
+        "lse": ((*lead, len(entry["lse_temperatures"])), "float32"),
+        "target_logit": (lead, "float32"),
     }
     if s:
-        specs["sampled_ids"] = ((rows, length, s), ids)
-        specs["sampled_logits"] = ((rows, length, s), value_dtype)
+        specs["sampled_ids"] = ((*lead, s), ids)
+        specs["sampled_logits"] = ((*lead, s), value_dtype)
     return specs
 
 
@@ -109,7 +111,11 @@ def reduce_logits(
     logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, entry: Mapping[str, Any]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], np.ndarray]:
     """A batch of full raw logits (B, L, V) -> (top-k values (B, L, k) float32, {extra array: tensor on
-    the CPU}, per-sequence stats (B, 3): teacher-correct tokens, summed NLL at T = 1, real tokens)."""
+    the CPU}, per-sequence stats (B, 3): teacher-correct tokens, summed NLL at T = 1, real tokens).
+    Classification rows (B, C) with labels (B,) are sequences of one: every output loses the L axis."""
+    if logits.dim() == 2:
+        values, extras, stats = reduce_logits(logits[:, None], labels[:, None], ids, entry)
+        return values[:, 0], {name: t[:, 0] for name, t in extras.items()}, stats
     z = logits.float()
     b, length, vocab = z.shape
     values, topk = z.topk(entry["k"], dim=-1)  # sorted, largest first
@@ -132,3 +138,22 @@ def reduce_logits(
     nll = torch.where(real.to(z.device), -log_p, torch.zeros_like(log_p)).sum(1).double()
     stats = torch.stack([correct, nll, real.sum(1).double().to(z.device)], 1).cpu().numpy()
     return values, extras, stats
+
+
+def dense_from_topk(
+    values: torch.Tensor, extras: Mapping[str, np.ndarray], entry: Mapping[str, Any]
+) -> torch.Tensor:
+    """Full logits (..., V) rebuilt from a top-k cache for methods that need every logit (classification):
+    the kept logits where they were, every missing one set to the value u that keeps the tail's total
+    mass at the first stored temperature exact (the uniform tail; exact for the kept probabilities and
+    the tail mass at that temperature)."""
+    ids = torch.from_numpy(np.asarray(extras["topk_ids"]).astype(np.int64))
+    t0 = float(entry["lse_temperatures"][0])
+    lse0 = torch.from_numpy(np.asarray(extras["lse"], dtype=np.float32)[..., 0])
+    missing = int(entry["vocab"]) - values.shape[-1]
+    dense = torch.empty((*values.shape[:-1], int(entry["vocab"])), dtype=torch.float32)
+    if missing:
+        gap = (torch.logsumexp(values / t0, -1) - lse0).clamp(max=-1e-7)
+        tail0 = lse0 + torch.log1p(-torch.exp(gap))
+        dense[:] = (t0 * (tail0 - np.log(missing)))[..., None]
+    return dense.scatter_(-1, ids, values.float())
