@@ -134,21 +134,11 @@ def import_(
     ):
         raise KDError(f"{source}: its labels disagree with {data.dataset}/{split}: not the same data")
 
-    teacher = (manifest or {}).get("teacher", {})
-    teacher = teacher if isinstance(teacher, dict) else {}
-    name = teacher_name or teacher.get("name")
-    if not name:
-        raise KDError(f"{source} names no teacher: pass --teacher-name")
-    digest = hashlib.sha256(np.ascontiguousarray(logits).tobytes()).hexdigest()
+    teacher = _imported_teacher(source, manifest, teacher_name, logits)
     dtype = "float32" if logits.dtype == np.float32 or logits.dtype == np.float64 else "float16"
     chunk_rows = preset.cache.chunk_rows_for(c)
     new = Manifest(
-        teacher=TeacherInfo(
-            name=name,
-            architecture=teacher.get("architecture", {"imported_from": str(source)}),
-            fingerprint=teacher.get("fingerprint") or f"imported-logits-sha256:{digest}",
-            train_accuracy=teacher.get("train_accuracy"),
-        ),
+        teacher=teacher,
         dataset=DatasetInfo(
             name=data.dataset, split=split, length=n, num_classes=c, fingerprint=data.fingerprint
         ),
@@ -173,7 +163,7 @@ def import_(
         writer.close()
         store.finish()
     console.print(
-        f"imported {source} -> {path} ({n} x {c} {dtype}, teacher '{name}', accuracy "
+        f"imported {source} -> {path} ({n} x {c} {dtype}, teacher '{teacher.name}', accuracy "
         f"{store.manifest.teacher_accuracy:.2%})"
     )
     return path
@@ -284,19 +274,10 @@ def _import_sparse(
     extras = {name: np.asarray(arrays[name]) for name in sparse_specs(entry, n, storage_dtype)}
     if not (np.isfinite(values).all() and np.isfinite(extras["lse"]).all()):
         raise KDError(f"{source} holds NaN or Inf values: nothing imported; fix them at the source")
-    teacher = manifest.get("teacher") if isinstance(manifest.get("teacher"), dict) else {}
-    name = teacher_name or teacher.get("name")
-    if not name:
-        raise KDError(f"{source} names no teacher: pass --teacher-name")
-    digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+    teacher = _imported_teacher(source, manifest, teacher_name, values)
     chunk_rows = preset.cache.chunk_rows_for(length * entry["k"])
     new = Manifest(
-        teacher=TeacherInfo(
-            name=name,
-            architecture=teacher.get("architecture", {"imported_from": str(source)}),
-            fingerprint=teacher.get("fingerprint") or f"imported-logits-sha256:{digest}",
-            train_accuracy=teacher.get("train_accuracy"),
-        ),
+        teacher=teacher,
         dataset=DatasetInfo(
             name=data.dataset,
             split=split,
@@ -346,5 +327,24 @@ def _import_sparse(
         )
         writer.close()
         store.finish()
-    console.print(f"imported {source} -> {path} (sparse, {n} x {length} tokens, teacher '{name}')")
+    console.print(f"imported {source} -> {path} (sparse, {n} x {length} tokens, teacher '{teacher.name}')")
     return path
+
+
+def _imported_teacher(
+    source: Path, manifest: dict[str, Any] | None, teacher_name: str | None, values: np.ndarray
+) -> TeacherInfo:
+    """The teacher of an import: as the export's manifest names it (or --teacher-name); without a
+    fingerprint, the sha256 of the imported values stands in for it."""
+    teacher = (manifest or {}).get("teacher", {})
+    teacher = teacher if isinstance(teacher, dict) else {}
+    name = teacher_name or teacher.get("name")
+    if not name:
+        raise KDError(f"{source} names no teacher: pass --teacher-name")
+    digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+    return TeacherInfo(
+        name=name,
+        architecture=teacher.get("architecture", {"imported_from": str(source)}),
+        fingerprint=teacher.get("fingerprint") or f"imported-logits-sha256:{digest}",
+        train_accuracy=teacher.get("train_accuracy"),
+    )
