@@ -264,6 +264,28 @@ def check_fits_data(model: nn.Module, split: Any, role: str, arch: str) -> None:
     check_outputs(model, split.inputs, split.num_classes, role, arch, tuple(split.labels.shape[1:]))
 
 
+def check_teacher_tokenizer(folder: Path, split: Any) -> None:
+    """A language-model teacher reads the token ids of the tokenizer it was trained with (its folder's
+    tokenizer.json): data tokenized otherwise would be scored as garbage, without an error. The built-in
+    text changes with the Python version, and a BPE trained on other text has other ids."""
+    theirs = split.preprocessing.get("tokenizer_fingerprint")
+    own = folder / "tokenizer.json"
+    if not theirs or not own.is_file():
+        return
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    mine = hashlib.sha256(Tokenizer.from_file(str(own)).to_str().encode()).hexdigest()
+    if mine != theirs:
+        raise KDError(
+            f"the teacher at {folder} was trained with tokenizer {mine[:12]} but the data is tokenized with "
+            f"{theirs[:12]} ({split.preprocessing.get('tokenizer')}, on {split.preprocessing.get('text')}): "
+            f"set dataset.options.tokenizer={own} to read the data as the teacher does, or retrain it "
+            "(kd train-teacher --force)"
+        )
+
+
 def check_lm_vocabulary(model: CausalLM, split: Any, role: str, arch: str) -> None:
     """A student language model shares the teacher's tokenizer (the data's: same vocabulary, same ids):
     its embedding table must have the tokenizer's size, and a tokenizer.json saved beside it must be the

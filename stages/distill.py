@@ -46,6 +46,7 @@ from pipeline.models import (
     build_model,
     check_fits_data,
     check_same_teacher,
+    check_teacher_tokenizer,
     checkpoint_architecture,
     load_checkpoint,
     save_checkpoint,
@@ -299,6 +300,7 @@ def _online_teacher(
         )
     check_same_teacher(checkpoint_architecture(folder), preset, str(folder))
     teacher, _ = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
+    check_teacher_tokenizer(folder, train)
     check_fits_data(teacher, train, "teacher", preset.teacher.model.arch)
     return teacher.to(device).eval(), preset.teacher.name
 

@@ -26,6 +26,7 @@ from pipeline.models import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     check_same_teacher,
+    check_teacher_tokenizer,
     checkpoint_architecture,
     fingerprint,
     load_checkpoint,
@@ -91,6 +92,8 @@ def run(
     ranks = init(picked)
     device = device_for(ranks, picked)
     teacher, record = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
+    for split in data.values():
+        check_teacher_tokenizer(folder, split)
     teacher.to(device).eval()
     teacher_info = TeacherInfo(
         name=preset.teacher.name,

@@ -411,3 +411,22 @@ def test_a_sparse_cache_pushes_pulls_and_trains_from_a_zip(lm_data: Paths, tmp_p
     )
     assert result.exit_code == 0, result.output
     assert json.loads((paths.runs / "z" / "summary.json").read_text())["cache"] == str(zipped)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["teacher-logits"], ["distill", "--online"]])
+def test_a_teacher_never_reads_text_tokenized_otherwise(
+    lm_data: Paths, tmp_path: Path, command: list[str]
+) -> None:
+    """Other text gives a BPE of the same size with other ids: the teacher would score garbage (seen on a
+    machine with another Python, whose docstrings differ). Refused in one line, nothing written."""
+    text = tmp_path / "other.txt"
+    text.write_text((Path(__file__).parents[1] / "README.md").read_text())
+    data = tmp_path / "data"
+    shutil.copytree(lm_data.teachers, data / "teachers")
+    before = snapshot(data)
+    result = run_kd(
+        data, command[0], "--preset", "tiny-lm", *command[1:], "--set", f"dataset.options.text={text}"
+    )
+    assert_refused(result, "was trained with tokenizer")
+    assert snapshot(data) == before

@@ -119,7 +119,19 @@ def reduce_logits(
     z = logits.float()
     b, length, vocab = z.shape
     values, topk = z.topk(entry["k"], dim=-1)  # sorted, largest first
-    lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in entry["lse_temperatures"]], -1)
+    # one exp pass serves the logsumexp at T = 1 and the sampling weights (multinomial takes them
+    # unnormalised); z - max <= 0, so every temperature's sum is stable without another max pass
+    top = values[..., :1]
+    shifted = z - top
+    weights = shifted.exp()
+    lse_1 = top[..., 0] + weights.sum(-1).log()
+    lse = torch.stack(
+        [
+            lse_1 if t == 1.0 else top[..., 0] / t + (shifted / t).exp().sum(-1).log()
+            for t in entry["lse_temperatures"]
+        ],
+        -1,
+    )
     real = labels != PAD_LABEL
     safe = torch.where(real, labels, torch.zeros_like(labels)).to(z.device)
     target = z.gather(-1, safe[..., None])[..., 0]
@@ -127,13 +139,12 @@ def reduce_logits(
     ids_dtype = torch.int32 if entry["id_dtype"] == "uint16" else torch.int64
     extras = {"topk_ids": topk.to(ids_dtype).cpu(), "lse": lse.cpu(), "target_logit": target.cpu()}
     if entry["samples"]:
-        probs = torch.softmax(z, dim=-1).reshape(-1, vocab)
-        g = _generator(entry["sample_seed"], int(ids[0]), probs.device)
-        drawn = torch.multinomial(probs, entry["samples"], replacement=True, generator=g)
+        g = _generator(entry["sample_seed"], int(ids[0]), z.device)
+        drawn = torch.multinomial(weights.reshape(-1, vocab), entry["samples"], replacement=True, generator=g)
         drawn = drawn.reshape(b, length, -1)
         extras["sampled_ids"] = drawn.to(ids_dtype).cpu()
         extras["sampled_logits"] = z.gather(-1, drawn).cpu()
-    log_p = target - torch.logsumexp(z, dim=-1)
+    log_p = target - lse_1
     correct = ((topk[..., 0] == safe.to(topk.device)) & real.to(z.device)).sum(1).double()
     nll = torch.where(real.to(z.device), -log_p, torch.zeros_like(log_p)).sum(1).double()
     stats = torch.stack([correct, nll, real.sum(1).double().to(z.device)], 1).cpu().numpy()
