@@ -105,10 +105,16 @@ class SparseTargets:
 
 
 def kd_per_token(
-    student: torch.Tensor, teacher: SparseTargets | torch.Tensor, t: float, target: str = "topk-tail"
+    student: torch.Tensor,
+    teacher: SparseTargets | torch.Tensor,
+    t: float,
+    target: str = "topk-tail",
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, L) KD terms, times T^2: dense teacher logits (B, L, V), or a sparse target of kind `target`."""
-    log_q = F.log_softmax(student.float() / t, dim=-1)
+    """(B, L) KD terms, times T^2: dense teacher logits (B, L, V), or a sparse target of kind `target`.
+    `log_q`: the student's log_softmax(s / t), when the caller has it already."""
+    if log_q is None:
+        log_q = F.log_softmax(student.float() / t, dim=-1)
     if isinstance(teacher, torch.Tensor):  # dense
         log_p = F.log_softmax(teacher.float() / t, dim=-1)
         return (log_p.exp() * (log_p - log_q)).sum(-1) * t * t
@@ -123,8 +129,9 @@ def kd_per_token(
         if teacher.ids.shape[-1] >= teacher.vocab:  # k = V: no tail, the dense KL
             return kept_kl * t * t
         p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
-        masked = log_q.scatter(-1, teacher.ids, float("-inf"))  # the student's mass outside the kept ids
-        log_q_tail = torch.logsumexp(masked, -1)
+        # the student's mass outside the kept ids: 1 - its kept mass (no second pass over the vocabulary;
+        # clamped where the student puts all but 1e-6 of its mass on the kept tokens)
+        log_q_tail = torch.log1p(-kept_q.exp().sum(-1).clamp(max=1.0 - 1e-6))
         tail = torch.xlogy(p_tail, p_tail) - p_tail * torch.where(p_tail > 0, log_q_tail, 0.0)
         return (kept_kl + tail) * t * t
     if target == "sampled":
@@ -154,19 +161,15 @@ def lm_loss(
     """(1 - alpha) * CE(next token) + alpha * KD, each a mean over the real tokens of the batch."""
     real = labels != PAD_LABEL
     count = real.sum().clamp(min=1)
-    ce = (
-        F.cross_entropy(
-            student.float().flatten(0, 1),
-            labels.flatten(),
-            ignore_index=PAD_LABEL,
-            label_smoothing=label_smoothing,
-            reduction="sum",
-        )
-        / count
-    )
+    log_q = F.log_softmax(student.float(), dim=-1)  # one pass over the vocabulary for CE (and KD at T = 1)
+    nll = -log_q.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * log_q.mean(-1)
+    ce = torch.where(real, nll, 0.0).sum() / count
     if teacher is None or alpha == 0.0:
         return ce
-    kd = torch.where(real, kd_per_token(student, teacher, temperature, target), 0.0).sum() / count
+    shared = log_q if temperature == 1.0 else None
+    kd = torch.where(real, kd_per_token(student, teacher, temperature, target, shared), 0.0).sum() / count
     return (1.0 - alpha) * ce + alpha * kd
 
 

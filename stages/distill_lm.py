@@ -21,7 +21,6 @@ from pipeline.datasets import load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import KDError
 from pipeline.lm import LMEpoch, SparseTargets, evaluate, fit_lm, lm_loss
-from pipeline.methods import LABEL_ONLY
 from pipeline.models import (
     architecture_record,
     build_model,
@@ -52,7 +51,7 @@ def run(
     verbose: bool,
     changes: dict[str, Any],
 ) -> dict[str, Any]:
-    from stages.distill import _online_teacher, _open_cache, describe
+    from stages.distill import describe
 
     cfg = preset.distill
     if cfg.method not in LM_METHODS:
@@ -67,45 +66,7 @@ def run(
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     temperatures = [temperature_at(e, cfg) for e in range(cfg.train.epochs)]
-    store: LogitStore | None = None
-    targets: SparseTargets | None = None
-    teacher = None
-    teacher_test = None
-    if cfg.method == "kd" and cfg.teacher_online:
-        teacher, _ = _online_teacher(preset, paths, train, device)
-        with teacher_autocast(device, preset.cache.precision):
-            teacher_test = evaluate(teacher, test.inputs, test.labels, device)[0]
-        source = "teacher online (dense KD)"
-    elif cfg.method == "kd":
-        store = _open_cache(preset, paths, train, cache, required=True)
-        assert store is not None
-        values, _, ids, extras = store.read_everything()
-        if not torch.equal(ids, train.ids):
-            raise KDError(f"cache {store.where} lists its sequences in another order than the data")
-        targets = SparseTargets.from_arrays(
-            values, extras, store.manifest.sparse, store.manifest.storage.dtype
-        )
-        missing = sorted({t for t in temperatures if not targets.has_temperature(t)})
-        if missing and cfg.sparse_exact:
-            listed = ", ".join(f"{t:g}" for t in targets.temperatures)
-            wanted = ",".join(f"{t:g}" for t in sorted({*targets.temperatures, *missing}))
-            raise KDError(
-                f"cache {store.where} has the full logsumexp at T = {listed} only, not at T = "
-                f"{', '.join(f'{t:g}' for t in missing)} (distill.sparse_exact = true): rebuild it with "
-                f"--set cache.lse_temperatures={wanted}"
-                ", or set distill.sparse_exact=false for the uniform-tail approximation"
-            )
-        if cfg.sparse_target == "sampled" and targets.sampled_ids is None:
-            raise KDError(
-                f"distill.sparse_target = sampled but cache {store.where} holds no sampled tokens: rebuild "
-                "it with --set cache.samples=S (e.g. 32)"
-            )
-        teacher_test = _teacher_test_perplexity(store, test)
-        source = f"cache in memory ({cfg.sparse_target})"
-    elif cfg.method not in LABEL_ONLY:
-        raise AssertionError(cfg.method)
-    else:
-        source = "labels"
+    store, targets, teacher, teacher_test, source = _teacher_side(preset, paths, cache, train, test, device)
     approximated = sorted({t for t in temperatures if targets is not None and not targets.has_temperature(t)})
 
     student = build_model(preset.student, train.num_classes, train.input_shape)
@@ -262,6 +223,57 @@ def run(
             highlight=False,
         )
     return summary
+
+
+def _teacher_side(
+    preset: Preset, paths: Paths, cache: str | Path | None, train: Any, test: Any, device: torch.device
+) -> tuple[LogitStore | None, SparseTargets | None, torch.nn.Module | None, float | None, str]:
+    """(the sparse cache, its targets in memory, the online teacher, the teacher's test perplexity, where
+    the targets come from): a cache for kd, the teacher itself for --online, nothing for ce. A cache is
+    checked before training: temperatures it cannot give exactly (with distill.sparse_exact), and
+    samples for the sampled target."""
+    from stages.distill import _online_teacher, _open_cache
+
+    cfg = preset.distill
+    temperatures = [temperature_at(e, cfg) for e in range(cfg.train.epochs)]
+    store: LogitStore | None = None
+    targets: SparseTargets | None = None
+    teacher = None
+    teacher_test = None
+    if cfg.method == "kd" and cfg.teacher_online:
+        teacher, _ = _online_teacher(preset, paths, train, device)
+        with teacher_autocast(device, preset.cache.precision):
+            teacher_test = evaluate(teacher, test.inputs, test.labels, device)[0]
+        source = "teacher online (dense KD)"
+    elif cfg.method == "kd":
+        store = _open_cache(preset, paths, train, cache, required=True)
+        assert store is not None
+        values, _, ids, extras = store.read_everything()
+        if not torch.equal(ids, train.ids):
+            raise KDError(f"cache {store.where} lists its sequences in another order than the data")
+        targets = SparseTargets.from_arrays(
+            values, extras, store.manifest.sparse, store.manifest.storage.dtype
+        )
+        missing = sorted({t for t in temperatures if not targets.has_temperature(t)})
+        if missing and cfg.sparse_exact:
+            listed = ", ".join(f"{t:g}" for t in targets.temperatures)
+            wanted = ",".join(f"{t:g}" for t in sorted({*targets.temperatures, *missing}))
+            raise KDError(
+                f"cache {store.where} has the full logsumexp at T = {listed} only, not at T = "
+                f"{', '.join(f'{t:g}' for t in missing)} (distill.sparse_exact = true): rebuild it with "
+                f"--set cache.lse_temperatures={wanted}"
+                ", or set distill.sparse_exact=false for the uniform-tail approximation"
+            )
+        if cfg.sparse_target == "sampled" and targets.sampled_ids is None:
+            raise KDError(
+                f"distill.sparse_target = sampled but cache {store.where} holds no sampled tokens: rebuild "
+                "it with --set cache.samples=S (e.g. 32)"
+            )
+        teacher_test = _teacher_test_perplexity(store, test)
+        source = f"cache in memory ({cfg.sparse_target})"
+    else:
+        source = "labels"
+    return store, targets, teacher, teacher_test, source
 
 
 def _teacher_test_perplexity(store: LogitStore, test: Any) -> float | None:

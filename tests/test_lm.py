@@ -96,6 +96,17 @@ def test_the_sampled_estimators_gradient_averages_to_the_dense_gradient(t: float
     assert (biased - dense).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_hard_label_term_is_torchs_cross_entropy(smoothing: float) -> None:
+    g = torch.Generator().manual_seed(4)
+    s, labels = torch.randn(3, 5, 40, generator=g), torch.randint(0, 40, (3, 5), generator=g)
+    labels[0, 2:] = -100
+    expected = torch.nn.functional.cross_entropy(
+        s.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=smoothing
+    )
+    torch.testing.assert_close(lm_loss(s, labels, None, label_smoothing=smoothing), expected)
+
+
 def test_padding_never_contributes() -> None:
     g = torch.Generator().manual_seed(3)
     z, s = torch.randn(2, 6, 30, generator=g), torch.randn(2, 6, 30, generator=g)
