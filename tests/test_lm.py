@@ -441,3 +441,30 @@ def test_a_teacher_never_reads_text_tokenized_otherwise(
     )
     assert_refused(result, "was trained with tokenizer")
     assert snapshot(data) == before
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "save_to_disk"])
+def test_your_own_text_through_a_file_or_datasets(tmp_path: Path, kind: str) -> None:
+    """dataset.options.text: a .txt file (documents between blank lines), or hf:<a datasets source>."""
+    from pipeline.config import DatasetConfig
+    from pipeline.lm_data import python_docstrings
+
+    docs = python_docstrings()[:400]
+    if kind == "txt":
+        source = tmp_path / "docs.txt"
+        source.write_text("\n\n".join(d.replace("\n\n", "\n") for d in docs))
+        text = str(source)
+    elif kind == "jsonl":
+        source = tmp_path / "docs.jsonl"
+        source.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+        text = f"hf:{source}"
+    else:
+        import datasets
+
+        datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "docs"))
+        text = f"hf:{tmp_path / 'docs'}"
+    options = {"text": text, "vocab": 300, "seq_len": 16, "column": "body"}
+    train = load_split(DatasetConfig(name="lm-text", num_samples=0, val_size=10, options=options), "train")
+    assert train.inputs.shape[1] == 16 and train.num_classes == 300 and len(train) > 100
+    assert train.preprocessing["documents"] == len(docs)
+    assert torch.equal(train.labels[:, :-1], train.inputs[:, 1:])  # labels are the next tokens
