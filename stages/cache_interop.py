@@ -136,19 +136,12 @@ def import_(
 
     teacher = _imported_teacher(source, manifest, teacher_name, logits)
     dtype = "float32" if logits.dtype == np.float32 or logits.dtype == np.float64 else "float16"
-    chunk_rows = preset.cache.chunk_rows_for(c)
     new = Manifest(
         teacher=teacher,
         dataset=DatasetInfo(
             name=data.dataset, split=split, length=n, num_classes=c, fingerprint=data.fingerprint
         ),
-        storage=StorageInfo(
-            dtype=dtype,
-            chunk_rows=chunk_rows,
-            shard_rows=chunk_rows * preset.cache.shard_chunks,
-            codec=preset.cache.codec,
-            level=preset.cache.zstd_level,
-        ),
+        storage=_storage(preset, dtype, c),
         preprocessing={**data.preprocessing, "imported_from": source.name},
         software=software_versions(),
         created=now_iso(),
@@ -275,7 +268,6 @@ def _import_sparse(
     if not (np.isfinite(values).all() and np.isfinite(extras["lse"]).all()):
         raise KDError(f"{source} holds NaN or Inf values: nothing imported; fix them at the source")
     teacher = _imported_teacher(source, manifest, teacher_name, values)
-    chunk_rows = preset.cache.chunk_rows_for(length * entry["k"])
     new = Manifest(
         teacher=teacher,
         dataset=DatasetInfo(
@@ -285,13 +277,7 @@ def _import_sparse(
             num_classes=data.num_classes,
             fingerprint=data.fingerprint,
         ),
-        storage=StorageInfo(
-            dtype="float32" if storage_dtype == "float32" else "float16",
-            chunk_rows=chunk_rows,
-            shard_rows=chunk_rows * preset.cache.shard_chunks,
-            codec=preset.cache.codec,
-            level=preset.cache.zstd_level,
-        ),
+        storage=_storage(preset, "float32" if storage_dtype == "float32" else "float16", length * entry["k"]),
         preprocessing={**data.preprocessing, "imported_from": source.name},
         software=software_versions(),
         created=now_iso(),
@@ -347,4 +333,16 @@ def _imported_teacher(
         architecture=teacher.get("architecture", {"imported_from": str(source)}),
         fingerprint=teacher.get("fingerprint") or f"imported-logits-sha256:{digest}",
         train_accuracy=teacher.get("train_accuracy"),
+    )
+
+
+def _storage(preset: Preset, dtype: str, row_width: int) -> StorageInfo:
+    """An imported cache's storage: the preset's codec and shard size, chunks sized for its rows."""
+    chunk_rows = preset.cache.chunk_rows_for(row_width)
+    return StorageInfo(
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+        shard_rows=chunk_rows * preset.cache.shard_chunks,
+        codec=preset.cache.codec,
+        level=preset.cache.zstd_level,
     )
