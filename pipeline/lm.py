@@ -36,7 +36,7 @@ from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
 from pipeline.schedules import lr_at
 from pipeline.store.encoding import decode_logits
-from pipeline.store.sparse import PAD_LABEL
+from pipeline.store.sparse import PAD_LABEL, uniform_tail_logit
 from pipeline.train import make_optimizer
 
 SPARSE_TARGETS = ("topk-tail", "topk", "sampled")
@@ -92,15 +92,11 @@ class SparseTargets:
         for i, s in enumerate(self.temperatures):
             if abs(t - s) < 1e-6:
                 return self.lse[..., i]
-        t0, lse0 = self.temperatures[0], self.lse[..., 0]
-        kept0 = torch.logsumexp(self.values / t0, -1)
-        missing = self.vocab - self.values.shape[-1]
         kept = torch.logsumexp(self.values / t, -1)
+        missing = self.vocab - self.values.shape[-1]
         if missing == 0:
             return kept
-        gap = (kept0 - lse0).clamp(max=-1e-7)  # log(kept mass at t0) < 0
-        tail0 = lse0 + torch.log1p(-torch.exp(gap))  # log of the tail's mass at t0
-        u = t0 * (tail0 - math.log(missing))  # the one logit every missing token is taken to have
+        u = uniform_tail_logit(self.values, self.lse[..., 0], self.temperatures[0], self.vocab)
         return torch.logaddexp(kept, math.log(missing) + u / t)
 
 

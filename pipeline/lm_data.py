@@ -125,6 +125,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
 
+def tokenizer_file_fingerprint(path: Path) -> str:
+    """tokenizer_fingerprint of a saved tokenizer.json (as the data records it)."""
+    from tokenizers import Tokenizer
+
+    return tokenizer_fingerprint(Tokenizer.from_file(str(path)))
+
+
 def lm_text(cfg: DatasetConfig) -> dict[str, Any]:
     """The train and test splits (pipeline.datasets.Split) of a language-modelling text."""
     from pipeline.datasets import Split

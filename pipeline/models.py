@@ -272,11 +272,9 @@ def check_teacher_tokenizer(folder: Path, split: Any) -> None:
     own = folder / "tokenizer.json"
     if not theirs or not own.is_file():
         return
-    import hashlib
+    from pipeline.lm_data import tokenizer_file_fingerprint
 
-    from tokenizers import Tokenizer
-
-    mine = hashlib.sha256(Tokenizer.from_file(str(own)).to_str().encode()).hexdigest()
+    mine = tokenizer_file_fingerprint(own)
     if mine != theirs:
         raise KDError(
             f"the teacher at {folder} was trained with tokenizer {mine[:12]} but the data is tokenized with "
@@ -290,7 +288,7 @@ def check_lm_vocabulary(model: CausalLM, split: Any, role: str, arch: str) -> No
     """A student language model shares the teacher's tokenizer (the data's: same vocabulary, same ids):
     its embedding table must have the tokenizer's size, and a tokenizer.json saved beside it must be the
     very same tokenizer."""
-    import hashlib
+    from pipeline.lm_data import tokenizer_file_fingerprint
 
     data_tokenizer = split.preprocessing.get("tokenizer") or "the data's tokenizer"
     size = model.model.get_input_embeddings().num_embeddings
@@ -302,16 +300,12 @@ def check_lm_vocabulary(model: CausalLM, split: Any, role: str, arch: str) -> No
         )
     folder = Path(str(getattr(model.model.config, "_name_or_path", "") or "-"))
     own = folder / "tokenizer.json"
-    if own.is_file():
-        mine = hashlib.sha256(own.read_bytes()).hexdigest()
-        theirs = split.preprocessing.get("tokenizer_fingerprint")
-        from tokenizers import Tokenizer
-
-        if theirs and hashlib.sha256(Tokenizer.from_file(str(own)).to_str().encode()).hexdigest() != theirs:
-            raise KDError(
-                f"the {role} '{arch}' comes with tokenizer {own} ({mine[:12]}), not the data's tokenizer "
-                f"({data_tokenizer}, {theirs[:12]}): {fix}"
-            )
+    theirs = split.preprocessing.get("tokenizer_fingerprint")
+    if theirs and own.is_file() and (mine := tokenizer_file_fingerprint(own)) != theirs:
+        raise KDError(
+            f"the {role} '{arch}' comes with tokenizer {own} ({mine[:12]}), not the data's tokenizer "
+            f"({data_tokenizer}, {theirs[:12]}): {fix}"
+        )
 
 
 def check_vocabulary(model: nn.Module, inputs: torch.Tensor, tokenizer: str | None, role: str) -> None:

@@ -92,8 +92,7 @@ def run(
     ranks = init(picked)
     device = device_for(ranks, picked)
     teacher, record = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
-    for split in data.values():
-        check_teacher_tokenizer(folder, split)
+    check_teacher_tokenizer(folder, next(iter(data.values())))  # every split shares one tokenizer
     teacher.to(device).eval()
     teacher_info = TeacherInfo(
         name=preset.teacher.name,

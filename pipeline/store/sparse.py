@@ -19,6 +19,7 @@ it is part of the cache key. Each extra array has one chunk per shard, so a shar
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "reduce_logits",
     "sparse_record",
     "sparse_specs",
+    "uniform_tail_logit",
 ]
 
 
@@ -161,10 +163,16 @@ def dense_from_topk(
     ids = torch.from_numpy(np.asarray(extras["topk_ids"]).astype(np.int64))
     t0 = float(entry["lse_temperatures"][0])
     lse0 = torch.from_numpy(np.asarray(extras["lse"], dtype=np.float32)[..., 0])
-    missing = int(entry["vocab"]) - values.shape[-1]
     dense = torch.empty((*values.shape[:-1], int(entry["vocab"])), dtype=torch.float32)
-    if missing:
-        gap = (torch.logsumexp(values / t0, -1) - lse0).clamp(max=-1e-7)
-        tail0 = lse0 + torch.log1p(-torch.exp(gap))
-        dense[:] = (t0 * (tail0 - np.log(missing)))[..., None]
+    if int(entry["vocab"]) > values.shape[-1]:
+        dense[:] = uniform_tail_logit(values.float(), lse0, t0, int(entry["vocab"]))[..., None]
     return dense.scatter_(-1, ids, values.float())
+
+
+def uniform_tail_logit(values: torch.Tensor, lse0: torch.Tensor, t0: float, vocab: int) -> torch.Tensor:
+    """The one logit u every missing (not kept) token is taken to have so that, at temperature t0, the
+    V - k missing tokens hold exactly the tail mass the stored logsumexp lse0 leaves (V > k)."""
+    missing = vocab - values.shape[-1]
+    gap = (torch.logsumexp(values / t0, -1) - lse0).clamp(max=-1e-7)  # log(kept mass at t0) < 0
+    tail0 = lse0 + torch.log1p(-torch.exp(gap))  # log of the tail's mass at t0
+    return t0 * (tail0 - math.log(missing))
