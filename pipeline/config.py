@@ -162,10 +162,6 @@ class CacheConfig:
         """Checks across the view settings, once every override is applied (their order never matters)."""
         spec = self.augment_spec
         _require(
-            self.layout == "dense" or spec.kind == "none",
-            'cache.layout = "topk" with augmented views (cache.augment) is not supported yet: use either',
-        )
-        _require(
             spec.kind != "none" or self.views in (1, "all"),
             f'cache.views = {self.views!r} needs an augmentation: set cache.augment (e.g. "crop-flip")',
         )

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from pipeline.metrics import METRICS  # noqa: E402
 from pipeline.train import EpochRecord  # noqa: E402
 
 
@@ -61,9 +62,11 @@ def plot_curves(
 def plot_comparison(
     rows: Sequence[dict[str, Any]], path: Path, *, title: str, teacher_test: float | None
 ) -> None:
-    """Test accuracy per configuration as a dot plot: every seed a dot (outlier seeds red), the mean a
-    diamond with a +-1 std bar. Dots, not bars, so a zoomed axis cannot exaggerate a difference, and the
-    axis says where it starts when that is not 0."""
+    """Test accuracy (or a language model's perplexity) per configuration as a dot plot: every seed a dot
+    (outlier seeds red), the mean a diamond with a +-1 std bar. Dots, not bars, so a zoomed axis cannot
+    exaggerate a difference, and the axis says where it starts when that is not 0."""
+    metric = METRICS[rows[0].get("metric", "accuracy")]
+    teacher = None if teacher_test is None else metric.scale * teacher_test
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.9))
     ys = list(range(len(rows)))[::-1]
     for y, row in zip(ys, rows, strict=True):
@@ -75,22 +78,28 @@ def plot_comparison(
         if row["seeds"] > 1:
             ax.errorbar(row["test_mean"], y, xerr=row["test_std"], fmt="none", ecolor="tab:blue", capsize=4)
         ax.plot(row["test_mean"], y, "D", color="tab:blue", ms=6)
-    if teacher_test is not None:
-        ax.axvline(100 * teacher_test, ls="--", color="tab:green", label="teacher")
+    if teacher is not None:
+        ax.axvline(teacher, ls="--", color="tab:green", label="teacher")
         ax.legend(loc="lower right", fontsize=8)
-    low = min(min(r["test"]) for r in rows)
-    high = max([max(r["test"]) for r in rows] + ([100 * teacher_test] if teacher_test else []))
-    start = max(0.0, 5 * ((low - 3) // 5))
-    ax.set_xlim(start, min(100.0, high + 2))
+    low = min([min(r["test"]) for r in rows] + ([teacher] if teacher else []))
+    high = max([max(r["test"]) for r in rows] + ([teacher] if teacher else []))
+    if metric.name == "accuracy":
+        start = max(0.0, 5 * ((low - 3) // 5))
+        ax.set_xlim(start, min(100.0, high + 2))
+    else:  # perplexity: no upper bound, lower is better
+        start = max(1.0, 5 * ((0.95 * low) // 5))
+        ax.set_xlim(start, 1.05 * high)
     ax.set_yticks(ys, [r["label"] for r in rows])
     ax.grid(axis="x", alpha=0.3)
     seeds = max(r["seeds"] for r in rows)
     what = "dots: each seed (red: outlier seed); diamond: mean" + (
         "; bar: ± 1 std over seeds" if seeds > 1 else ""
     )
-    ax.set_xlabel(
-        "test accuracy (%)" + (f", axis starts at {start:g}%, not 0" if start > 0 else "") + f"\n{what}"
-    )
+    if metric.name == "accuracy":
+        label = "test accuracy (%)" + (f", axis starts at {start:g}%, not 0" if start > 0 else "")
+    else:
+        label = "test perplexity (lower is better)"
+    ax.set_xlabel(f"{label}\n{what}")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -98,8 +107,10 @@ def plot_comparison(
 
 
 def plot_sweep(combos: Sequence[dict[str, Any]], keys: Sequence[str], out: Path) -> list[Path]:
-    """Validation and test accuracy against the first numeric grid key, one line per method (and per
-    value of the other keys), mean with the seeds' min-max as a band. Returns the files written."""
+    """Validation and test accuracy (or perplexity) against the first numeric grid key, one line per
+    method (and per value of the other keys), mean with the seeds' min-max as a band. Returns the files
+    written."""
+    metric = METRICS[combos[0].get("metric", "accuracy")] if combos else METRICS["accuracy"]
     numeric = [
         k
         for k in keys
@@ -122,34 +133,32 @@ def plot_sweep(combos: Sequence[dict[str, Any]], keys: Sequence[str], out: Path)
         )
         series.setdefault(c["method"] + (f" ({rest})" if rest else ""), []).append(c)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, metric in zip(axes, ("val", "test"), strict=True):
+    for ax, split in zip(axes, ("val", "test"), strict=True):
         for name, points in series.items():
             points = sorted(points, key=lambda c: float(c["combo"][x_key]))
             xs = [float(c["combo"][x_key]) for c in points]
-            ax.plot(xs, [c[f"{metric}_mean"] for c in points], marker="o", label=name, alpha=0.85)
-            ax.fill_between(
-                xs, [min(c[metric]) for c in points], [max(c[metric]) for c in points], alpha=0.15
-            )
+            ax.plot(xs, [c[f"{split}_mean"] for c in points], marker="o", label=name, alpha=0.85)
+            ax.fill_between(xs, [min(c[split]) for c in points], [max(c[split]) for c in points], alpha=0.15)
         for c in flat:
-            ax.axhline(c[f"{metric}_mean"], ls="--", lw=1, color="tab:gray")
+            ax.axhline(c[f"{split}_mean"], ls="--", lw=1, color="tab:gray")
             ax.annotate(
                 f"{c['label']} (no {x_key.split('.')[-1]})",
-                (0.01, c[f"{metric}_mean"]),
+                (0.01, c[f"{split}_mean"]),
                 xycoords=("axes fraction", "data"),
                 fontsize=7,
                 va="bottom",
                 color="tab:gray",
             )
-        ax.set(xlabel=x_key.split(".")[-1], title=f"{metric} accuracy (mean, band: seed min-max)")
+        ax.set(xlabel=x_key.split(".")[-1], title=f"{split} {metric.name} (mean, band: seed min-max)")
         if x_key.endswith("temperature") or x_key.endswith("lr"):
             ax.set_xscale("log", base=2 if x_key.endswith("temperature") else 10)
             values = sorted({float(c["combo"][x_key]) for cs in series.values() for c in cs})
             ax.set_xticks(values, [f"{v:g}" for v in values])  # 1, 2, 4, 8 rather than 2^0 ... 2^3
             ax.minorticks_off()
-    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylabel("accuracy (%)" if metric.name == "accuracy" else "perplexity (lower is better)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    path = out / f"accuracy_vs_{x_key.split('.')[-1]}.png"
+    path = out / f"{metric.name}_vs_{x_key.split('.')[-1]}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]

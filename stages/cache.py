@@ -49,7 +49,13 @@ def info(path: str | Path, *, as_json: bool = False) -> None:
             f"{_pct(m.teacher_accuracy)} on this {m.dataset.split} split; "
             f"{_pct(m.teacher.train_accuracy)} on the rows it was trained on",
         ),
-        ("logit stats", ", ".join(f"{k} {v:.3f}" for k, v in m.logit_stats.items()) or "-"),
+        (
+            "logit stats",
+            ", ".join(
+                f"{k} {v:,}" if isinstance(v, int) else f"{k} {v:.3f}" for k, v in m.logit_stats.items()
+            )
+            or "-",
+        ),
         (
             "dataset",
             f"{m.dataset.name}/{m.dataset.split}: {m.dataset.length} rows x {m.dataset.num_classes} classes, "
@@ -272,15 +278,20 @@ def _sparse_short(sparse: dict[str, Any]) -> str:
 
 def _sparse(sparse: dict[str, Any], store: LogitStore) -> str:
     """The sparse layout in words, with its bytes per token on disk."""
-    tokens = max(int(store.manifest.logit_stats.get("tokens", 0)), 1)
-    where = f"per token of {sparse['seq_len']}: " if sparse["seq_len"] else "per row: "
+    tokens = max(int(store.manifest.logit_stats.get("tokens", 0)), 1)  # tokens, views or rows in all
+    unit = "token" if sparse["seq_len"] else "view" if store.manifest.views else "row"
+    where = (
+        f"per token of {sparse['seq_len']}: "
+        if sparse["seq_len"]
+        else f"per {unit}{' of a row' * (unit == 'view')}: "
+    )
     temps = ", ".join(f"{t:g}" for t in sparse["lse_temperatures"])
     s, seed = sparse["samples"], sparse["sample_seed"]
     samples = f", {s} sampled tokens (seed {seed})" if s else ""
     return (
         f"{where}top {sparse['k']} of {sparse['vocab']} logits "
         f"({sparse['id_dtype']} ids), logsumexp at T = {temps}{samples}; "
-        f"{store.nbytes_stored() / tokens:.1f} bytes a {'token' if sparse['seq_len'] else 'row'} on disk"
+        f"{store.nbytes_stored() / tokens:.1f} bytes a {unit} on disk"
     )
 
 

@@ -42,7 +42,7 @@ from pipeline.store import (
     software_versions,
 )
 from pipeline.store.sparse import EXTRAS as SPARSE_EXTRAS
-from pipeline.store.sparse import sparse_specs
+from pipeline.store.sparse import sparse_lead, sparse_specs
 
 console = Console(stderr=True, soft_wrap=True)
 FORMATS = ("hdf5", "npz")
@@ -236,25 +236,29 @@ def _import_sparse(
     teacher_name: str | None,
     force: bool,
 ) -> Path:
-    """A sparse (per-token) cache from its export: the manifest's sparse entry and every array of the
-    layout, checked against the preset's token sequences (ids, labels, shapes) before anything is written."""
+    """A sparse cache from its export (per token of a sequence, per classification row, or per view of
+    a row): the manifest's sparse entry and every array of the layout, checked against the preset's data
+    (ids, labels, shapes) before anything is written."""
     entry = manifest.get("sparse") or {}
     data = load_split(preset.dataset, split)
-    if not entry or data.labels.dim() != 2:
+    if not entry:
         raise KDError(
-            f"{source}: a sparse export needs its manifest's sparse entry and a language-model preset "
-            f"(dataset lm-text), got {'no entry' if not entry else data.dataset}"
+            f"{source}: a sparse export needs its manifest's sparse entry (as `kd cache export` writes it)"
         )
-    n, length = data.labels.shape
-    if (entry.get("seq_len"), entry.get("vocab")) != (length, data.num_classes):
+    n, seq = len(data), int(data.labels.shape[1]) if data.labels.dim() == 2 else 0
+    if (entry.get("seq_len"), entry.get("vocab")) != (seq, data.num_classes):
+        held, wanted = _rows_text(entry.get("seq_len"), entry.get("vocab")), _rows_text(seq, data.num_classes)
         raise KDError(
-            f"{source} holds sequences of {entry.get('seq_len')} tokens over {entry.get('vocab')} but "
-            f"{data.dataset}/{split} has {length} over {data.num_classes}: use the preset it was made with"
+            f"{source} holds {held} but {data.dataset}/{split} has {wanted}: use the preset it was made with"
         )
     storage_dtype = manifest.get("storage", {}).get("dtype", "float16")
     if storage_dtype == "bfloat16":
         storage_dtype = "float32"  # exported widened
-    expected = {"logits": ((n, length, entry["k"]), None), **sparse_specs(entry, n, storage_dtype)}
+    views_entry, params = _views_of(source, arrays, manifest, np.asarray(arrays["logits"]))
+    views = int(views_entry.get("count", 0))
+    lead = sparse_lead(entry, views)
+    specs = sparse_specs(entry, n, storage_dtype, views)
+    expected = {"logits": ((n, *lead, entry["k"]), None), **specs}
     for name, (shape, _) in expected.items():
         if name not in arrays or tuple(np.shape(arrays[name])) != shape:
             got = tuple(np.shape(arrays[name])) if name in arrays else "nothing"
@@ -262,9 +266,9 @@ def _import_sparse(
     ids = np.asarray(arrays.get("index", data.ids.numpy()), dtype=np.int64)
     labels = np.asarray(arrays.get("labels", data.labels.numpy()), dtype=np.int64)
     if not np.array_equal(ids, data.ids.numpy()) or not np.array_equal(labels, data.labels.numpy()):
-        raise KDError(f"{source}: its sequence ids or tokens are not those of {data.dataset}/{split}")
+        raise KDError(f"{source}: its sample ids or labels are not those of {data.dataset}/{split}")
     values = np.asarray(arrays["logits"], dtype=np.float32)
-    extras = {name: np.asarray(arrays[name]) for name in sparse_specs(entry, n, storage_dtype)}
+    extras = {name: np.asarray(arrays[name]) for name in specs}
     if not (np.isfinite(values).all() and np.isfinite(extras["lse"]).all()):
         raise KDError(f"{source} holds NaN or Inf values: nothing imported; fix them at the source")
     teacher = _imported_teacher(source, manifest, teacher_name, values)
@@ -277,24 +281,25 @@ def _import_sparse(
             num_classes=data.num_classes,
             fingerprint=data.fingerprint,
         ),
-        storage=_storage(preset, "float32" if storage_dtype == "float32" else "float16", length * entry["k"]),
+        storage=_storage(
+            preset, "float32" if storage_dtype == "float32" else "float16", int(np.prod(lead)) * entry["k"]
+        ),
         preprocessing={**data.preprocessing, "imported_from": source.name},
         software=software_versions(),
         created=now_iso(),
         sparse=dict(entry),
+        views=views_entry,
     )
-    real = labels != -100
     ones = [i for i, t in enumerate(entry["lse_temperatures"]) if abs(t - 1.0) < 1e-6]
     if not ones:
         raise KDError(f"{source} has no logsumexp at T = 1, which an imported cache needs (its perplexity)")
-    nll = extras["lse"][..., ones[0]] - extras["target_logit"]
+    # per row: the teacher's correct tokens (views), NLL at T = 1 and real tokens, as stage 1 records them
+    top = extras["topk_ids"][..., 0].astype(np.int64).reshape(n, -1)
+    wanted = np.broadcast_to(labels.reshape(n, -1), top.shape)
+    real = wanted != -100
+    nll = (extras["lse"][..., ones[0]] - extras["target_logit"]).reshape(n, -1)
     stats = np.stack(
-        [
-            ((extras["topk_ids"][..., 0].astype(np.int64) == labels) & real).sum(1),
-            np.where(real, nll, 0.0).sum(1),
-            real.sum(1),
-        ],
-        1,
+        [((top == wanted) & real).sum(1), np.where(real, nll, 0.0).sum(1), real.sum(1)], 1
     ).astype(np.float64)
     path = root / cache_dirname(new)
     root.mkdir(parents=True, exist_ok=True)
@@ -308,13 +313,21 @@ def _import_sparse(
             torch.from_numpy(values),
             torch.from_numpy(labels),
             torch.from_numpy(ids),
+            params,
             extras=extras,
             stats=stats,
         )
         writer.close()
         store.finish()
-    console.print(f"imported {source} -> {path} (sparse, {n} x {length} tokens, teacher '{teacher.name}')")
+    shape = f"{n} x {seq} tokens" if seq else f"{n} x {views} views" if views else f"{n} rows"
+    console.print(
+        f"imported {source} -> {path} (sparse, {shape}, top {entry['k']}, teacher '{teacher.name}')"
+    )
     return path
+
+
+def _rows_text(seq_len: Any, width: Any) -> str:
+    return f"sequences of {seq_len} tokens over {width}" if seq_len else f"rows of {width} classes"
 
 
 def _imported_teacher(

@@ -26,6 +26,7 @@ from pipeline import strict_json
 from pipeline.config import Paths, Preset, load_preset, resolve
 from pipeline.errors import KDError
 from pipeline.methods import LABEL_ONLY
+from pipeline.metrics import ACCURACY, METRICS, Metric, metric_of
 from pipeline.plots import plot_comparison
 from stages import distill, teacher_logits
 
@@ -44,12 +45,6 @@ def run(
     device_name: str = "auto",
 ) -> Path:
     base = load_preset(preset_name)
-    if base.dataset.name == "lm-text":
-        raise KDError(
-            f"kd compare does not run language-model presets yet: run `kd distill --preset {base.name}` "
-            "once per setting (--temperature, --alpha, --set distill.sparse_target=...): they share one "
-            "sparse cache"
-        )
     entries = dict(base.compare)
     if not entries:
         raise KDError(
@@ -95,9 +90,8 @@ def run(
 
     rows = aggregate(results)
     _write_csv(report_dir / "results.csv", results)
-    teacher = next(
-        (r["teacher_test_accuracy"] for r in results if r["teacher_test_accuracy"] is not None), None
-    )
+    teacher_key = f"teacher_test_{rows[0]['metric']}"
+    teacher = next((r[teacher_key] for r in results if r.get(teacher_key) is not None), None)
     (report_dir / "report.md").write_text(markdown(rows, teacher, base.name, seeds, preset_name))
     plot_comparison(
         rows,
@@ -150,20 +144,16 @@ def claim_report_folder(folder: Path, spec_file: str, spec: dict[str, Any], opti
     record.write_text(strict_json.dumps(spec, indent=2) + "\n")
 
 
-# An outlier seed is at least this many accuracy points from its configuration's median: seed noise on
-# the default preset reaches 2-3 points (README "Comparing methods"), a collapsed seed tens of points.
-OUTLIER_POINTS = 5.0
-
-
-def outliers(values: list[float]) -> list[int]:
+def outliers(values: list[float], metric: Metric = ACCURACY) -> list[int]:
     """Indices of values far from the rest: more than max(3 robust standard deviations (1.4826 x the
-    median absolute deviation), OUTLIER_POINTS) from the median. Needs 3 values or more: a collapsed seed
-    among healthy ones (68 next to 95, 95) is marked, ordinary seed noise is not."""
+    median absolute deviation), the metric's margin: 5 accuracy points, 10% of a perplexity) from the
+    median. Needs 3 values or more: a collapsed seed among healthy ones (68 next to 95, 95) is marked,
+    ordinary seed noise is not."""
     if len(values) < 3:
         return []
     median = statistics.median(values)
     mad = statistics.median(abs(v - median) for v in values)
-    limit = max(3 * 1.4826 * mad, OUTLIER_POINTS)
+    limit = max(3 * 1.4826 * mad, metric.margin(median))
     return [i for i, v in enumerate(values) if abs(v - median) > limit + 1e-6]  # 49.00 vs 44.00 is not "more"
 
 
@@ -184,24 +174,26 @@ def per_seed(row: dict[str, Any], metric: str, mark: Callable[[str], str] = lamb
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per label: each seed's test and validation accuracy (in %) with outlier seeds marked,
-    their mean and std, mean wall time."""
+    """One row per label: each seed's test and validation metric (accuracy in %, or a language model's
+    perplexity) with outlier seeds marked, their mean and std, mean wall time."""
     rows = []
     for label in dict.fromkeys(r["label"] for r in results):
         runs = [r for r in results if r["label"] == label]
-        test = [100 * r["student_test_accuracy"] for r in runs]
-        val = [100 * r["student_val_accuracy"] for r in runs]
+        metric = metric_of(runs[0])
+        test = [metric.shown(r, "test") for r in runs]
+        val = [metric.shown(r, "val") for r in runs]
         rows.append(
             {
                 "label": label,
                 "method": runs[0]["method"],
                 "method_label": runs[0].get("method_label", runs[0]["method"]),
+                "metric": metric.name,
                 "seeds": len(runs),
                 "seed_numbers": [r["seed"] for r in runs],
                 "test": test,
                 "val": val,
-                "test_outliers": outliers(test),
-                "val_outliers": outliers(val),
+                "test_outliers": outliers(test, metric),
+                "val_outliers": outliers(val, metric),
                 "test_mean": statistics.mean(test),
                 "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
                 "val_mean": statistics.mean(val),
@@ -212,17 +204,23 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def metric_of_rows(rows: list[dict[str, Any]]) -> Metric:
+    return METRICS[rows[0]["metric"]] if rows else ACCURACY
+
+
 def markdown(
     rows: list[dict[str, Any]], teacher: float | None, preset: str, seeds: int, preset_arg: str
 ) -> str:
+    metric = metric_of_rows(rows)
     lines = [
         f"# Method comparison on `{preset}`",
         "",
-        f"Command: `kd compare --preset {preset_arg} --seeds {seeds}`. Test accuracy at the best-validation "
-        f"epoch, mean ± std over {seeds} seed{'s' if seeds > 1 else ''}; validation selects checkpoints, "
-        "test is only reported.",
+        f"Command: `kd compare --preset {preset_arg} --seeds {seeds}`. Test {metric.name} at the "
+        f"best-validation epoch, mean ± std over {seeds} seed{'s' if seeds > 1 else ''}; validation selects "
+        f"checkpoints, test is only reported{'' if metric.higher_is_better else ' (lower is better)'}.",
         "",
-        "| configuration | method | test acc. (%) | val acc. (%) | test acc. per seed (%) | time / run |",
+        f"| configuration | method | test {metric.header} | val {metric.header} | test {metric.header} per "
+        "seed | time / run |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -231,7 +229,7 @@ def markdown(
             f"{per_seed(r, 'test')} | {r['wall_time_s']:.1f} s |"
         )
     if teacher is not None:
-        lines.append(f"| teacher | | {100 * teacher:.2f} | | | |")
+        lines.append(f"| teacher | | {metric.scale * teacher:.2f} | | | |")
     lines += outlier_notes(rows)
     lines += ["", "![comparison](comparison.png)", ""]
     return "\n".join(lines)
@@ -249,25 +247,27 @@ def outlier_notes(rows: list[dict[str, Any]]) -> list[str]:
         return []
     return [
         "",
-        f"**Outlier seeds** (more than max(3 robust std, {OUTLIER_POINTS:g} points) from their "
+        f"**Outlier seeds** (more than max(3 robust std, {metric_of_rows(rows).margin_text()}) from their "
         f"configuration's median): {'; '.join(dict.fromkeys(flagged))}. The mean ± std includes them: look "
         "at those runs (curves.png) before trusting the mean.",
     ]
 
 
 def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
+    name = metric_of(results[0]).name
     columns = [
         "label",
         "method",
+        *(["sparse_target"] if name == "perplexity" else []),
         "seed",
         "temperature",
         "alpha",
         "lr",
         "epochs",
         "best_epoch",
-        "student_val_accuracy",
-        "student_test_accuracy",
-        "teacher_test_accuracy",
+        f"student_val_{name}",
+        f"student_test_{name}",
+        f"teacher_test_{name}",
         "wall_time_s",
         "run_dir",
     ]
@@ -278,10 +278,19 @@ def _write_csv(path: Path, results: list[dict[str, Any]]) -> None:
 
 
 def _print(rows: list[dict[str, Any]], teacher: float | None) -> None:
-    table = Table(title="comparison (test accuracy at best validation)")
-    for column in ("configuration", "method", "test %", "val %", "test % per seed", "time/run"):
+    metric = metric_of_rows(rows)
+    unit = "%" if metric.name == "accuracy" else "ppl"
+    table = Table(title=f"comparison (test {metric.name} at best validation)")
+    for column in (
+        "configuration",
+        "method",
+        f"test {unit}",
+        f"val {unit}",
+        f"test {unit} per seed",
+        "time/run",
+    ):
         table.add_column(
-            column, justify="left" if column in ("configuration", "test % per seed") else "right"
+            column, justify="left" if column in ("configuration", f"test {unit} per seed") else "right"
         )
     for r in rows:
         table.add_row(
@@ -293,7 +302,7 @@ def _print(rows: list[dict[str, Any]], teacher: float | None) -> None:
             f"{r['wall_time_s']:.1f}s",
         )
     if teacher is not None:
-        table.add_row("teacher", "", f"{100 * teacher:.2f}", "", "", "")
+        table.add_row("teacher", "", f"{metric.scale * teacher:.2f}", "", "", "")
     table_console().print(table)
 
 

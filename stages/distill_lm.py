@@ -191,6 +191,9 @@ def run(
         "run_name": name,
         "preset": preset.name,
         "method": cfg.method,
+        "method_label": (
+            "ce" if cfg.method == "ce" else f"kd, {'dense (online)' if store is None else cfg.sparse_target}"
+        ),
         "sparse_target": config["sparse_target"],
         "teacher_online": bool(cfg.teacher_online and cfg.method == "kd"),
         "temperature": cfg.temperature if cfg.method == "kd" else None,

@@ -30,6 +30,7 @@ from rich.table import Table
 from pipeline import strict_json
 from pipeline.config import Paths, Preset, load_preset, parse_literal, resolve
 from pipeline.errors import KDError
+from pipeline.metrics import METRICS, metric_of
 from pipeline.models import build_model
 from pipeline.plots import plot_sweep
 from pipeline.train import fit_many, pick_device, seed_everything
@@ -51,6 +52,7 @@ SHORT_KEYS = {
     "T": "distill.temperature",
     "alpha": "distill.alpha",
     "label_smoothing": "distill.label_smoothing",
+    "sparse_target": "distill.sparse_target",
     "standardize": "distill.standardize",
     "lr": "distill.train.lr",
     "epochs": "distill.train.epochs",
@@ -93,11 +95,10 @@ def run(
     if seeds < 1:
         raise KDError(f"--seeds must be at least 1, got {seeds}")
     base = load_preset(preset_name)
-    if base.dataset.name == "lm-text":
+    if base.dataset.name == "lm-text" and mode == "one-pass":
         raise KDError(
-            f"kd sweep does not run language-model presets yet: run `kd distill --preset {base.name}` "
-            "once per setting (--temperature, --alpha, --set distill.sparse_target=...): they share one "
-            "sparse cache"
+            f"--mode one-pass trains classifiers together; '{base.name}' is a language-model preset: use "
+            "--mode sequential (the default) or parallel"
         )
     axes = parse_grid(base.sweep, grid)
     spec = {"grid": axes, "seeds": seeds, "overrides": dict(overrides or {}), "mode": mode}
@@ -324,6 +325,7 @@ def reproduce(
     sets = " ".join(f"--set {k}={_arg(v)}" for k, v in overrides.items())
     alone = " ".join(f"--set {k}={_arg(v)}" for k, v in {**overrides, **best["combo"]}.items())
     grid = " ".join(f"--grid {k}={','.join(_arg(v) for v in values)}" for k, values in axes.items())
+    metric = METRICS[best["metric"]]
     runs = []
     for r in (r for r in rows if r["label"] == best["label"]):
         one_pass = str(r.get("mode", "")).startswith("one-pass")
@@ -337,8 +339,9 @@ def reproduce(
             {
                 "seed": r["seed"],
                 "mode": r.get("mode", "sequential"),
-                "student_val_accuracy": r["student_val_accuracy"],
-                "student_test_accuracy": r["student_test_accuracy"],
+                "metric": metric.name,
+                f"student_val_{metric.name}": r[f"student_val_{metric.name}"],
+                f"student_test_{metric.name}": r[f"student_test_{metric.name}"],
                 "command": " ".join(command.split()),
                 "run_dir": r["run_dir"],
             }
@@ -349,8 +352,9 @@ def reproduce(
 def reproduce_lines(runs: list[dict[str, Any]]) -> list[str]:
     """The same lines in results.md and on the console."""
     return [
-        f"seed {r['seed']} ({r['mode']}): val {100 * r['student_val_accuracy']:.2f}, test "
-        f"{100 * r['student_test_accuracy']:.2f}: `{r['command']}`"
+        f"seed {r['seed']} ({r['mode']}): val {METRICS[r['metric']].shown(r, 'val'):.2f}, test "
+        f"{METRICS[r['metric']].shown(r, 'test'):.2f}{'' if r['metric'] == 'accuracy' else ' perplexity'}: "
+        f"`{r['command']}`"
         + (
             f" (students of this sweep's seed {r['seed']} trained together: the sweep reproduces the "
             "numbers; `kd distill` with the same settings trains alone, a different floating-point path)"
@@ -377,13 +381,14 @@ def report(
     """results.csv, results.md, plots and best.json under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     keys = list(axes)
+    metric = metric_of(rows[0])
     columns = [
         "label",
         *keys,
         "method",
         "seed",
-        "student_val_accuracy",
-        "student_test_accuracy",
+        f"student_val_{metric.name}",
+        f"student_test_{metric.name}",
         "best_epoch",
         "wall_time_s",
         "run_dir",
@@ -397,7 +402,7 @@ def report(
     for combo in combos:
         first = next(r for r in rows if r["label"] == combo["label"])
         combo["combo"] = {k: first[k] for k in keys if k in first}  # axes its method ignores are absent
-    combos.sort(key=lambda c: c["val_mean"], reverse=True)
+    combos = metric.best_first(combos, "val_mean")
     best = combos[0]
     runs = reproduce(rows, best, axes, out, preset_name, overrides, seeds)
     (out / "best.json").write_text(
@@ -408,13 +413,14 @@ def report(
     lines = [
         f"# Sweep `{out.name}`",
         "",
-        f"Best by mean validation accuracy: **{best['label']}** — val {mean_std(best, 'val')}, test "
+        f"Best by mean validation {metric.name}: **{best['label']}** — val {mean_std(best, 'val')}, test "
         f"{mean_std(best, 'test')} ({best['seeds']} seed{'s' if best['seeds'] > 1 else ''}). Each run, and "
         "the command that reproduces its numbers:",
         "",
         *[f"- {line}" for line in reproduce_lines(runs)],
         "",
-        "| combination | val acc. (%) | test acc. (%) | val acc. per seed (%) | wall time / run |",
+        f"| combination | val {metric.header} | test {metric.header} | val {metric.header} per seed | wall "
+        "time / run |",
         "|---|---|---|---|---|",
     ]
     lines += [
@@ -426,9 +432,12 @@ def report(
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     (out / "results.md").write_text("\n".join(lines))
 
-    table = Table(title=f"sweep {out.name} (sorted by validation accuracy)")
-    for column in ("combination", "val %", "test %", "val % per seed", "time/run"):
-        table.add_column(column, justify="left" if column in ("combination", "val % per seed") else "right")
+    unit = "%" if metric.name == "accuracy" else "ppl"
+    table = Table(title=f"sweep {out.name} (sorted by validation {metric.name})")
+    for column in ("combination", f"val {unit}", f"test {unit}", f"val {unit} per seed", "time/run"):
+        table.add_column(
+            column, justify="left" if column in ("combination", f"val {unit} per seed") else "right"
+        )
     for c in combos:
         table.add_row(
             c["label"],

@@ -335,7 +335,7 @@ def write_logits(
                     stop = min(start + batch_size, last)
                     x = inputs[start:stop].to(device, non_blocking=True)
                     ids = split.ids[start:stop]
-                    if sparse:  # token sequences: (B, L, V) raw, reduced on the device to the sparse arrays
+                    if sparse and not views:  # tokens (B, L, V) or rows (B, C) raw, reduced on the device
                         labels = split.labels[start:stop]
                         z = teacher(x) if labels.dim() == 2 else _forward(teacher, x, channels_last)
                         values, extras, stats = reduce_logits(z, labels, ids, sparse)
@@ -354,7 +354,13 @@ def write_logits(
                             ],
                             1,
                         )  # (B, K, C) raw
-                        writer.add(logits, split.labels[start:stop], ids, params)
+                        labels = split.labels[start:stop]
+                        if sparse:  # top-k of every view: the views play the part of a sequence's tokens
+                            per_view = labels[:, None].expand(-1, logits.shape[1])
+                            values, extras, stats = reduce_logits(logits, per_view, ids, sparse)
+                            writer.add(values, labels, ids, params, extras=extras, stats=stats)
+                        else:
+                            writer.add(logits, labels, ids, params)
                     bar.update(stop - start)
     except BaseException:
         writer.abort()

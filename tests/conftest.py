@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub lookup would hang ~30 s
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -14,7 +15,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.config import Paths, load_preset  # noqa: E402
+from pipeline.config import Paths, load_preset, with_overrides  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -69,6 +70,28 @@ def s3() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+VIEW_SETTINGS = {"cache.augment": "shift", "cache.augment_pad": 2, "cache.views": 3}  # 3 of 5 shifts
+VIEW_ARGS = [arg for key, value in VIEW_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+
+
+@pytest.fixture(scope="session")
+def views_data(tiny_data: Paths, tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    """The tiny teacher's train split cached as 3 of the 5 shifts (pad 2) of every row."""
+    from stages import teacher_logits
+
+    paths = Paths(data=tmp_path_factory.mktemp("views"))
+    shutil.copytree(tiny_data.teachers, paths.teachers)
+    teacher_logits.run(with_overrides(load_preset("tiny"), VIEW_SETTINGS), paths)
+    return paths
+
+
+def view_cache(paths: Paths) -> Path:
+    from pipeline.store import LogitStore
+
+    (path,) = [p for p in cache_paths(paths, "train") if LogitStore.open(p).manifest.views]
+    return path
 
 
 def cache_paths(paths: Paths, split: str, teacher: str = "tiny-cnn1d") -> list[Path]:

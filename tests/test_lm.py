@@ -3,6 +3,7 @@ sequence losses computed from it (README "Language models")."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -341,11 +342,89 @@ def test_language_model_refusals_are_one_line(
     assert snapshot(data) == before  # nothing written
 
 
-@pytest.mark.parametrize("command", [["sweep", "--preset", "tiny-lm"], ["compare", "--preset", "tiny-lm"]])
-def test_sweep_and_compare_refuse_language_models_in_one_line(tmp_path: Path, command: list[str]) -> None:
-    result = run_kd(tmp_path, *command)
-    assert_refused(result, "does not run language-model presets yet")
-    assert not any(tmp_path.iterdir())
+@pytest.mark.slow
+def test_a_sweep_ranks_language_models_by_perplexity_and_its_best_command_reproduces_it(
+    lm_data: Paths, tmp_path: Path
+) -> None:
+    from tests.test_cli import kd
+
+    paths = Paths(data=tmp_path)
+    shutil.copytree(lm_data.teachers, paths.teachers)
+    shutil.copytree(lm_data.logits, paths.logits)
+    args = [
+        "sweep",
+        "--preset",
+        "tiny-lm",
+        "--grid",
+        "temperature=1,2",
+        "--grid",
+        "sparse_target=topk-tail,topk",
+    ]
+    result = kd(paths, *args, "--name", "lm", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = paths.data / "sweeps" / "lm"
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["distill.temperature"], r["distill.sparse_target"]) for r in rows} == {
+        ("1", "topk-tail"),
+        ("2", "topk-tail"),
+        ("1", "topk"),
+        ("2", "topk"),
+    }
+    ppl = {r["label"]: float(r["student_val_perplexity"]) for r in rows}
+    assert len(set(ppl.values())) == 4  # the settings reached the loss: four different students
+    best = json.loads((out / "best.json").read_text())
+    assert best["best"]["label"] == min(ppl, key=ppl.get)  # lower perplexity is better
+    table = (out / "results.md").read_text().split("| combination |")[1].splitlines()[2:]
+    assert [line.split(" | ")[0].strip("| ") for line in table if line.startswith("|")] == sorted(
+        ppl, key=ppl.get
+    )
+    assert (out / "perplexity_vs_temperature.png").read_bytes()[:4] == b"\x89PNG"
+    # the command the report gives trains the same student
+    command = best["command"].split()
+    assert command[:4] == ["kd", "distill", "--preset", "tiny-lm"]
+    again = kd(paths, *command[1:], "--run-name", "again", "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    summary = json.loads((paths.runs / "again" / "summary.json").read_text())
+    (run,) = best["runs"]
+    assert summary["student_val_perplexity"] == run["student_val_perplexity"] == ppl[best["best"]["label"]]
+    assert summary["student_test_perplexity"] == run["student_test_perplexity"]
+
+    rerun = kd(paths, *args, "--name", "lm", "--device", "cpu")
+    assert rerun.exit_code == 0 and "skipping 4 finished runs" in rerun.stderr
+    assert_refused(
+        run_kd(paths.data, *args, "--name", "other", "--mode", "one-pass"),
+        "--mode one-pass trains classifiers together; 'tiny-lm' is a language-model preset",
+    )
+
+
+@pytest.mark.slow
+def test_compare_reports_language_model_targets_in_perplexity(lm_data: Paths, tmp_path: Path) -> None:
+    from tests.test_cli import kd
+
+    paths = Paths(data=tmp_path)
+    shutil.copytree(lm_data.teachers, paths.teachers)
+    shutil.copytree(lm_data.logits, paths.logits)
+    only = ["--only", "ce", "--only", "top-8 + tail", "--only", "top-4 + tail"]
+    result = kd(
+        paths, "compare", "--preset", "tiny-lm", "--seeds", "1", *only, "--device", "cpu", "--name", "c"
+    )
+    assert result.exit_code == 0, result.output
+    report = paths.data / "reports" / "c"
+    text = (report / "report.md").read_text()
+    assert "| configuration | method | test perplexity | val perplexity |" in text
+    teacher = LogitStore.open(lm_cache(lm_data, "test")).manifest.logit_stats["perplexity"]
+    assert f"| teacher | | {teacher:.2f} |" in text
+    with (report / "results.csv").open() as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    for label, row in rows.items():
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert float(row["student_test_perplexity"]) == summary["student_test_perplexity"]
+        assert f"| {label} | {summary['method_label']} | {summary['student_test_perplexity']:.2f} |" in text
+    top4 = json.loads((Path(rows["top-4 + tail"]["run_dir"]) / "summary.json").read_text())
+    assert LogitStore.open(top4["cache"]).manifest.sparse["k"] == 4  # the compare built the k = 4 cache
+    assert rows["ce"]["sparse_target"] == "" and rows["top-8 + tail"]["sparse_target"] == "topk-tail"
+    assert (report / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.metrics import PERPLEXITY
 from stages.compare import aggregate, markdown, mean_std, outliers
 
 
@@ -104,3 +105,35 @@ def test_settings_a_method_ignores_do_not_make_another_run(tmp_path: Path) -> No
     assert used_settings(kd)[
         "distill.temperature"
     ] == 3.0 and "distill.annealing.tau_max" not in used_settings(kd)
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([98.7, 99.5, 160.0], [2]),  # a diverged seed
+        ([98.7, 99.5, 107.0], []),  # within 10% of the median: noise at this scale
+        ([108.9, 107.8, 109.9], []),
+    ],
+)
+def test_perplexity_outliers_are_relative(values: list[float], expected: list[int]) -> None:
+    assert outliers(values, PERPLEXITY) == expected
+
+
+def test_language_model_runs_are_reported_in_perplexity_lower_first() -> None:
+    def lm(label: str, seed: int, test: float, val: float) -> dict:
+        return {
+            "label": label,
+            "method": "kd",
+            "method_label": f"kd, {label}",
+            "seed": seed,
+            "student_test_perplexity": test,
+            "student_val_perplexity": val,
+            "wall_time_s": 1.0,
+        }
+
+    rows = aggregate([lm("topk", 0, 108.6, 110.0), lm("tail", 0, 98.7, 100.5), lm("tail", 1, 99.1, 100.9)])
+    assert [r["test_mean"] for r in rows] == [108.6, pytest.approx(98.9)]  # perplexity as is, not x 100
+    text = markdown(rows, 131.0, "lm", 2, "lm")
+    assert "| tail | kd, tail | 98.90 ± 0.28 | 100.70 ± 0.28 | s0 98.70, s1 99.10 |" in text
+    assert "| teacher | | 131.00 |" in text and "(lower is better)" in text
+    assert [r["label"] for r in PERPLEXITY.best_first(rows, "val_mean")] == ["tail", "topk"]

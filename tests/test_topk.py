@@ -7,14 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.config import Paths
+from pipeline.config import Paths, load_preset, with_overrides
 from pipeline.store import LogitStore
 from pipeline.store.sparse import dense_from_topk, reduce_logits, sparse_record
-from tests.conftest import cache_paths
-from tests.test_bad_inputs import assert_refused, run_kd, snapshot
+from tests.conftest import VIEW_ARGS, VIEW_SETTINGS, cache_paths, view_cache
 from tests.test_cli import kd
 
 TOPK = ["--set", "cache.layout=topk", "--set", "cache.topk=3"]
@@ -56,8 +56,45 @@ def test_a_top_k_classification_cache_trains_every_method(tiny_data: Paths, tmp_
         assert summary["cache"] == str(train) and summary["student_val_accuracy"] > 0.2
 
 
-def test_top_k_with_views_is_one_line(tmp_path: Path) -> None:
-    before = snapshot(tmp_path)
-    result = run_kd(tmp_path, "teacher-logits", "--preset", "tiny", *TOPK, "--set", "cache.augment=shift")
-    assert_refused(result, 'cache.layout = "topk" with augmented views (cache.augment) is not supported yet')
-    assert snapshot(tmp_path) == before
+@pytest.mark.slow
+def test_a_top_k_cache_of_views_keeps_each_views_top_k_and_round_trips(
+    views_data: Paths, tmp_path: Path
+) -> None:
+    from stages import cache_interop
+
+    paths = Paths(data=tmp_path / "data")
+    shutil.copytree(views_data.teachers, paths.teachers)
+    result = kd(paths, "teacher-logits", "--preset", "tiny", "--split", "train", *VIEW_ARGS, *TOPK)
+    assert result.exit_code == 0, result.output
+    (path,) = cache_paths(paths, "train")
+    store, dense = LogitStore.open(path), LogitStore.open(view_cache(views_data))
+    assert store.manifest.views == dense.manifest.views and store.row_shape == (3, 3)  # 3 views x top 3
+    assert store.verify() == []
+    values, labels, ids, extras = store.read_everything()
+    full, _, dense_ids, _ = dense.read_everything()
+    assert torch.equal(ids, dense_ids) and torch.equal(labels, dense.read_all()[1])
+    np.testing.assert_array_equal(extras["views"], dense.read_views())  # the same replayable views
+    kept = torch.from_numpy(extras["topk_ids"].astype(np.int64))
+    assert torch.equal(full.gather(-1, kept), values)  # each view's own raw logits, as stored densely
+    assert torch.equal(full.topk(3, dim=-1).values, values)  # and its 3 largest
+    torch.testing.assert_close(
+        torch.from_numpy(extras["lse"][..., 0]), torch.logsumexp(full, -1), atol=2e-2, rtol=0
+    )  # the full row's logsumexp (from the float32 logits; the dense cache holds float16)
+    assert store.manifest.teacher_accuracy == pytest.approx(dense.manifest.teacher_accuracy, abs=0.005)
+
+    args = ["--preset", "tiny", *VIEW_ARGS, *TOPK, "--epochs", "3", "--run-name", "v", "--device", "cpu"]
+    result = kd(paths, "distill", *args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((paths.runs / "v" / "summary.json").read_text())
+    assert summary["cache"] == str(path) and summary["student_val_accuracy"] > 0.2
+
+    out = cache_interop.export(path, tmp_path / "views.npz", "npz")
+    preset = with_overrides(load_preset("tiny"), VIEW_SETTINGS)
+    made = LogitStore.open(
+        cache_interop.import_(out, preset, tmp_path / "root", split="train", teacher_name="tiny-cnn1d")
+    )
+    assert made.manifest.views == store.manifest.views and made.manifest.sparse == store.manifest.sparse
+    again = made.read_everything()
+    assert torch.equal(again[0], values) and torch.equal(again[2], ids)
+    assert all(np.array_equal(again[3][name], extras[name]) for name in extras)
+    assert made.verify() == [] and made.manifest.teacher_accuracy == store.manifest.teacher_accuracy

@@ -22,13 +22,10 @@ from pipeline.datasets import Split, load_split
 from pipeline.errors import KDError
 from pipeline.models import load_checkpoint
 from pipeline.store import LogitStore, cache_key
-from tests.conftest import cache_paths
+from tests.conftest import VIEW_ARGS, VIEW_SETTINGS, cache_paths, view_cache
 from tests.factories import PRECISION, raw_logit_tolerance
 from tests.test_bad_inputs import assert_refused, run_kd, snapshot
 from tests.test_resume import array_files
-
-VIEW_SETTINGS = {"cache.augment": "shift", "cache.augment_pad": 2, "cache.views": 3}  # 3 of 5 shifts
-VIEW_ARGS = [arg for key, value in VIEW_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
 
 
 # -- parameters and replay -------------------------------------------------------------------------
@@ -75,22 +72,6 @@ def test_fresh_augmentation_draws_every_view_of_the_space() -> None:
 
 
 # -- stage 1 ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def views_data(tiny_data: Paths, tmp_path_factory: pytest.TempPathFactory) -> Paths:
-    """The tiny teacher's train split cached as 3 of the 5 shifts (pad 2) of every row."""
-    from stages import teacher_logits
-
-    paths = Paths(data=tmp_path_factory.mktemp("views"))
-    shutil.copytree(tiny_data.teachers, paths.teachers)
-    teacher_logits.run(with_overrides(load_preset("tiny"), VIEW_SETTINGS), paths)
-    return paths
-
-
-def view_cache(paths: Paths) -> Path:
-    (path,) = [p for p in cache_paths(paths, "train") if LogitStore.open(p).manifest.views]
-    return path
-
-
 @pytest.mark.slow
 def test_stage_1_stores_the_teachers_logits_of_each_replayed_view(views_data: Paths) -> None:
     store = LogitStore.open(view_cache(views_data))

@@ -36,7 +36,7 @@ from pipeline.store.integrity import nonfinite_rows, row_stats, shard_digest
 from pipeline.store.manifest import DISK_DTYPES, Manifest
 from pipeline.store.shard_cache import ShardCache
 from pipeline.store.sparse import EXTRAS as SPARSE_EXTRAS
-from pipeline.store.sparse import create_sparse_arrays, sparse_specs
+from pipeline.store.sparse import create_sparse_arrays, sparse_lead, sparse_specs
 from pipeline.store.views import augment_spec, create_views_array, expected_views_shape
 
 RECORDS = ("done", "stats", "crc32c")  # per-shard arrays, one chunk per shard
@@ -123,7 +123,7 @@ class LogitStore:
         if manifest.views:
             create_views_array(group, manifest, where)
         if manifest.sparse:
-            create_sparse_arrays(group, manifest.sparse, n, st)
+            create_sparse_arrays(group, manifest.sparse, n, st, _sparse_views(manifest))
         group.attrs.put(dataclasses.replace(manifest, complete=False).to_dict())
         return cls(group, where)
 
@@ -144,11 +144,12 @@ class LogitStore:
         the views' parameters, or the sparse layout's token ids, logsumexps and samples. Each is written
         with its shard and covered by the shard's CRC32C, in this order."""
         m = self.manifest
+        specs: dict[str, tuple[tuple[int, ...], str]] = {}
         if m.views:
-            return {"views": (expected_views_shape(m), "int16")}
-        if m.sparse:
-            return sparse_specs(m.sparse, m.dataset.length, DISK_DTYPES[m.storage.dtype])
-        return {}
+            specs["views"] = (expected_views_shape(m), "int16")
+        if m.sparse:  # a top-k cache of views has both, the views' parameters first
+            specs |= sparse_specs(m.sparse, m.dataset.length, DISK_DTYPES[m.storage.dtype], _sparse_views(m))
+        return specs
 
     @property
     def num_views(self) -> int:
@@ -665,12 +666,18 @@ class ShardWriter:
 
 
 def _row_shape(manifest: Manifest) -> tuple[int, ...]:
-    """The stored logits of one sample: (C,); (K, C) for the views layout; (L, k) for the sparse one."""
-    if manifest.sparse:  # seq_len 0: classification rows, (k,)
-        return (*([manifest.sparse["seq_len"]] if manifest.sparse["seq_len"] else []), manifest.sparse["k"])
+    """The stored logits of one sample: (C,); (K, C) for the views layout; (L, k) for the sparse one
+    ((k,) for a classification row, (K, k) for its K views)."""
+    if manifest.sparse:
+        return (*sparse_lead(manifest.sparse, _sparse_views(manifest)), manifest.sparse["k"])
     if manifest.views:
         return (manifest.num_views, manifest.dataset.num_classes)
     return (manifest.dataset.num_classes,)
+
+
+def _sparse_views(manifest: Manifest) -> int:
+    """K views a row of a top-k cache of augmented views; 0 without views."""
+    return manifest.num_views if manifest.views else 0
 
 
 def _label_shape(manifest: Manifest) -> tuple[int, ...]:

@@ -103,8 +103,12 @@ def verify(store: LogitStore) -> list[str]:
         if m.sparse:  # the teacher's top token against each real next token
             if not np.isfinite(extras["lse"]).all():
                 problems.append(f"{rows} has NaN or Inf logsumexps")
-            real = labels != -100
-            correct += int(((extras["topk_ids"][..., 0].astype(np.int64) == labels) & real).sum())
+            top = extras["topk_ids"][..., 0].astype(np.int64)  # (rows,), (rows, L) or (rows, K views)
+            wanted = np.broadcast_to(
+                labels.reshape(*labels.shape, *[1] * (top.ndim - labels.ndim)), top.shape
+            )
+            real = wanted != -100
+            correct += int(((top == wanted) & real).sum())
             checked += int(real.sum())
         else:
             predicted = logits.argmax(-1).view(len(labels), -1)  # (rows, K): every view's prediction

@@ -21,7 +21,8 @@ from pipeline.errors import KDError
 FORMAT_NAME = "kd-logits"
 FORMAT_VERSION = 2  # 2: per-shard stats and crc32c arrays, shard_crc32c in the manifest
 VIEWS_FORMAT_VERSION = 3  # 3: the views layout (logits (N, K, C) + views (N, K, P)); dense caches stay 2
-SPARSE_FORMAT_VERSION = 4  # 4: the sparse layout (per token top-k + logsumexp + samples, store/sparse.py)
+SPARSE_FORMAT_VERSION = 4  # 4: the sparse layout (per token top-k + logsumexp + samples, store/sparse.py;
+# with a views entry: top-k per augmented view of a classification row)
 READABLE_VERSIONS = (FORMAT_VERSION, VIEWS_FORMAT_VERSION, SPARSE_FORMAT_VERSION)
 # The on-disk dtype of each storage dtype: zarr has no bfloat16, so its bits are kept as uint16.
 DISK_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
@@ -105,7 +106,7 @@ class Manifest:
         views, sparse = dict(raw.get("views", {})), dict(raw.get("sparse", {}))
         layout = "sparse" if sparse else "views" if views else "dense"
         wanted = {"sparse": SPARSE_FORMAT_VERSION, "views": VIEWS_FORMAT_VERSION, "dense": FORMAT_VERSION}
-        if fmt.get("version") != wanted[layout] or (views and sparse):
+        if fmt.get("version") != wanted[layout] or (views and sparse.get("seq_len")):  # no views of text
             raise KDError(
                 f"format version {fmt.get('version')} does not match its layout ({layout}): "
                 "re-run `kd teacher-logits`"

@@ -42,6 +42,7 @@ __all__ = [
     "dense_from_topk",
     "id_dtype",
     "reduce_logits",
+    "sparse_lead",
     "sparse_record",
     "sparse_specs",
     "uniform_tail_logit",
@@ -70,10 +71,19 @@ def sparse_record(
     }
 
 
-def sparse_specs(entry: Mapping[str, Any], rows: int, value_dtype: str) -> dict[str, tuple[tuple, str]]:
-    """{extra array: (shape, dtype)} of a sparse cache of `rows` sequences (sampled ones only if S > 0)."""
+def sparse_lead(entry: Mapping[str, Any], views: int = 0) -> tuple[int, ...]:
+    """The axes between a row and its k kept values: (L,) per token of a sequence, (K,) per augmented view
+    of a classification row (the views layout), () for one classification row (seq_len 0)."""
+    return (entry["seq_len"],) if entry["seq_len"] else (views,) if views else ()
+
+
+def sparse_specs(
+    entry: Mapping[str, Any], rows: int, value_dtype: str, views: int = 0
+) -> dict[str, tuple[tuple, str]]:
+    """{extra array: (shape, dtype)} of a sparse cache of `rows` sequences, or classification rows of
+    `views` views each (sampled arrays only if S > 0)."""
     ids, s = entry["id_dtype"], entry["samples"]
-    lead = (rows, entry["seq_len"]) if entry["seq_len"] else (rows,)  # seq_len 0: one row, one label
+    lead = (rows, *sparse_lead(entry, views))
     specs: dict[str, tuple[tuple, str]] = {
         "topk_ids": ((*lead, entry["k"]), ids),
         "lse": ((*lead, len(entry["lse_temperatures"])), "float32"),
@@ -85,10 +95,12 @@ def sparse_specs(entry: Mapping[str, Any], rows: int, value_dtype: str) -> dict[
     return specs
 
 
-def create_sparse_arrays(group: zarr.Group, entry: Mapping[str, Any], rows: int, storage: Any) -> None:
+def create_sparse_arrays(
+    group: zarr.Group, entry: Mapping[str, Any], rows: int, storage: Any, views: int = 0
+) -> None:
     from pipeline.store.manifest import DISK_DTYPES
 
-    for name, (shape, dtype) in sparse_specs(entry, rows, DISK_DTYPES[storage.dtype]).items():
+    for name, (shape, dtype) in sparse_specs(entry, rows, DISK_DTYPES[storage.dtype], views).items():
         chunk = (storage.shard_rows, *shape[1:])  # one chunk per shard: one writer per shard
         group.create_array(
             name,
