@@ -242,7 +242,11 @@ class StreamedBatches:
         carry_zt = torch.empty(0, self.store.num_classes)
         carry_params = torch.empty(0, spec.num_params, dtype=torch.int16)
         stream = self.store.iter_shuffled(generator, buffer_blocks=self.buffer_blocks, shards=shards)
-        for logits, ids, params in stream:
+        sparse = self.store.manifest.sparse
+        for logits, ids, extras in stream:
+            if sparse:  # a top-k cache: every logit, the missing ones from the uniform tail
+                logits = dense_from_topk(logits, extras, sparse)
+            params = torch.from_numpy(extras["views"]) if "views" in extras else None
             pos = positions_of(ids, self.split.ids)
             keep = self.keep[pos]
             pos, logits = pos[keep], logits[keep]

@@ -701,8 +701,9 @@ def _views_text(preset: Preset) -> str:
 
 
 def fits_in_memory(store: LogitStore, cfg: DistillConfig) -> bool:
-    """Whether the cache, as float32 logits, fits `distill.memory_budget_mb` (then it is read whole)."""
-    return store.num_rows * store.num_views * store.num_classes * 4 <= cfg.memory_budget_mb * 2**20
+    """Whether the cache, as training holds it (LogitStore.memory_bytes), fits `distill.memory_budget_mb`:
+    then it is read whole, else streamed."""
+    return store.memory_bytes() <= cfg.memory_budget_mb * 2**20
 
 
 def _far_cache(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:

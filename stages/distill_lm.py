@@ -20,7 +20,7 @@ from pipeline.config import Paths, Preset
 from pipeline.datasets import load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import KDError
-from pipeline.lm import LMEpoch, SparseTargets, evaluate, fit_lm, lm_loss
+from pipeline.lm import LMEpoch, SparseTargets, StreamedSequences, evaluate, fit_lm, lm_loss
 from pipeline.models import (
     architecture_record,
     build_model,
@@ -66,8 +66,15 @@ def run(
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     temperatures = [temperature_at(e, cfg) for e in range(cfg.train.epochs)]
+    bs = cfg.train.batch_size
     store, targets, teacher, teacher_test, source = _teacher_side(preset, paths, cache, train, test, device)
-    approximated = sorted({t for t in temperatures if targets is not None and not targets.has_temperature(t)})
+    stored = stored_temperatures(store) if store is not None else ()
+    approximated = sorted({t for t in temperatures if store and not any(abs(t - s) < 1e-6 for s in stored)})
+    stream = (
+        None if store is None or targets is not None else StreamedSequences(store, train.ids, train_rows, bs)
+    )
+    if stream is not None and ranks.active:
+        stream.shard(ranks.rank, ranks.world)
 
     student = build_model(preset.student, train.num_classes, train.input_shape)
     check_fits_data(student, train, "student", preset.student.arch)
@@ -112,11 +119,21 @@ def run(
                 highlight=False,
             )
 
-    bs = cfg.train.batch_size
-
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any, float]]:
         """Global batches of the shuffled training rows; under DDP each rank takes every world-th row
-        of each (a last batch with fewer rows than processes is skipped by all, so all step together)."""
+        of each (a last batch with fewer rows than processes is skipped by all, so all step together).
+        A streamed cache brings its own batches (StreamedSequences; under DDP each rank its shards)."""
+        if stream is not None:
+            for rows, side in stream.epoch(generator):
+                x, y = train.inputs[rows].to(device), train.labels[rows].to(device)
+                scale = 1.0
+                if ranks.active:  # weighted by this rank's share of the global batch's real tokens
+                    real = (y != PAD_LABEL).sum()
+                    both = real.clone()
+                    torch.distributed.all_reduce(both)
+                    scale = ranks.world * float(real) / max(float(both), 1.0)
+                yield x, y, side.to(device), scale
+            return
         order = train_rows[torch.randperm(len(train_rows), generator=generator)]
         for i in range(0, len(order), bs):
             rows, scale = order[i : i + bs], 1.0
@@ -235,7 +252,7 @@ def _teacher_side(
     the targets come from): a cache for kd, the teacher itself for --online, nothing for ce. A cache is
     checked before training: temperatures it cannot give exactly (with distill.sparse_exact), and
     samples for the sampled target."""
-    from stages.distill import _online_teacher, _open_cache
+    from stages.distill import _online_teacher, _open_cache, fits_in_memory
 
     cfg = preset.distill
     temperatures = [temperature_at(e, cfg) for e in range(cfg.train.epochs)]
@@ -251,32 +268,41 @@ def _teacher_side(
     elif cfg.method == "kd":
         store = _open_cache(preset, paths, train, cache, required=True)
         assert store is not None
-        values, _, ids, extras = store.read_everything()
-        if not torch.equal(ids, train.ids):
-            raise KDError(f"cache {store.where} lists its sequences in another order than the data")
-        targets = SparseTargets.from_arrays(
-            values, extras, store.manifest.sparse, store.manifest.storage.dtype
-        )
-        missing = sorted({t for t in temperatures if not targets.has_temperature(t)})
+        stored = stored_temperatures(store)
+        missing = sorted({t for t in temperatures if not any(abs(t - s) < 1e-6 for s in stored)})
         if missing and cfg.sparse_exact:
-            listed = ", ".join(f"{t:g}" for t in targets.temperatures)
-            wanted = ",".join(f"{t:g}" for t in sorted({*targets.temperatures, *missing}))
+            listed = ", ".join(f"{t:g}" for t in stored)
+            wanted = ",".join(f"{t:g}" for t in sorted({*stored, *missing}))
             raise KDError(
                 f"cache {store.where} has the full logsumexp at T = {listed} only, not at T = "
                 f"{', '.join(f'{t:g}' for t in missing)} (distill.sparse_exact = true): rebuild it with "
                 f"--set cache.lse_temperatures={wanted}"
                 ", or set distill.sparse_exact=false for the uniform-tail approximation"
             )
-        if cfg.sparse_target == "sampled" and targets.sampled_ids is None:
+        if cfg.sparse_target == "sampled" and not store.manifest.sparse["samples"]:
             raise KDError(
                 f"distill.sparse_target = sampled but cache {store.where} holds no sampled tokens: rebuild "
                 "it with --set cache.samples=S (e.g. 32)"
             )
+        if fits_in_memory(store, cfg):
+            values, _, ids, extras = store.read_everything()
+            if not torch.equal(ids, train.ids):
+                raise KDError(f"cache {store.where} lists its sequences in another order than the data")
+            targets = SparseTargets.from_arrays(
+                values, extras, store.manifest.sparse, store.manifest.storage.dtype
+            )
+            source = f"cache in memory ({cfg.sparse_target})"
+        else:  # bigger than distill.memory_budget_mb: shard by shard as training asks (StreamedSequences)
+            source = f"cache streamed, shard-shuffled ({cfg.sparse_target})"
         teacher_test = _teacher_test_perplexity(store, test)
-        source = f"cache in memory ({cfg.sparse_target})"
     else:
         source = "labels"
     return store, targets, teacher, teacher_test, source
+
+
+def stored_temperatures(store: LogitStore) -> tuple[float, ...]:
+    """The temperatures a sparse cache holds the full logsumexp at (exact targets there)."""
+    return tuple(float(t) for t in store.manifest.sparse["lse_temperatures"])
 
 
 def _teacher_test_perplexity(store: LogitStore, test: Any) -> float | None:

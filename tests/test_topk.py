@@ -87,6 +87,11 @@ def test_a_top_k_cache_of_views_keeps_each_views_top_k_and_round_trips(
     assert result.exit_code == 0, result.output
     summary = json.loads((paths.runs / "v" / "summary.json").read_text())
     assert summary["cache"] == str(path) and summary["student_val_accuracy"] > 0.2
+    streamed = [*args[:-4], "--run-name", "s", "--device", "cpu", "--set", "distill.memory_budget_mb=0"]
+    result = kd(paths, "distill", *streamed)
+    assert result.exit_code == 0, result.output  # streamed shard by shard, rebuilt to every class per block
+    assert json.loads((paths.runs / "s" / "config.json").read_text())["batches"].startswith("cache streamed")
+    assert json.loads((paths.runs / "s" / "summary.json").read_text())["student_val_accuracy"] > 0.2
 
     out = cache_interop.export(path, tmp_path / "views.npz", "npz")
     preset = with_overrides(load_preset("tiny"), VIEW_SETTINGS)

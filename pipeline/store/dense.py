@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import queue
 import signal
@@ -470,14 +471,14 @@ class LogitStore:
         block_rows: int | None = None,
         buffer_blocks: int = 4,
         shards: list[int] | None = None,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Stream (logits, ids, view parameters or None) in shuffled order without scattered reads:
-        contiguous blocks (default a whole shard, the unit of storage, read in one call) in random
-        order, then rows shuffled within a buffer of `buffer_blocks` blocks. The next buffer is read by
-        a background thread while this one is used; rows are shuffled in the storage dtype, then
-        converted. Pass block_rows=chunk_rows to bound memory on huge shards. `shards` (whole-shard
-        blocks only): read just these, in this order (a DDP rank's share of an epoch)."""
-        self.refuse_sparse_stream()
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+        """Stream (logits, ids, the layout's other arrays by name: the views' parameters, the sparse
+        layout's ids, logsumexps and samples) in shuffled order without scattered reads: contiguous
+        blocks (default a whole shard, the unit of storage, read in one call) in random order, then rows
+        shuffled within a buffer of `buffer_blocks` blocks. The next buffer is read by a background
+        thread while this one is used; rows are shuffled in the storage dtype, then converted. Pass
+        block_rows=chunk_rows to bound memory on huge shards. `shards` (whole-shard blocks only): read
+        just these, in this order (a DDP rank's share of an epoch)."""
         block = block_rows or self.shard_rows
         starts = list(range(0, self.num_rows, block))
         if shards is not None:
@@ -487,64 +488,68 @@ class LogitStore:
             order = torch.randperm(len(starts), generator=generator).tolist()
         buffers = [order[i : i + buffer_blocks] for i in range(0, len(order), buffer_blocks)]
 
-        has_views = bool(self.manifest.views)
-
-        def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            raws, ids, views = [], [], []  # logits in the storage dtype, ids, view parameters
+        def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+            raws, ids, extras = [], [], []  # logits in the storage dtype, ids, the other arrays
             for i in blocks:
                 a, b = starts[i], min(starts[i] + block, self.num_rows)
                 if block == self.shard_rows:  # a whole shard: checked against its checksum as it streams
-                    raw, _, params = self.read_shard(i)
+                    raw, _, more = self.read_shard(i)
                 else:
-                    raw = self.read("logits", a, b)
-                    params = self.read("views", a, b) if has_views else None
+                    raw, more = (
+                        self.read("logits", a, b),
+                        {name: self.read(name, a, b) for name in self.extra_specs},
+                    )
                 raws.append(as_tensor(raw))
                 ids.append(self.ids[a:b])
-                if params is not None:
-                    views.append(torch.from_numpy(params))
-            return torch.cat(raws), torch.cat(ids), torch.cat(views) if has_views else None
+                extras.append(more)
+            joined = {name: np.concatenate([e[name] for e in extras]) for name in self.extra_specs}
+            return torch.cat(raws), torch.cat(ids), joined
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool:
             pending = pool.submit(load, buffers[0]) if buffers else None
             for k in range(len(buffers)):
                 assert pending is not None
-                raw, ids, views = pending.result()
+                raw, ids, extras = pending.result()
                 if k + 1 < len(buffers):
                     pending = pool.submit(load, buffers[k + 1])
                 perm = torch.randperm(len(ids), generator=generator)
                 logits, ids = to_float(raw[perm], self.manifest.storage.dtype), ids[perm]  # gather, widen
                 self.refuse_nonfinite(logits, ids)  # before any of these rows reaches training
-                yield logits, ids, None if views is None else views[perm]
+                yield logits, ids, {name: values[perm.numpy()] for name, values in extras.items()}
 
-    def read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """One shard's stored (logits, labels, view parameters or None), checked against its CRC32C:
-        from the local shard cache when it holds them (a copy that fails the check is fetched again),
-        else read from the store and then kept there."""
-        self.refuse_sparse_stream()
+    def read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """One shard's stored (logits, labels, the layout's other arrays by name), checked against its
+        CRC32C: from the local shard cache when it holds them (a copy that fails the check is fetched
+        again), else read from the store and then kept there."""
         a, b = self.shard_range(shard)
         ids = self.ids[a:b].numpy()
         held = self.shard_cache.get(shard) if self.shard_cache is not None else None
-        if held is not None:
-            arrays = (held["logits"], held["labels"], held.get("views"))
+        if held is not None and all(name in held for name in ("logits", "labels", *self.extra_specs)):
+            extras = {name: held[name] for name in self.extra_specs}
             try:
-                self.check_shard(shard, *arrays[:2], ids, arrays[2])
-                return arrays
+                self.check_shard(shard, held["logits"], held["labels"], ids, extras)
+                return held["logits"], held["labels"], extras
             except KDError:
                 pass  # a damaged local copy: the store's shard below replaces it
         raw, labels = self.read("logits", a, b), self.read("labels", a, b)
-        views = self.read("views", a, b) if self.manifest.views else None
-        self.check_shard(shard, raw, labels, ids, views)
+        extras = {name: self.read(name, a, b) for name in self.extra_specs}
+        self.check_shard(shard, raw, labels, ids, extras)
         if self.shard_cache is not None:
-            kept = {"logits": raw, "labels": labels, **({} if views is None else {"views": views})}
-            self.shard_cache.put(shard, kept)
-        return raw, labels, views
+            self.shard_cache.put(shard, {"logits": raw, "labels": labels, **extras})
+        return raw, labels, extras
 
-    def refuse_sparse_stream(self) -> None:
-        if self.manifest.sparse:
-            raise KDError(
-                f"cache {self.where} is sparse (per-token top-k), which loads into memory and is not "
-                "streamed yet: raise distill.memory_budget_mb (and distill.remote_cache_mb for a far cache)"
-            )
+    def memory_bytes(self) -> int:
+        """What training holds in memory when it reads this cache whole: float32 logits of every class
+        (a top-k classification cache is rebuilt to every class), or, for token sequences, the sparse
+        arrays as read (values float32, ids int64)."""
+        m = self.manifest
+        if not (m.sparse and m.sparse["seq_len"]):
+            return self.num_rows * self.num_views * self.num_classes * 4
+        per_row = math.prod(self.row_shape) * 4 + sum(
+            math.prod(shape[1:]) * (8 if name.endswith("ids") else 4)
+            for name, (shape, _) in self.extra_specs.items()
+        )
+        return self.num_rows * per_row
 
     def nbytes_stored(self, names: tuple[str, ...] | None = None) -> int:
         """Bytes on disk of `names` (default every array of the layout but the per-shard records)."""
