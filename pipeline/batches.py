@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -164,9 +165,9 @@ def cached_views_for(store: LogitStore, split: Split) -> torch.Tensor | None:
     return aligned
 
 
-class StreamedBatches:
-    """Block-shuffled reads from the store (see LogitStore.iter_shuffled); inputs fetched by sample id;
-    rows outside `rows` are skipped.
+class ShardStream:
+    """Batches from a store too big for memory, read shard by shard (LogitStore.iter_shuffled); rows
+    outside `rows` are skipped. Subclasses make the batches (`_epoch`).
 
     Under DDP the shards are partitioned: each epoch's shuffled shard order is dealt round-robin across
     the W ranks, so every shard is read once per epoch in all (not once per rank). Each rank makes
@@ -176,25 +177,14 @@ class StreamedBatches:
     next. The global batch is still batch_size rows, but not the rows one process would draw."""
 
     def __init__(
-        self,
-        store: LogitStore,
-        split: Split,
-        rows: torch.Tensor,
-        batch_size: int,
-        device: torch.device,
-        buffer_blocks: int = 4,
-        views: Views | None = None,
+        self, store: LogitStore, split_ids: torch.Tensor, rows: torch.Tensor, batch_size: int
     ) -> None:
-        self.store, self.split = store, split
-        self.keep = torch.zeros(len(split), dtype=torch.bool)
+        self.store, self.split_ids, self.batch_size = store, split_ids, batch_size
+        self.keep = torch.zeros(len(split_ids), dtype=torch.bool)
         self.keep[rows] = True
-        self.batch_size, self.device, self.buffer_blocks = batch_size, device, buffer_blocks
-        self.views = views or Views()  # params unused: a streamed view cache brings its own
-        self.picker: ViewPicker | None = None
         self.rank, self.world = 0, 1
-        self.epochs_done = 0
         # kept (training) rows of each shard, in the store's order: what each rank's share holds
-        kept = self.keep[positions_of(store.ids, split.ids)]
+        kept = self.keep[positions_of(store.ids, split_ids)]
         self.kept_per_shard = [
             int(kept[a:b].sum()) for a, b in map(store.shard_range, range(store.num_shards))
         ]
@@ -208,7 +198,7 @@ class StreamedBatches:
             )
         self.rank, self.world = rank, world
 
-    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+    def epoch(self, generator: torch.Generator) -> Iterator[Any]:
         if self.world == 1:
             yield from self._epoch(generator, self.batch_size, None)
             return
@@ -224,6 +214,32 @@ class StreamedBatches:
         for _, batch in zip(range(limit), batches, strict=False):
             yield batch
         batches.close()
+
+    def _epoch(self, generator: torch.Generator, batch_size: int, shards: list[int] | None) -> Iterator[Any]:
+        """Batches of `batch_size` kept rows from `shards` (None: all, in an order drawn from
+        `generator`), the last one partial."""
+        raise NotImplementedError
+
+
+class StreamedBatches(ShardStream):
+    """Classification batches from a streamed cache (see ShardStream): inputs fetched by sample id, a view
+    cache's stored view replayed, a top-k cache rebuilt to every class block by block."""
+
+    def __init__(
+        self,
+        store: LogitStore,
+        split: Split,
+        rows: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        buffer_blocks: int = 4,
+        views: Views | None = None,
+    ) -> None:
+        super().__init__(store, split.ids, rows, batch_size)
+        self.split, self.device, self.buffer_blocks = split, device, buffer_blocks
+        self.views = views or Views()  # params unused: a streamed view cache brings its own
+        self.picker: ViewPicker | None = None
+        self.epochs_done = 0
 
     def _epoch(
         self,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.batches import ShardStream, positions_of
 from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
 from pipeline.schedules import lr_at
@@ -103,57 +104,14 @@ class SparseTargets:
         return torch.logaddexp(kept, math.log(missing) + u / t)
 
 
-class StreamedSequences:
-    """Training batches from a sparse cache too big for memory, read shard-shuffled (LogitStore.iter_shuffled:
-    whole shards in random order, each checked against its checksum, rows shuffled within a buffer):
-    (positions of the sequences in the split, their teacher side on the CPU). Rows outside `rows` (the
-    validation sequences) are skipped.
+class StreamedSequences(ShardStream):
+    """Training batches from a sparse cache too big for memory (see ShardStream: whole shards in random
+    order, each checked against its checksum, rows shuffled within a buffer; under DDP each rank its own
+    shards): (positions of the sequences in the split, their teacher side on the CPU)."""
 
-    Under DDP (`shard`), as StreamedBatches: each epoch's shuffled shard order is dealt round-robin to the
-    W ranks, so every shard is read once per epoch in all; each rank makes batches of batch_size / W
-    sequences from its own shards and every rank stops after the same number of batches (the smallest
-    share's); the rows past it sit this epoch out."""
-
-    def __init__(self, store: Any, split_ids: torch.Tensor, rows: torch.Tensor, batch_size: int) -> None:
-        from pipeline.batches import positions_of
-
-        self.store, self.split_ids, self.batch_size = store, split_ids, batch_size
-        self.keep = torch.zeros(len(split_ids), dtype=torch.bool)
-        self.keep[rows] = True
-        kept = self.keep[positions_of(store.ids, split_ids)]
-        self.kept_per_shard = [
-            int(kept[a:b].sum()) for a, b in map(store.shard_range, range(store.num_shards))
-        ]
-        self.rank, self.world = 0, 1
-
-    def shard(self, rank: int, world: int) -> None:
-        if world > 1 and self.batch_size % world:
-            raise KDError(
-                f"distill.train.batch_size ({self.batch_size}) must be a multiple of the {world} processes "
-                "when a cache is streamed: each process takes an equal share of the global batch"
-            )
-        self.rank, self.world = rank, world
-
-    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, SparseTargets]]:
-        if self.world == 1:
-            yield from self._stream(generator, self.batch_size, None)
-            return
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # equal on every rank
-        order = torch.randperm(self.store.num_shards, generator=torch.Generator().manual_seed(seed)).tolist()
-        shares = [order[r :: self.world] for r in range(self.world)]
-        local = self.batch_size // self.world
-        limit = min(sum(self.kept_per_shard[i] for i in share) for share in shares) // local
-        mine = torch.Generator().manual_seed(seed + 1 + self.rank)
-        batches = self._stream(mine, local, shares[self.rank])
-        for _, batch in zip(range(limit), batches, strict=False):
-            yield batch
-        batches.close()
-
-    def _stream(
+    def _epoch(
         self, generator: torch.Generator, batch_size: int, shards: list[int] | None
     ) -> Iterator[tuple[torch.Tensor, SparseTargets]]:
-        from pipeline.batches import positions_of
-
         m = self.store.manifest
         pos = torch.empty(0, dtype=torch.int64)
         values = torch.empty(0, *self.store.row_shape)
