@@ -481,6 +481,12 @@ def test_torchrun_distills_a_language_model_like_one_process(lm_data: Paths, tmp
     assert curve("ddp") == pytest.approx(curve("one"), rel=1e-4)
     assert json.loads((data / "runs" / "ddp" / "config.json").read_text())["mode"] == "ddp x2"
     assert sorted(p.name for p in (data / "runs").iterdir()) == ["ddp", "one"]
+    # streamed: each process reads its own shards of every epoch, its loss weighted by its real tokens
+    streamed = torchrun(data, *argv, "--run-name", "ddp-streamed", "--set", "distill.memory_budget_mb=0")
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    config = json.loads((data / "runs" / "ddp-streamed" / "config.json").read_text())
+    assert config["mode"] == "ddp x2" and config["batches"].startswith("cache streamed")
+    assert len(curve("ddp-streamed")) == 2 and all(1 < p < 300 for p in curve("ddp-streamed"))
 
 
 @pytest.mark.slow
