@@ -68,8 +68,7 @@ def run(
     temperatures = [temperature_at(e, cfg) for e in range(cfg.train.epochs)]
     bs = cfg.train.batch_size
     store, targets, teacher, teacher_test, source = _teacher_side(preset, paths, cache, train, test, device)
-    stored = stored_temperatures(store) if store is not None else ()
-    approximated = sorted({t for t in temperatures if store and not any(abs(t - s) < 1e-6 for s in stored)})
+    approximated = unstored_temperatures(store, temperatures) if store is not None else []
     stream = (
         None if store is None or targets is not None else StreamedSequences(store, train.ids, train_rows, bs)
     )
@@ -268,8 +267,8 @@ def _teacher_side(
     elif cfg.method == "kd":
         store = _open_cache(preset, paths, train, cache, required=True)
         assert store is not None
-        stored = stored_temperatures(store)
-        missing = sorted({t for t in temperatures if not any(abs(t - s) < 1e-6 for s in stored)})
+        stored = store.manifest.sparse["lse_temperatures"]
+        missing = unstored_temperatures(store, temperatures)
         if missing and cfg.sparse_exact:
             listed = ", ".join(f"{t:g}" for t in stored)
             wanted = ",".join(f"{t:g}" for t in sorted({*stored, *missing}))
@@ -300,9 +299,10 @@ def _teacher_side(
     return store, targets, teacher, teacher_test, source
 
 
-def stored_temperatures(store: LogitStore) -> tuple[float, ...]:
-    """The temperatures a sparse cache holds the full logsumexp at (exact targets there)."""
-    return tuple(float(t) for t in store.manifest.sparse["lse_temperatures"])
+def unstored_temperatures(store: LogitStore, temperatures: list[float]) -> list[float]:
+    """The temperatures of `temperatures` a sparse cache holds no full logsumexp at (approximated)."""
+    stored = store.manifest.sparse["lse_temperatures"]
+    return sorted({t for t in temperatures if not any(abs(t - s) < 1e-6 for s in stored)})
 
 
 def _teacher_test_perplexity(store: LogitStore, test: Any) -> float | None:
