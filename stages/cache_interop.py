@@ -48,6 +48,18 @@ console = Console(stderr=True, soft_wrap=True)
 FORMATS = ("hdf5", "npz")
 
 
+SUFFIXES = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5"}
+
+
+def export_format(out: Path, fmt: str | None) -> str:
+    """The format to write: --format, else the one --out's extension names (else hdf5); an extension
+    naming the other format is refused, so a file never holds what its name does not say."""
+    named = SUFFIXES.get(out.suffix.lower())
+    if fmt is not None and named is not None and fmt != named:
+        raise KDError(f"--out {out} names an {named} file but --format is {fmt}: make them agree")
+    return fmt or named or "hdf5"
+
+
 def export(path: Path, out: Path, fmt: str) -> Path:
     if fmt not in FORMATS:
         raise KDError(f"unknown export format '{fmt}': choose hdf5 or npz")

@@ -492,12 +492,14 @@ def cache_gc(
 def cache_export(
     path: Annotated[Path, typer.Argument(help="A cache folder (.zarr).")],
     out: Annotated[Path, typer.Option(help="The file to write (.h5 or .npz).")],
-    format_: Annotated[str, typer.Option("--format", help="hdf5 or npz.")] = "hdf5",
+    format_: Annotated[
+        str | None, typer.Option("--format", help="hdf5 or npz [default: from --out's extension, else hdf5].")
+    ] = None,
 ) -> None:
     """Write a cache's logits, labels, ids and manifest to an HDF5 or npz file."""
     from stages import cache_interop as stage
 
-    stage.export(path, out, format_)
+    stage.export(path, out, stage.export_format(out, format_))
 
 
 @cache_app.command("import")

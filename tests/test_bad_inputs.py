@@ -137,6 +137,12 @@ def export_onto_a_folder(tiny: Paths, data: Path) -> list[str]:
     return ["cache", "export", str(train), "--out", str(data / "out")]
 
 
+def export_format_unlike_its_name(tiny: Paths, data: Path) -> list[str]:
+    paths = _caches(tiny, data)
+    (train,) = cache_paths(paths, "train")
+    return ["cache", "export", str(train), "--out", str(data / "logits.npz"), "--format", "hdf5"]
+
+
 def non_utf8_preset(tiny: Paths, data: Path) -> list[str]:
     data.mkdir(parents=True, exist_ok=True)
     (data / "latin1.toml").write_bytes('name = "café"\n'.encode("latin-1"))
@@ -222,6 +228,11 @@ CASES: list[Case] = [
     (import_bad_manifest.__name__, import_bad_manifest, "its 'manifest' is not valid JSON"),
     (import_object_array.__name__, import_object_array, "needs pickle"),
     (export_onto_a_folder.__name__, export_onto_a_folder, "is a folder: name the file to write"),
+    (
+        export_format_unlike_its_name.__name__,
+        export_format_unlike_its_name,
+        "logits.npz names an npz file but --format is hdf5: make them agree",
+    ),
     (non_utf8_preset.__name__, non_utf8_preset, "is not UTF-8 text"),
     (corrupt_zip.__name__, corrupt_zip, "is not a readable zip file"),
     (nan_cache_with_valid_checksums.__name__, nan_cache_with_valid_checksums, "holds NaN or Inf logits"),

@@ -83,3 +83,18 @@ def test_import_refuses_other_data(tiny_data: Paths, tmp_path: Path) -> None:
     )
     result = kd(paths, "cache", "import", str(tmp_path / "missing.h5"), "--preset", "tiny")
     assert result.exit_code == 2 and "no file at" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [("logits.npz", "npz"), ("logits.H5", "hdf5"), ("logits.hdf5", "hdf5"), ("logits", "hdf5")],
+)
+def test_export_writes_the_format_its_file_name_says(
+    tiny_data: Paths, tmp_path: Path, name: str, fmt: str
+) -> None:
+    (train,) = cache_paths(tiny_data, "train")
+    out = tmp_path / name
+    result = kd(tiny_data, "cache", "export", str(train), "--out", str(out))  # no --format
+    assert result.exit_code == 0, result.output
+    magic = out.read_bytes()[:8]
+    assert magic.startswith(b"PK") if fmt == "npz" else magic == b"\x89HDF\r\n\x1a\n"
