@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,14 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: Sequence[int]) 
     try:
         model = builder(num_classes, tuple(input_shape), **dict(cfg.options))
     except (TypeError, ValueError) as err:
-        raise KDError(f"cannot build '{cfg.arch}' with options {dict(cfg.options)}: {err}") from None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        why = (
+            f"it takes no option '{unknown.group(1)}' (options written for another architecture? clear them "
+            "with --set student.options={} or --set teacher.model.options={})"
+            if unknown
+            else str(err)
+        )
+        raise KDError(f"cannot build '{cfg.arch}' with options {dict(cfg.options)}: {why}") from None
     if not isinstance(model, nn.Module):
         raise KDError(f"'{cfg.arch}' returned a {type(model).__name__}, not a torch.nn.Module")
     return model

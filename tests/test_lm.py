@@ -313,6 +313,10 @@ def test_every_target_trains_and_reports_perplexity(lm_data: Paths, tmp_path: Pa
             "has a vocabulary of 500 tokens but the data's tokenizer (byte-level BPE trained here, 300",
         ),
         (["--method", "dist"], "method 'dist' is for classification"),
+        (  # the preset's GPT options handed to a Hugging Face model
+            ["--set", "student.arch=hf-lm:OTHER"],
+            "it takes no option 'layers' (options written for another architecture? clear them with",
+        ),
     ],
 )
 def test_language_model_refusals_are_one_line(
