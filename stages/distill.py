@@ -128,6 +128,8 @@ def run(
         )
         if changes:
             console.print(f"settings changed from the preset: {describe(changes)}", highlight=False)
+        if data.approximation:
+            console.print(f"note: {data.approximation}", highlight=False)
     offset, seconds = 0, 0.0
     plan = phases(cfg)
     for i, phase in enumerate(plan):
@@ -182,6 +184,7 @@ class Prepared:
     device: torch.device
     views: str = "none"  # what the student's inputs are, against what targets (config.json "views")
     teacher_name: str | None = None
+    approximation: str | None = None  # how a top-k cache's missing logits are filled in (config.json)
 
     @property
     def val(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +255,28 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
         device,
         views,
         store.manifest.teacher.name if store else None,
+        _topk_approximation(store, cfg) if store is not None and cfg.method not in LABEL_ONLY else None,
     )
+
+
+def _topk_approximation(store: LogitStore, cfg: DistillConfig) -> str | None:
+    """What a top-k classification cache gives every method in place of the missing logits (None for a
+    cache of every logit); refused with distill.sparse_exact, which asks for exact targets."""
+    sparse = store.manifest.sparse
+    if not sparse or sparse["k"] >= sparse["vocab"]:
+        return None
+    t0, what = sparse["lse_temperatures"][0], f"top-{sparse['k']} cache of {sparse['vocab']} classes"
+    if cfg.sparse_exact:
+        raise KDError(
+            f"cache {store.where} is a {what} and distill.sparse_exact = true asks for exact targets: "
+            f"rebuild it with --set cache.topk={sparse['vocab']} (or dense), or set "
+            "distill.sparse_exact=false"
+        )
+    text = (
+        f"{what}: the missing logits are rebuilt by the uniform tail (all equal, keeping the tail's mass at "
+        f"T = {t0:g} exact), an approximation of the teacher's tail at every temperature"
+    )
+    return text
 
 
 def _student_views(
@@ -334,6 +358,7 @@ class RunRecorder:
             "mode": mode,
             "changed_settings": self.changes,
             "views": data.views,  # the student's inputs, and whether the targets are of the same views
+            "approximation": data.approximation,  # a top-k cache's rebuilt logits (None: every logit stored)
         }
         (run_dir / "config.json").write_text(strict_json.dumps(config, indent=2) + "\n")
         (run_dir / "summary.json").unlink(missing_ok=True)  # a run is finished only once this is back
@@ -582,9 +607,10 @@ def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
         ignored += ["distill.alpha", "distill.ce_weight", "distill.kd_weight"]  # alpha_schedule, alpha_end
     ignored.append("distill.remote_cache_mb")  # where far shards are kept: never what is trained
     if flat["dataset.name"] != "lm-text":  # the sparse (token-level) targets apply to language models
-        ignored += ["distill.sparse_target", "distill.sparse_exact"]
+        ignored += ["distill.sparse_target"]
         if flat["cache.layout"] == "dense":  # and the sparse layout's settings to sparse caches
             ignored += ["cache.topk", "cache.lse_temperatures", "cache.samples", "cache.sample_seed"]
+            ignored.append("distill.sparse_exact")
     else:
         ignored.append("cache.layout")  # language models: always the sparse layout
     if flat["cache.augment"] == "none":  # the fixed view: the view settings mean nothing

@@ -15,6 +15,7 @@ from pipeline.config import Paths, load_preset, with_overrides
 from pipeline.store import LogitStore
 from pipeline.store.sparse import dense_from_topk, reduce_logits, sparse_record
 from tests.conftest import VIEW_ARGS, VIEW_SETTINGS, cache_paths, view_cache
+from tests.test_bad_inputs import assert_refused, run_kd, snapshot
 from tests.test_cli import kd
 
 TOPK = ["--set", "cache.layout=topk", "--set", "cache.topk=3"]
@@ -92,6 +93,17 @@ def test_a_top_k_cache_of_views_keeps_each_views_top_k_and_round_trips(
     assert result.exit_code == 0, result.output  # streamed shard by shard, rebuilt to every class per block
     assert json.loads((paths.runs / "s" / "config.json").read_text())["batches"].startswith("cache streamed")
     assert json.loads((paths.runs / "s" / "summary.json").read_text())["student_val_accuracy"] > 0.2
+    config = json.loads((paths.runs / "v" / "config.json").read_text())
+    assert (
+        "top-3 cache of 10 classes: the missing logits are rebuilt by the uniform tail"
+        in config["approximation"]
+    )
+    before = snapshot(paths.data)
+    exact = run_kd(paths.data, "distill", *args[:-4], "--run-name", "e", "--set", "distill.sparse_exact=true")
+    assert_refused(
+        exact, "is a top-3 cache of 10 classes and distill.sparse_exact = true asks for exact targets"
+    )
+    assert snapshot(paths.data) == before
 
     out = cache_interop.export(path, tmp_path / "views.npz", "npz")
     preset = with_overrides(load_preset("tiny"), VIEW_SETTINGS)
