@@ -5,7 +5,8 @@
 Each configuration is a set of dotted overrides on the preset (its method's tuned `method_defaults`
 apply underneath). Runs land in data/runs/compare-<name>/<label>-s<seed>/ and are reused when their
 resolved config is unchanged; the report goes to data/reports/<name>/: report.md (mean +- std test
-accuracy, validation accuracy, wall time per run), results.csv (one row per run) and comparison.png.
+accuracy, validation accuracy, wall time per run; perplexity for language models), results.csv (one row
+per run) and comparison.png.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@
 The grid comes from the preset's [sweep] table and/or --grid KEY=V1,V2 (KEY a dotted setting or one of
 the short names below). Runs land in data/sweeps/<name>/runs/<combination>-s<seed>/; a rerun skips the
 ones already finished with the same resolved settings. The report: results.csv (one row per run),
-results.md (combinations sorted by validation accuracy, with test accuracy and wall time), plots of
-accuracy against the first numeric grid key per method, and the best combination with the command that
-reproduces it.
+results.md (combinations sorted by validation accuracy, with test accuracy and wall time; perplexity,
+lower first, for language models), plots of the metric against the first numeric grid key per method,
+and the best combination with the command that reproduces it.
 """
 
 from __future__ import annotations
