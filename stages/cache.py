@@ -25,7 +25,16 @@ from rich.text import Text
 from pipeline import strict_json
 from pipeline.errors import KDError
 from pipeline.remote import copy_cache, destination, list_root
-from pipeline.store import LogitStore, cache_dirname, cache_like, cache_lock, holder, inside, stale_entries
+from pipeline.store import (
+    LogitStore,
+    Manifest,
+    cache_dirname,
+    cache_like,
+    cache_lock,
+    holder,
+    inside,
+    stale_entries,
+)
 
 
 def info(path: str | Path, *, as_json: bool = False) -> None:
@@ -44,11 +53,7 @@ def info(path: str | Path, *, as_json: bool = False) -> None:
             "teacher",
             f"{m.teacher.name} ({m.teacher.architecture.get('arch')}), sha256 {m.teacher.fingerprint[:16]}",
         ),
-        (
-            "teacher accuracy",
-            f"{_pct(m.teacher_accuracy)} on this {m.dataset.split} split; "
-            f"{_pct(m.teacher.train_accuracy)} on the rows it was trained on",
-        ),
+        ("teacher accuracy", _teacher_accuracy(m)),
         (
             "logit stats",
             ", ".join(
@@ -263,6 +268,15 @@ def _cells(r: dict[str, Any], extra: list[str]) -> list[str]:
         "yes" if r["complete"] else "[red]no[/red]",
         *(str(r[column]) for column in extra),
     ]
+
+
+def _teacher_accuracy(m: Manifest) -> str:
+    """On this split, and on the rows it was trained on when known; of tokens for a language model."""
+    what = "of the next tokens" if m.sparse and m.sparse["seq_len"] else ""
+    text = f"{_pct(m.teacher_accuracy)}{' ' + what if what else ''} on this {m.dataset.split} split"
+    if m.teacher.train_accuracy is not None:
+        text += f"; {_pct(m.teacher.train_accuracy)} on the rows it was trained on"
+    return text
 
 
 def _count(n: int, what: str) -> str:

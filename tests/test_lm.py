@@ -460,6 +460,8 @@ def test_a_sparse_cache_exports_imports_and_describes_itself(lm_data: Paths, tmp
     )
     info = kd(lm_data, "cache", "info", str(lm_cache(lm_data)))
     assert info.exit_code == 0 and "per token of 16: top 8 of 300 logits (uint16 ids)" in info.output
+    accuracy = LogitStore.open(lm_cache(lm_data)).manifest.teacher_accuracy
+    assert f"teacher accuracy  {accuracy:.2%} of the next tokens on this train split\n" in info.output
 
 
 @pytest.mark.slow
