@@ -37,7 +37,7 @@ from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
 from pipeline.schedules import lr_at
 from pipeline.store.encoding import decode_logits
-from pipeline.store.sparse import PAD_LABEL, uniform_tail_logit
+from pipeline.store.sparse import PAD_LABEL, stored_at, uniform_tail_logit
 from pipeline.train import make_optimizer
 
 SPARSE_TARGETS = ("topk-tail", "topk", "sampled")
@@ -89,13 +89,13 @@ class SparseTargets:
         return self.rows(slice(None), device)  # type: ignore[arg-type]
 
     def has_temperature(self, t: float) -> bool:
-        return any(abs(t - s) < 1e-6 for s in self.temperatures)
+        return stored_at(self.temperatures, t) is not None
 
     def lse_at(self, t: float) -> torch.Tensor:
         """logsumexp(z / t) of the full rows (B, L): stored, or the uniform-tail approximation."""
-        for i, s in enumerate(self.temperatures):
-            if abs(t - s) < 1e-6:
-                return self.lse[..., i]
+        i = stored_at(self.temperatures, t)
+        if i is not None:
+            return self.lse[..., i]
         kept = torch.logsumexp(self.values / t, -1)
         missing = self.vocab - self.values.shape[-1]
         if missing == 0:

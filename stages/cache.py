@@ -293,11 +293,12 @@ def _sparse_short(sparse: dict[str, Any]) -> str:
 def _sparse(sparse: dict[str, Any], store: LogitStore) -> str:
     """The sparse layout in words, with its bytes per token on disk."""
     tokens = max(int(store.manifest.logit_stats.get("tokens", 0)), 1)  # tokens, views or rows in all
-    unit = "token" if sparse["seq_len"] else "view" if store.manifest.views else "row"
-    where = (
-        f"per token of {sparse['seq_len']}: "
+    unit, where = (
+        ("token", f"per token of {sparse['seq_len']}: ")
         if sparse["seq_len"]
-        else f"per {unit}{' of a row' * (unit == 'view')}: "
+        else ("view", "per view of a row: ")
+        if store.manifest.views
+        else ("row", "per row: ")
     )
     temps = ", ".join(f"{t:g}" for t in sparse["lse_temperatures"])
     s, seed = sparse["samples"], sparse["sample_seed"]

@@ -42,7 +42,7 @@ from pipeline.store import (
     software_versions,
 )
 from pipeline.store.sparse import EXTRAS as SPARSE_EXTRAS
-from pipeline.store.sparse import sparse_lead, sparse_specs
+from pipeline.store.sparse import PAD_LABEL, sparse_lead, sparse_specs, stored_at, teacher_hits
 
 console = Console(stderr=True, soft_wrap=True)
 FORMATS = ("hdf5", "npz")
@@ -302,17 +302,14 @@ def _import_sparse(
         sparse=dict(entry),
         views=views_entry,
     )
-    ones = [i for i, t in enumerate(entry["lse_temperatures"]) if abs(t - 1.0) < 1e-6]
-    if not ones:
+    one = stored_at(entry["lse_temperatures"], 1.0)
+    if one is None:
         raise KDError(f"{source} has no logsumexp at T = 1, which an imported cache needs (its perplexity)")
     # per row: the teacher's correct tokens (views), NLL at T = 1 and real tokens, as stage 1 records them
-    top = extras["topk_ids"][..., 0].astype(np.int64).reshape(n, -1)
-    wanted = np.broadcast_to(labels.reshape(n, -1), top.shape)
-    real = wanted != -100
-    nll = (extras["lse"][..., ones[0]] - extras["target_logit"]).reshape(n, -1)
-    stats = np.stack(
-        [((top == wanted) & real).sum(1), np.where(real, nll, 0.0).sum(1), real.sum(1)], 1
-    ).astype(np.float64)
+    hits, tokens = teacher_hits(extras["topk_ids"], labels)
+    nll = (extras["lse"][..., one] - extras["target_logit"]).reshape(n, -1)
+    real = np.broadcast_to(labels.reshape(n, -1), nll.shape) != PAD_LABEL
+    stats = np.stack([hits, np.where(real, nll, 0.0).sum(1), tokens], 1).astype(np.float64)
     path = root / cache_dirname(new)
     root.mkdir(parents=True, exist_ok=True)
     with cache_lock(path):

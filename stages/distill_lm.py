@@ -30,7 +30,7 @@ from pipeline.models import (
 )
 from pipeline.schedules import alpha_at, temperature_at
 from pipeline.store import LogitStore
-from pipeline.store.sparse import PAD_LABEL
+from pipeline.store.sparse import PAD_LABEL, stored_at
 from pipeline.train import pick_device, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)
@@ -301,8 +301,9 @@ def _teacher_side(
 
 def unstored_temperatures(store: LogitStore, temperatures: list[float]) -> list[float]:
     """The temperatures of `temperatures` a sparse cache holds no full logsumexp at (approximated)."""
-    stored = store.manifest.sparse["lse_temperatures"]
-    return sorted({t for t in temperatures if not any(abs(t - s) < 1e-6 for s in stored)})
+    return sorted(
+        {t for t in temperatures if stored_at(store.manifest.sparse["lse_temperatures"], t) is None}
+    )
 
 
 def _teacher_test_perplexity(store: LogitStore, test: Any) -> float | None:

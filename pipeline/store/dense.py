@@ -191,18 +191,17 @@ class LogitStore:
         labels: np.ndarray,
         ids: np.ndarray,
         stats: np.ndarray | None = None,
-        views: np.ndarray | None = None,
         extras: Extras | None = None,
     ) -> None:
-        """Write one whole shard (already encoded logits, and the layout's other arrays: `views`, the
-        views' parameters, or `extras` by name), its stats row (dense and views: correct, sum of L2
-        norms, sum of max-softmax over every view; sparse: correct tokens, NLL, tokens) and checksum,
-        then mark it done: `done` is the last thing a shard writes."""
+        """Write one whole shard (already encoded logits, and the layout's other arrays by name in
+        `extras`: the views' parameters, the sparse layout's ids, logsumexps and samples), its stats row
+        (dense and views: correct, sum of L2 norms, sum of max-softmax over every view; sparse: correct
+        tokens, NLL, tokens) and checksum, then mark it done: `done` is the last thing a shard writes."""
         start, stop = self.shard_range(shard)
         if logits.shape != (stop - start, *self.row_shape):
             want = (stop - start, *self.row_shape)
             raise ValueError(f"shard {shard} needs {want} logits, got {logits.shape}")
-        extras = self._extras(extras, views)
+        extras = dict(extras or {})
         if set(extras) != set(self.extra_specs):
             layout = self.manifest.layout
             raise ValueError(f"shard {shard}: the {layout} layout needs {list(self.extra_specs)}")
@@ -383,12 +382,12 @@ class LogitStore:
         logits: np.ndarray,
         labels: np.ndarray,
         ids: np.ndarray,
-        extras: np.ndarray | Extras | None = None,
+        extras: Extras | None = None,
     ) -> None:
         """Raise KDError when a shard's data (as read) does not match its recorded checksum. `extras`: the
-        layout's other arrays by name (a bare array: the views' parameters)."""
+        layout's other arrays by name."""
         expected = self.manifest.shard_crc32c[shard] if shard < len(self.manifest.shard_crc32c) else None
-        held = self._extras(None, extras) if isinstance(extras, np.ndarray) else dict(extras or {})
+        held = extras or {}
         extra = [held[name] for name in self.extra_specs if name in held]
         if expected is not None and shard_digest(logits, labels, ids, *extra).hex() != expected:
             raise KDError(
@@ -556,15 +555,6 @@ class LogitStore:
         names = names or ("logits", "labels", "index", "done", *self.extra_specs)
         return sum(int(self.array(name).nbytes_stored()) for name in names)
 
-    @staticmethod
-    def _extras(extras: Extras | None, views: np.ndarray | Extras | None) -> dict[str, np.ndarray]:
-        held = dict(extras or {})
-        if isinstance(views, np.ndarray):
-            held["views"] = views
-        elif views:
-            held.update(views)
-        return held
-
 
 class ShardWriter:
     """Takes rows in order, encodes them, and writes each full shard from a background thread,
@@ -654,7 +644,7 @@ class ShardWriter:
         self._buffered = left
         head = {name: a[:rows] for name, a in parts.items()}
         logits, labels, ids, stats = (head.pop(name) for name in ("logits", "labels", "ids", "stats"))
-        self._queue.put((self.shards[self._next], logits, labels, ids, stats.sum(0), None, head))
+        self._queue.put((self.shards[self._next], logits, labels, ids, stats.sum(0), head))
         self._next += 1
 
     def _run(self) -> None:

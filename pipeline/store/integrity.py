@@ -10,6 +10,7 @@ import torch
 
 from pipeline.errors import KDError
 from pipeline.store.encoding import decode_logits
+from pipeline.store.sparse import teacher_hits
 
 if TYPE_CHECKING:
     from pipeline.store.dense import LogitStore
@@ -103,12 +104,8 @@ def verify(store: LogitStore) -> list[str]:
         if m.sparse:  # the teacher's top token against each real next token
             if not np.isfinite(extras["lse"]).all():
                 problems.append(f"{rows} has NaN or Inf logsumexps")
-            top = extras["topk_ids"][..., 0].astype(np.int64)  # (rows,), (rows, L) or (rows, K views)
-            wanted = np.broadcast_to(
-                labels.reshape(*labels.shape, *[1] * (top.ndim - labels.ndim)), top.shape
-            )
-            real = wanted != -100
-            correct += int(((top == wanted) & real).sum())
+            hits, real = teacher_hits(extras["topk_ids"], labels)  # per token, view or row
+            correct += int(hits.sum())
             checked += int(real.sum())
         else:
             predicted = logits.argmax(-1).view(len(labels), -1)  # (rows, K): every view's prediction

@@ -45,6 +45,8 @@ __all__ = [
     "sparse_lead",
     "sparse_record",
     "sparse_specs",
+    "stored_at",
+    "teacher_hits",
     "uniform_tail_logit",
 ]
 
@@ -188,3 +190,17 @@ def uniform_tail_logit(values: torch.Tensor, lse0: torch.Tensor, t0: float, voca
     gap = (torch.logsumexp(values / t0, -1) - lse0).clamp(max=-1e-7)  # log(kept mass at t0) < 0
     tail0 = lse0 + torch.log1p(-torch.exp(gap))  # log of the tail's mass at t0
     return t0 * (tail0 - math.log(missing))
+
+
+def stored_at(temperatures: Sequence[float], t: float) -> int | None:
+    """The index of temperature t among a cache's lse_temperatures (None: no full logsumexp stored there)."""
+    return next((i for i, s in enumerate(temperatures) if abs(t - s) < 1e-6), None)
+
+
+def teacher_hits(topk_ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: how many of its positions (tokens, views, or the row itself) have the label as the
+    teacher's top id, and how many are real (not padding). Labels (N,) or (N, L); ids (N, ..., k)."""
+    top = np.asarray(topk_ids)[..., 0].astype(np.int64).reshape(len(topk_ids), -1)
+    wanted = np.broadcast_to(np.asarray(labels).reshape(len(labels), -1), top.shape)
+    real = wanted != PAD_LABEL
+    return ((top == wanted) & real).sum(1), real.sum(1)
