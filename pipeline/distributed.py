@@ -91,6 +91,14 @@ def total(ranks: Ranks, value: int) -> int:
     """The sum of an integer over every rank (the value itself in one process)."""
     if not ranks.active:
         return value
-    box = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(box)  # gloo and nccl both sum int64 on the CPU tensor's backend
+    box = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(box)
     return int(box.item())
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must live: nccl reduces only tensors on this process's GPU,
+    gloo only tensors on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -450,9 +450,10 @@ def load_checkpoint(folder: Path, *, trusted_arch: str | None = None) -> tuple[n
             f"checkpoint {folder} is built by code ('{arch['arch']}'): name that architecture in your "
             "preset's teacher.model.arch to trust it"
         )
-    model = build_model(
-        ModelConfig(arch=arch["arch"], options=arch["options"]), arch["num_classes"], arch["input_shape"]
-    )
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: draws nothing a student would
+        model = build_model(
+            ModelConfig(arch=arch["arch"], options=arch["options"]), arch["num_classes"], arch["input_shape"]
+        )
     try:
         model.load_state_dict(load_file(str(weights)))
     except RuntimeError as err:

@@ -153,6 +153,18 @@ def test_gpu_processes_need_a_gpu_each(
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize(("backend", "expected"), [("nccl", "cuda:0"), ("gloo", "cpu")])
+def test_collectives_use_a_tensor_where_the_backend_reduces(
+    monkeypatch: pytest.MonkeyPatch, backend: str, expected: str
+) -> None:
+    """nccl reduces only tensors on the process's GPU (a CPU tensor failed the streamed bytes count)."""
+    from pipeline import distributed
+
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert distributed.collective_device() == torch.device(expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_torchrun_on_a_gpu_uses_nccl(tiny_data: Paths, tmp_path: Path) -> None:

@@ -297,6 +297,23 @@ def test_every_method_trains_on_replayed_views(views_data: Paths, tmp_path: Path
     assert summary["student_val_accuracy"] > 0.17
 
 
+def test_online_and_cached_students_start_from_the_same_weights(tiny_data: Paths) -> None:
+    """Online and cached KD under one seed are a paired comparison: loading the online teacher (built
+    from a random init, then overwritten) draws nothing from the RNG the student is initialised from."""
+    from pipeline.batches import OnlineBatches
+    from pipeline.train import seed_everything
+    from stages.distill import prepare
+
+    states = []
+    for online in (False, True):
+        preset = with_overrides(load_preset("tiny"), {"distill.teacher_online": online})
+        seed_everything(preset.distill.seed)
+        data = prepare(preset, tiny_data, cache=None, device=torch.device("cpu"))
+        assert isinstance(data.batches, OnlineBatches) == online
+        states.append(torch.random.get_rng_state())
+    assert torch.equal(states[0], states[1])
+
+
 @pytest.mark.slow
 def test_online_kd_runs_the_teacher_on_the_students_views(views_data: Paths, tmp_path: Path) -> None:
     import json
