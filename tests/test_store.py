@@ -171,3 +171,23 @@ def test_verify_passes_a_good_store_and_names_each_problem(tmp_path) -> None:
     assert any(p.startswith("shard 0 (rows 0-8) has 1 rows with NaN") for p in problems)
     assert any("shard 1" in p and "CRC32C" in p for p in problems)
     assert not any("shard 2" in p for p in problems)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_non_finite_rows_are_found_from_the_stored_bits(dtype: str) -> None:
+    """Streaming and in-memory reads find NaN/Inf on the stored bits (no float pass): the same rows as
+    the float check, and none among the largest finite and the smallest subnormal values."""
+    from pipeline.store.encoding import encode_logits
+    from pipeline.store.integrity import nonfinite_rows, stored_nonfinite_rows
+
+    finfo = torch.finfo(getattr(torch, dtype))
+    logits = torch.randn(6, 2, 5)
+    logits[0, 0, 0], logits[1, 1, 4], logits[2, 0, 2] = finfo.max, -finfo.max, finfo.smallest_normal / 4
+    stored = encode_logits(logits, dtype)
+    assert stored_nonfinite_rows(stored) is None
+    logits[3, 1, 1], logits[5, 0, 3], logits[4] = float("nan"), float("inf"), -float("inf")
+    stored = encode_logits(logits, dtype)
+    found = stored_nonfinite_rows(stored)
+    assert found is not None and found.tolist() == [False, False, False, True, True, True]
+    assert found.tolist() == nonfinite_rows(logits).tolist()
+    assert stored_nonfinite_rows(stored[:0]) is None

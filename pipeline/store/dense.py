@@ -33,7 +33,7 @@ import zarr
 
 from pipeline.errors import KDError
 from pipeline.store.encoding import as_tensor, compressors, decode_logits, encode_logits, to_float
-from pipeline.store.integrity import nonfinite_rows, row_stats, shard_digest
+from pipeline.store.integrity import nonfinite_rows, row_stats, shard_digest, stored_nonfinite_rows
 from pipeline.store.manifest import DISK_DTYPES, Manifest
 from pipeline.store.shard_cache import ShardCache
 from pipeline.store.sparse import EXTRAS as SPARSE_EXTRAS
@@ -449,17 +449,18 @@ class LogitStore:
                 a, b = self.shard_range(shard)
                 held = {name: values[a:b] for name, values in extras.items()}
                 self.check_shard(shard, raw[a:b], labels[a:b], ids[a:b], held)
+        self.refuse_nonfinite(raw, self.ids)
         logits = decode_logits(raw, self.manifest.storage.dtype)
-        self.refuse_nonfinite(logits, self.ids)
         return logits, torch.from_numpy(labels), self.ids, extras
 
-    def refuse_nonfinite(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
-        """A KDError naming the rows when any logit is NaN or Inf: nobody trains on them."""
-        bad = nonfinite_rows(logits)
-        if bad.any():
+    def refuse_nonfinite(self, stored: np.ndarray, ids: torch.Tensor) -> None:
+        """A KDError naming the rows when any stored logit is NaN or Inf (read from the bits as stored,
+        before any float conversion): nobody trains on them."""
+        bad = stored_nonfinite_rows(stored)
+        if bad is not None:
             raise KDError(
                 f"cache {self.where} holds NaN or Inf logits in {int(bad.sum())} rows (sample ids "
-                f"{_first_ids(ids[bad])}): refusing to train on it; "
+                f"{_first_ids(ids[torch.from_numpy(bad)])}): refusing to train on it; "
                 "rebuild it with `kd teacher-logits --force`"
             )
 
@@ -475,9 +476,9 @@ class LogitStore:
         layout's ids, logsumexps and samples) in shuffled order without scattered reads: contiguous
         blocks (default a whole shard, the unit of storage, read in one call) in random order, then rows
         shuffled within a buffer of `buffer_blocks` blocks. The next buffer is read by a background
-        thread while this one is used; rows are shuffled in the storage dtype, then converted. Pass
-        block_rows=chunk_rows to bound memory on huge shards. `shards` (whole-shard blocks only): read
-        just these, in this order (a DDP rank's share of an epoch)."""
+        thread while this one is used (that thread also checks it for NaN/Inf and widens it to float32:
+        this one only shuffles). Pass block_rows=chunk_rows to bound memory on huge shards. `shards`
+        (whole-shard blocks only): read just these, in this order (a DDP rank's share of an epoch)."""
         block = block_rows or self.shard_rows
         starts = list(range(0, self.num_rows, block))
         if shards is not None:
@@ -498,11 +499,12 @@ class LogitStore:
                         self.read("logits", a, b),
                         {name: self.read(name, a, b) for name in self.extra_specs},
                     )
+                self.refuse_nonfinite(raw, self.ids[a:b])  # before any of these rows is yielded
                 raws.append(as_tensor(raw))
                 ids.append(self.ids[a:b])
                 extras.append(more)
             joined = {name: np.concatenate([e[name] for e in extras]) for name in self.extra_specs}
-            return torch.cat(raws), torch.cat(ids), joined
+            return to_float(torch.cat(raws), self.manifest.storage.dtype), torch.cat(ids), joined
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool:
             pending = pool.submit(load, buffers[0]) if buffers else None
@@ -512,9 +514,7 @@ class LogitStore:
                 if k + 1 < len(buffers):
                     pending = pool.submit(load, buffers[k + 1])
                 perm = torch.randperm(len(ids), generator=generator)
-                logits, ids = to_float(raw[perm], self.manifest.storage.dtype), ids[perm]  # gather, widen
-                self.refuse_nonfinite(logits, ids)  # before any of these rows reaches training
-                yield logits, ids, {name: values[perm.numpy()] for name, values in extras.items()}
+                yield raw[perm], ids[perm], {name: values[perm.numpy()] for name, values in extras.items()}
 
     def read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """One shard's stored (logits, labels, the layout's other arrays by name), checked against its
