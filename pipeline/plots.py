@@ -6,14 +6,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from pipeline.metrics import METRICS
+from pipeline.train import EpochRecord
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pipeline.metrics import METRICS  # noqa: E402
-from pipeline.train import EpochRecord  # noqa: E402
+def pyplot() -> Any:
+    """matplotlib.pyplot, imported when a plot is drawn (~0.7 s: a command that fails first never pays),
+    drawing to files only (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_curves(
@@ -29,6 +34,7 @@ def plot_curves(
     where a new training phase starts (Annealing-KD's CE phase: its loss is another quantity, so the
     jump there is not a divergence)."""
     epochs = [r.epoch for r in history]
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     starts = list(phase_starts) or [(epochs[0], "train")]
     for i, (first, name) in enumerate(starts):  # one line per phase: their losses are different quantities
@@ -51,7 +57,7 @@ def plot_curves(
         ax_loss.set_yscale("log")  # e.g. squared error, then cross-entropy: scales apart
         ax_loss.legend(title="phase (dashed: next starts)", fontsize=8, title_fontsize=8)
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax_acc.legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -67,6 +73,7 @@ def plot_comparison(
     exaggerate a difference, and the axis says where it starts when that is not 0."""
     metric = METRICS[rows[0].get("metric", "accuracy")]
     teacher = None if teacher_test is None else metric.scale * teacher_test
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.9))
     ys = list(range(len(rows)))[::-1]
     for y, row in zip(ys, rows, strict=True):
@@ -132,6 +139,7 @@ def plot_sweep(combos: Sequence[dict[str, Any]], keys: Sequence[str], out: Path)
             if k != x_key and k != "distill.method" and k in c["combo"]
         )
         series.setdefault(c["method"] + (f" ({rest})" if rest else ""), []).append(c)
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, split in zip(axes, ("val", "test"), strict=True):
         for name, points in series.items():

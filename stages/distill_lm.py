@@ -322,11 +322,9 @@ def _teacher_test_perplexity(store: LogitStore, test: Any) -> float | None:
 
 
 def _plot(history: list[LMEpoch], path: Path, title: str, best_epoch: int, teacher: float | None) -> None:
-    import matplotlib
+    from pipeline.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [r.epoch for r in history]
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [r.train_loss for r in history])
