@@ -24,6 +24,7 @@ from pipeline.datasets import Split
 from pipeline.errors import KDError
 from pipeline.models import teacher_autocast
 from pipeline.store import LogitStore
+from pipeline.store.dense import Buffer
 from pipeline.store.sparse import dense_from_topk
 
 
@@ -166,7 +167,7 @@ def cached_views_for(store: LogitStore, split: Split) -> torch.Tensor | None:
 
 
 class ShardStream:
-    """Batches from a store too big for memory, read shard by shard (LogitStore.iter_shuffled); rows
+    """Batches from a store too big for memory, read shard by shard (LogitStore.iter_buffers); rows
     outside `rows` are skipped. Subclasses make the batches (`_epoch`).
 
     Under DDP the shards are partitioned: each epoch's shuffled shard order is dealt round-robin across
@@ -254,33 +255,46 @@ class StreamedBatches(ShardStream):
         if stored and self.picker is None:
             self.picker = self.views.picker(self.store.num_views, len(self.split))
         spec = self.store.augment if stored else self.views.spec
+        sparse = self.store.manifest.sparse
+        # rows left over from the previous buffer (fewer than a batch), their targets already taken
         carry_pos = torch.empty(0, dtype=torch.int64)
         carry_zt = torch.empty(0, self.store.num_classes)
         carry_params = torch.empty(0, spec.num_params, dtype=torch.int16)
-        stream = self.store.iter_shuffled(generator, buffer_blocks=self.buffer_blocks, shards=shards)
-        sparse = self.store.manifest.sparse
-        for logits, ids, extras in stream:
-            if sparse:  # a top-k cache: every logit, the missing ones from the uniform tail
-                logits = dense_from_topk(logits, extras, sparse)
-            params = torch.from_numpy(extras["views"]) if "views" in extras else None
-            pos = positions_of(ids, self.split.ids)
+        for buffer in self.store.iter_buffers(generator, buffer_blocks=self.buffer_blocks, shards=shards):
+            pos = positions_of(buffer.ids[buffer.order], self.split.ids)
             keep = self.keep[pos]
-            pos, logits = pos[keep], logits[keep]
-            if params is not None and self.picker is not None:  # one stored view per row: its logits
-                pick = self.picker(pos, epoch, generator)  # and the parameters that replay it
-                at = torch.arange(len(pos))
-                logits, params = logits[at, pick], params[keep][at, pick]
+            rows, pos = buffer.order[keep], pos[keep]  # the buffer's kept rows, in their shuffled order
+            pick = None
+            if "views" in buffer.extras and self.picker is not None:  # one stored view per row: its
+                pick = self.picker(pos, epoch, generator)  # logits and the parameters that replay it
+                params = torch.from_numpy(buffer.extras["views"])[rows, pick]
             elif spec.kind != "none":
                 params = self.views.fresh(len(pos), generator)
             else:
                 params = torch.empty(len(pos), 0, dtype=torch.int16)
-            pos, zt = torch.cat([carry_pos, pos]), torch.cat([carry_zt, logits])
-            params = torch.cat([carry_params, params.to(torch.int16)])
+
+            def targets(a: int, b: int, buffer: Buffer = buffer, rows: torch.Tensor = rows, pick: Any = pick):
+                """Float32 (b - a, C) targets of kept rows a..b-1, gathered batch by batch (no copy of
+                the whole buffer): a top-k cache rebuilt to every class, then the picked view."""
+                at = rows[a:b]
+                values = buffer.values[at]
+                if sparse:
+                    held = {name: buffer.extras[name][at.numpy()] for name in ("topk_ids", "lse")}
+                    values = dense_from_topk(values, held, sparse)
+                return values if pick is None else values[torch.arange(b - a), pick[a:b]]
+
+            held = len(carry_pos)  # batch positions 0..held-1 are the carried rows
+            pos, params = torch.cat([carry_pos, pos]), torch.cat([carry_params, params.to(torch.int16)])
             full = len(pos) - len(pos) % batch_size
             for start in range(0, full, batch_size):
-                part = slice(start, start + batch_size)
-                yield self._batch(pos[part], zt[part], params[part], spec)
-            carry_pos, carry_zt, carry_params = pos[full:], zt[full:], params[full:]
+                stop = start + batch_size
+                zt = targets(max(start, held) - held, stop - held)
+                if start < held:
+                    zt = torch.cat([carry_zt[start:], zt])
+                yield self._batch(pos[start:stop], zt, params[start:stop], spec)
+            rest = targets(max(full, held) - held, len(pos) - held)
+            carry_zt = torch.cat([carry_zt[full:], rest]) if full < held else rest
+            carry_pos, carry_params = pos[full:], params[full:]
         if len(carry_pos):
             yield self._batch(carry_pos, carry_zt, carry_params, spec)
 

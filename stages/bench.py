@@ -326,9 +326,9 @@ def _read_throughput(
 
     def streamed() -> None:
         reader = LogitStore.open(store.where)
-        for chunk, _, _ in reader.iter_shuffled(torch.Generator().manual_seed(0)):
-            for i in range(0, len(chunk), batch):
-                chunk[i : i + batch]
+        for buffer in reader.iter_buffers(torch.Generator().manual_seed(0)):  # as training takes them
+            for i in range(0, len(buffer.order), batch):
+                buffer.values[buffer.order[i : i + batch]]
 
     def in_ram() -> None:
         all_logits = LogitStore.open(store.where).read_all()[0]

@@ -174,11 +174,11 @@ def read(kind: str, where: str, shard_dir: str = "") -> dict[str, Any]:
             from pipeline.store.shard_cache import ShardCache
 
             store.shard_cache = ShardCache(Path(shard_dir), SHARD_CACHE_MB * 2**20)
-        for logits, _, _ in store.iter_shuffled(torch.Generator().manual_seed(0), buffer_blocks=2):
-            for i in range(0, len(logits), batch):
-                logits[i : i + batch]
+        for buffer in store.iter_buffers(torch.Generator().manual_seed(0), buffer_blocks=2):
+            for i in range(0, len(buffer.order), batch):  # gathered batch by batch, as training does
+                buffer.values[buffer.order[i : i + batch]]
                 first = first or time.perf_counter() - started
-            rows += len(logits)
+            rows += len(buffer.order)
         fetched = store.logit_bytes_read
     seconds = time.perf_counter() - started
     peak_kb = _peak_rss_kb()

@@ -61,6 +61,18 @@ def _fault_injection(shard: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """One buffer of a shuffled stream (LogitStore.iter_buffers): rows in storage order, float32 logits
+    (or top-k values), sample ids and the layout's other arrays, and `order`, the shuffled order to take
+    its rows in."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    extras: dict[str, np.ndarray]
+    order: torch.Tensor
+
+
 class LogitStore:
     """A logit cache opened from a path or any zarr store (memory, local, zip, fsspec remote)."""
 
@@ -472,13 +484,32 @@ class LogitStore:
         buffer_blocks: int = 4,
         shards: list[int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
-        """Stream (logits, ids, the layout's other arrays by name: the views' parameters, the sparse
-        layout's ids, logsumexps and samples) in shuffled order without scattered reads: contiguous
-        blocks (default a whole shard, the unit of storage, read in one call) in random order, then rows
-        shuffled within a buffer of `buffer_blocks` blocks. The next buffer is read by a background
-        thread while this one is used (that thread also checks it for NaN/Inf and widens it to float32:
-        this one only shuffles). Pass block_rows=chunk_rows to bound memory on huge shards. `shards`
-        (whole-shard blocks only): read just these, in this order (a DDP rank's share of an epoch)."""
+        """Stream (logits float32, ids, the layout's other arrays by name: the views' parameters, the
+        sparse layout's ids, logsumexps and samples) in shuffled order: iter_buffers(), each buffer's
+        rows gathered into its shuffled order (a copy of each buffer: training takes rows batch by
+        batch from the buffers instead)."""
+        for buffer in self.iter_buffers(
+            generator, block_rows=block_rows, buffer_blocks=buffer_blocks, shards=shards
+        ):
+            order = buffer.order
+            extras = {name: values[order.numpy()] for name, values in buffer.extras.items()}
+            yield buffer.values[order], buffer.ids[order], extras
+
+    def iter_buffers(
+        self,
+        generator: torch.Generator,
+        *,
+        block_rows: int | None = None,
+        buffer_blocks: int = 4,
+        shards: list[int] | None = None,
+    ) -> Iterator[Buffer]:
+        """Stream the cache in shuffled order without scattered reads: contiguous blocks (default a
+        whole shard, the unit of storage, read in one call) in random order, `buffer_blocks` blocks a
+        buffer, each buffer's rows to be taken in a random order of its own (`Buffer.order`). The next
+        buffer is read by a background thread while this one is used; that thread also checks it for
+        NaN/Inf (before any of its rows is yielded) and widens it to float32. Pass
+        block_rows=chunk_rows to bound memory on huge shards. `shards` (whole-shard blocks only): read
+        just these, in this order (a DDP rank's share of an epoch)."""
         block = block_rows or self.shard_rows
         starts = list(range(0, self.num_rows, block))
         if shards is not None:
@@ -499,7 +530,7 @@ class LogitStore:
                         self.read("logits", a, b),
                         {name: self.read(name, a, b) for name in self.extra_specs},
                     )
-                self.refuse_nonfinite(raw, self.ids[a:b])  # before any of these rows is yielded
+                self.refuse_nonfinite(raw, self.ids[a:b])
                 raws.append(as_tensor(raw))
                 ids.append(self.ids[a:b])
                 extras.append(more)
@@ -510,11 +541,10 @@ class LogitStore:
             pending = pool.submit(load, buffers[0]) if buffers else None
             for k in range(len(buffers)):
                 assert pending is not None
-                raw, ids, extras = pending.result()
+                values, ids, extras = pending.result()
                 if k + 1 < len(buffers):
                     pending = pool.submit(load, buffers[k + 1])
-                perm = torch.randperm(len(ids), generator=generator)
-                yield raw[perm], ids[perm], {name: values[perm.numpy()] for name, values in extras.items()}
+                yield Buffer(values, ids, extras, torch.randperm(len(ids), generator=generator))
 
     def read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """One shard's stored (logits, labels, the layout's other arrays by name), checked against its
