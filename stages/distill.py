@@ -737,11 +737,12 @@ def _far_cache(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:
     lazily, shard by shard as training asks for them, through a bounded local shard cache (LRU,
     `distill.remote_cache_mb`), never copied whole."""
     remote = LogitStore.open(url)
-    remote.require_complete()
-    if fits_in_memory(remote, cfg):
+    if fits_in_memory(remote, cfg):  # the manifest says how big it is: nothing else read yet
+        remote.require_complete()
         return _read_through(remote, paths)
     folder = paths.data / "remote-cache" / "shards" / remote.manifest.key[:16]
     remote.shard_cache = ShardCache(folder, cfg.remote_cache_mb * 2**20)
+    remote.require_complete()  # its done flags, with the ids, kept in the shard cache for the next run
     console.print(
         f"streaming {url} lazily: shards fetched as needed, up to {cfg.remote_cache_mb} MB of them "
         f"kept in {folder}",

@@ -54,6 +54,7 @@ def test_bench_scale_quick_reads_the_cache_three_ways(tmp_path) -> None:
         assert figures["rows"] == 20_000 and figures["rows_per_s"] > 0 and figures["peak_rss_mb"] > 0
     assert report["local"]["bytes_fetched"] == report["logits_bytes"]  # every shard read once
     assert report["remote"]["bytes_fetched"] == report["logits_bytes"]
+    assert report["remote_again"]["rows"] > 0 and report["remote_again"]["first_batch_s"] > 0
     assert (tmp_path / "bench" / "scale.md").read_text().startswith("# kd bench-scale")
 
 

@@ -95,6 +95,44 @@ def test_the_local_shard_cache_keeps_to_its_byte_budget(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cache.get(2)["logits"], arrays["logits"])  # type: ignore[index]
 
 
+def test_a_far_cache_opens_again_from_the_records_kept_beside_its_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lazily streamed cache's ids and done flags are kept with its shards: the next open (a sweep's
+    next run) reads no per-shard object from the far store, unless its manifest changed."""
+    import dataclasses
+
+    from pipeline.store.shard_cache import ShardCache
+
+    path, _, _ = cache_and_split(tmp_path)
+    reads: list[str] = []
+
+    def opened() -> LogitStore:
+        store = LogitStore.open(path)
+        store.shard_cache = ShardCache(tmp_path / "shards", 10**9)
+        read, records = store.read, store.records
+        monkeypatch.setattr(store, "read", lambda name, *a: reads.append(name) or read(name, *a))
+        monkeypatch.setattr(store, "records", lambda name: reads.append(name) or records(name))
+        store.require_complete()
+        return store
+
+    first = opened()
+    assert reads == ["done", "index"] and torch.equal(first.ids, torch.arange(100, 100 + ROWS))
+    reads.clear()
+    again = opened()
+    assert torch.equal(again.ids, first.ids) and again.shards_done().all() and reads == []
+    manifest = dataclasses.replace(again.manifest, teacher_accuracy=0.5)  # the far cache was rebuilt
+    LogitStore.open(path, writable=True).group.attrs.put(manifest.to_dict())
+    rebuilt = opened()
+    assert reads == ["done", "index"] and torch.equal(rebuilt.ids, first.ids)
+    reads.clear()
+    incomplete = dataclasses.replace(manifest, complete=False)  # never kept, never trusted
+    LogitStore.open(path, writable=True).group.attrs.put(incomplete.to_dict())
+    with pytest.raises(KDError, match="is incomplete"):
+        opened()
+    assert reads == ["done"]  # read from the store, for the message
+
+
 @pytest.mark.slow
 def test_a_far_cache_streams_lazily_and_trains_as_the_local_one(tiny_data, tmp_path: Path, s3: str) -> None:
     """README: a remote cache larger than the memory budget is streamed shard by shard through a bounded
@@ -114,7 +152,7 @@ def test_a_far_cache_streams_lazily_and_trains_as_the_local_one(tiny_data, tmp_p
     assert far.exit_code == 0, far.output
     assert "streaming" in far.stderr and "lazily" in far.stderr
     (folder,) = (paths.data / "remote-cache" / "shards").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == [f"shard-{i}.npz" for i in range(4)]
+    assert sorted(p.name for p in folder.iterdir()) == ["records.npz"] + [f"shard-{i}.npz" for i in range(4)]
     assert not list((paths.data / "remote-cache").glob("*.zarr"))  # no whole copy
     near = kd(tiny_data, "distill", "--preset", "tiny", "--cache", str(train), "--run-name", "near", *stream)
     assert near.exit_code == 0, near.output

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 import queue
@@ -83,6 +85,7 @@ class LogitStore:
         self._arrays: dict[str, zarr.Array] = {}
         self.logit_bytes_read = 0
         self.shard_cache: ShardCache | None = None  # a far cache streamed lazily keeps shards here
+        self._held: dict[str, np.ndarray] | None = None  # its ids and done flags, as kept there
 
     def array(self, name: str) -> zarr.Array:
         """logits, labels, index or done; opened once (each group lookup re-reads the array's metadata)."""
@@ -258,7 +261,25 @@ class LogitStore:
 
     def shards_done(self) -> np.ndarray:
         """(num_shards,) bool: shards fully written (an unreadable `done` chunk counts as not done)."""
-        return np.asarray(self.records("done")[0], dtype=bool)
+        held = self._held_records()
+        done = held["done"] if held is not None else self.records("done")[0]
+        return np.asarray(done, dtype=bool)
+
+    def _held_records(self) -> dict[str, np.ndarray] | None:
+        """A complete far cache streamed through a shard cache: its `done` flags and sample ids, kept
+        in the shard cache under the digest of this manifest (see shard_cache), fetched when absent.
+        None for every other cache (read from the store each time)."""
+        if self.shard_cache is None or not self.manifest.complete:
+            return None
+        if self._held is None:
+            digest = hashlib.sha256(json.dumps(self.manifest.to_dict(), sort_keys=True).encode()).hexdigest()
+            held = self.shard_cache.get_records(digest)
+            if held is None:
+                held = {"done": self.records("done")[0], "index": self.read("index")}
+                if held["done"].all():  # only a complete cache's records are kept
+                    self.shard_cache.put_records(digest, held)
+            self._held = held
+        return self._held
 
     def shards_to_write(self) -> list[int]:
         """What a resumed dump (re)writes: shards not done, and shards with any unreadable record."""
@@ -416,7 +437,8 @@ class LogitStore:
     @functools.cached_property
     def ids(self) -> torch.Tensor:
         """The sample ids (N,), read once (8 bytes a row), so streaming reads fetch logits alone."""
-        return torch.from_numpy(self.read("index"))
+        held = self._held_records()
+        return torch.from_numpy(held["index"] if held is not None else self.read("index"))
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of an array; a damaged file becomes a one-line KDError, not a codec trace.

@@ -4,6 +4,11 @@ Each shard fetched from remote storage (its stored logits, labels and view param
 as one .npz file under a folder of its own per cache key; when the files pass the byte budget, the
 least recently used are deleted. A shard read back from here is checked against its CRC32C like any
 other read, so a damaged local file is refused, never trained on.
+
+Beside the shards it keeps the cache's per-row sample ids and per-shard `done` flags (records.npz, 8
+bytes a row, outside the budget), tagged with the digest of the manifest they were read under: opening
+the same far cache again (the next run of a sweep) reads them here instead of one small object per
+shard each. Any change to the far cache's manifest (its shard checksums included) fetches them again.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 NAMES = ("logits", "labels", "views")
+RECORDS_FILE = "records.npz"
 
 
 class ShardCache:
@@ -59,6 +65,22 @@ class ShardCache:
             self._sizes[shard] = self.path(shard).stat().st_size
             self._sizes.move_to_end(shard)
             self._evict()
+
+    def get_records(self, manifest_digest: str) -> dict[str, np.ndarray] | None:
+        """The ids and done flags kept for the manifest with this digest, else None."""
+        try:
+            with np.load(self.folder / RECORDS_FILE, allow_pickle=False) as f:
+                if str(f["manifest_digest"]) != manifest_digest:
+                    return None
+                return {name: f[name] for name in f.files if name != "manifest_digest"}
+        except (OSError, ValueError, EOFError, KeyError):  # none yet, or damaged: fetched again
+            return None
+
+    def put_records(self, manifest_digest: str, arrays: dict[str, np.ndarray]) -> None:
+        tmp = self.folder / f".records.{os.getpid()}.{threading.get_ident()}.tmp"
+        with tmp.open("wb") as f:
+            np.savez(f, manifest_digest=np.array(manifest_digest), **arrays)
+        tmp.replace(self.folder / RECORDS_FILE)
 
     @property
     def nbytes(self) -> int:
