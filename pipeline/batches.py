@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -75,6 +75,9 @@ class ViewPicker:
         if self.choice == "cycle":
             return (epoch + self.offsets[rows.cpu()]) % self.count
         return torch.randint(0, self.count, (len(rows),), generator=generator)
+
+
+T = TypeVar("T")
 
 
 def positions_of(query_ids: torch.Tensor, dataset_ids: torch.Tensor) -> torch.Tensor:
@@ -166,6 +169,30 @@ def cached_views_for(store: LogitStore, split: Split) -> torch.Tensor | None:
     return aligned
 
 
+def cut_batches(
+    parts: Iterable[tuple[torch.Tensor, Callable[[int, int], T]]],
+    batch_size: int,
+    join: Callable[[T, T], T],
+) -> Iterator[tuple[torch.Tensor, T]]:
+    """Batches of `batch_size` rows from a stream of parts, each (the dataset positions of its rows,
+    take(a, b): the targets of its rows a..b-1, gathered only when asked), as (positions, targets):
+    each batch's targets are gathered for it alone (never a copy of a whole part), the rows left at the
+    end of a part go first into the next part's first batch, and the last batch is partial."""
+    carry_pos: torch.Tensor | None = None
+    carry: T | None = None
+    for new_pos, take in parts:
+        held = 0 if carry_pos is None else len(carry_pos)  # rows carried over, fewer than a batch
+        pos = new_pos if carry_pos is None else torch.cat([carry_pos, new_pos])
+        full = len(pos) - len(pos) % batch_size
+        for start in range(0, full, batch_size):
+            got = take(max(start, held) - held, start + batch_size - held)
+            yield pos[start : start + batch_size], join(carry, got) if start < held else got  # type: ignore[arg-type]
+        rest = take(max(full, held) - held, len(pos) - held)
+        carry, carry_pos = (join(carry, rest) if full < held else rest), pos[full:]  # type: ignore[arg-type]
+    if carry_pos is not None and len(carry_pos):
+        yield carry_pos, carry  # type: ignore[misc]
+
+
 class ShardStream:
     """Batches from a store too big for memory, read shard by shard (LogitStore.iter_buffers); rows
     outside `rows` are skipped. Subclasses make the batches (`_epoch`).
@@ -255,48 +282,39 @@ class StreamedBatches(ShardStream):
         if stored and self.picker is None:
             self.picker = self.views.picker(self.store.num_views, len(self.split))
         spec = self.store.augment if stored else self.views.spec
-        sparse = self.store.manifest.sparse
-        # rows left over from the previous buffer (fewer than a batch), their targets already taken
-        carry_pos = torch.empty(0, dtype=torch.int64)
-        carry_zt = torch.empty(0, self.store.num_classes)
-        carry_params = torch.empty(0, spec.num_params, dtype=torch.int16)
-        for buffer in self.store.iter_buffers(generator, buffer_blocks=self.buffer_blocks, shards=shards):
-            pos = positions_of(buffer.ids[buffer.order], self.split.ids)
-            keep = self.keep[pos]
-            rows, pos = buffer.order[keep], pos[keep]  # the buffer's kept rows, in their shuffled order
-            pick = None
-            if "views" in buffer.extras and self.picker is not None:  # one stored view per row: its
-                pick = self.picker(pos, epoch, generator)  # logits and the parameters that replay it
-                params = torch.from_numpy(buffer.extras["views"])[rows, pick]
-            elif spec.kind != "none":
-                params = self.views.fresh(len(pos), generator)
-            else:
-                params = torch.empty(len(pos), 0, dtype=torch.int16)
 
-            def targets(a: int, b: int, buffer: Buffer = buffer, rows: torch.Tensor = rows, pick: Any = pick):
-                """Float32 (b - a, C) targets of kept rows a..b-1, gathered batch by batch (no copy of
-                the whole buffer): a top-k cache rebuilt to every class, then the picked view."""
-                at = rows[a:b]
-                values = buffer.values[at]
-                if sparse:
-                    held = {name: buffer.extras[name][at.numpy()] for name in ("topk_ids", "lse")}
-                    values = dense_from_topk(values, held, sparse)
-                return values if pick is None else values[torch.arange(b - a), pick[a:b]]
+        def parts() -> Iterator[tuple[torch.Tensor, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]]]:
+            for buffer in self.store.iter_buffers(generator, buffer_blocks=self.buffer_blocks, shards=shards):
+                pos = positions_of(buffer.ids[buffer.order], self.split.ids)
+                keep = self.keep[pos]
+                rows, pos = buffer.order[keep], pos[keep]  # the buffer's kept rows, in shuffled order
+                pick = None
+                if "views" in buffer.extras and self.picker is not None:  # one stored view per row: its
+                    pick = self.picker(pos, epoch, generator)  # logits and the parameters that replay it
+                    params = torch.from_numpy(buffer.extras["views"])[rows, pick]
+                elif spec.kind != "none":
+                    params = self.views.fresh(len(pos), generator)
+                else:
+                    params = torch.empty(len(pos), 0, dtype=torch.int16)
+                yield pos, functools.partial(self._targets, buffer, rows, pick, params.to(torch.int16))
 
-            held = len(carry_pos)  # batch positions 0..held-1 are the carried rows
-            pos, params = torch.cat([carry_pos, pos]), torch.cat([carry_params, params.to(torch.int16)])
-            full = len(pos) - len(pos) % batch_size
-            for start in range(0, full, batch_size):
-                stop = start + batch_size
-                zt = targets(max(start, held) - held, stop - held)
-                if start < held:
-                    zt = torch.cat([carry_zt[start:], zt])
-                yield self._batch(pos[start:stop], zt, params[start:stop], spec)
-            rest = targets(max(full, held) - held, len(pos) - held)
-            carry_zt = torch.cat([carry_zt[full:], rest]) if full < held else rest
-            carry_pos, carry_params = pos[full:], params[full:]
-        if len(carry_pos):
-            yield self._batch(carry_pos, carry_zt, carry_params, spec)
+        def join(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.cat(pair) for pair in zip(a, b, strict=True))
+
+        for pos, (zt, params) in cut_batches(parts(), batch_size, join):
+            yield self._batch(pos, zt, params, spec)
+
+    def _targets(
+        self, buffer: Buffer, rows: torch.Tensor, pick: Any, params: torch.Tensor, a: int, b: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 (b - a, C) targets, view parameters) of a buffer's kept rows a..b-1: a top-k cache
+        rebuilt to every class, then the picked view."""
+        at = rows[a:b]
+        values = buffer.values[at]
+        if self.store.manifest.sparse:
+            held = {name: buffer.extras[name][at.numpy()] for name in ("topk_ids", "lse")}
+            values = dense_from_topk(values, held, self.store.manifest.sparse)
+        return (values if pick is None else values[torch.arange(b - a), pick[a:b]]), params[a:b]
 
     def _batch(self, pos: torch.Tensor, zt: torch.Tensor, params: torch.Tensor, spec: AugmentSpec) -> Batch:
         parts = (self.split.inputs[pos], self.split.labels[pos], zt)

@@ -21,6 +21,7 @@ distill.sparse_exact such a temperature is refused instead.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.batches import ShardStream, positions_of
+from pipeline.batches import ShardStream, cut_batches, positions_of
 from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
 from pipeline.schedules import lr_at
+from pipeline.store.dense import Buffer
 from pipeline.store.encoding import decode_logits
 from pipeline.store.sparse import PAD_LABEL, stored_at, uniform_tail_logit
 from pipeline.train import make_optimizer
@@ -113,30 +115,27 @@ class StreamedSequences(ShardStream):
         self, generator: torch.Generator, batch_size: int, shards: list[int] | None
     ) -> Iterator[tuple[torch.Tensor, SparseTargets]]:
         m = self.store.manifest
-        pos = torch.empty(0, dtype=torch.int64)
-        values = torch.empty(0, *self.store.row_shape)
-        extras: dict[str, np.ndarray] = {}
 
-        def batch(part: slice) -> tuple[torch.Tensor, SparseTargets]:
-            held = {name: array[part] for name, array in extras.items()}
-            return pos[part], SparseTargets.from_arrays(values[part], held, m.sparse, m.storage.dtype)
+        def parts() -> Iterator[tuple[torch.Tensor, Callable[[int, int], Held]]]:
+            for buffer in self.store.iter_buffers(generator, shards=shards):
+                at = positions_of(buffer.ids[buffer.order], self.split_ids)
+                keep = self.keep[at]
+                yield at[keep], functools.partial(_rows_of, buffer, buffer.order[keep])
 
-        for block, ids, more in self.store.iter_shuffled(generator, shards=shards):
-            at = positions_of(ids, self.split_ids)
-            keep = self.keep[at]
-            kept = keep.numpy()
-            pos, values = torch.cat([pos, at[keep]]), torch.cat([values, block[keep]])
-            extras = {
-                name: np.concatenate([extras[name], array[kept]]) if name in extras else array[kept]
-                for name, array in more.items()
-            }
-            full = len(pos) - len(pos) % batch_size
-            for start in range(0, full, batch_size):
-                yield batch(slice(start, start + batch_size))
-            pos, values = pos[full:], values[full:]
-            extras = {name: array[full:] for name, array in extras.items()}
-        if len(pos):
-            yield batch(slice(0, len(pos)))
+        def join(a: Held, b: Held) -> Held:
+            return torch.cat([a[0], b[0]]), {name: np.concatenate([a[1][name], b[1][name]]) for name in a[1]}
+
+        for pos, (values, extras) in cut_batches(parts(), batch_size, join):
+            yield pos, SparseTargets.from_arrays(values, extras, m.sparse, m.storage.dtype)
+
+
+Held = tuple[torch.Tensor, dict[str, np.ndarray]]  # top-k values and the other arrays of some rows
+
+
+def _rows_of(buffer: Buffer, rows: torch.Tensor, a: int, b: int) -> Held:
+    """Rows rows[a:b] of a streamed buffer: its top-k values and its other arrays."""
+    at = rows[a:b]
+    return buffer.values[at], {name: array[at.numpy()] for name, array in buffer.extras.items()}
 
 
 def kd_per_token(

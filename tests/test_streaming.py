@@ -210,3 +210,28 @@ def test_a_corrupted_remote_shard_is_refused_in_one_line(tiny_data, tmp_path: Pa
     assert len(errors) == 1 and "shard 0 fails its CRC32C checksum" in errors[0], result.stderr
     folder = paths.data / "remote-cache" / "shards"
     assert not any(p.name == "shard-0.npz" for p in folder.rglob("*"))  # never kept locally
+
+
+def test_batches_are_cut_across_parts_and_gathered_batch_by_batch() -> None:
+    """Streamed training cuts each buffer's kept rows into batches, the rows left over going first
+    into the next buffer's first batch, and gathers the targets of one batch at a time."""
+    from pipeline.batches import cut_batches
+
+    asked: list[tuple[int, int, int]] = []
+
+    def part(k: int, size: int) -> tuple[torch.Tensor, object]:
+        rows = torch.arange(100 * k, 100 * k + size)
+
+        def take(a: int, b: int) -> torch.Tensor:
+            asked.append((k, a, b))
+            return -rows[a:b]  # the targets of rows a..b-1
+
+        return rows, take
+
+    sizes = [5, 2, 0, 7, 3]
+    got = list(cut_batches((part(k, n) for k, n in enumerate(sizes)), 4, lambda a, b: torch.cat([a, b])))
+    everything = torch.cat([torch.arange(100 * k, 100 * k + n) for k, n in enumerate(sizes)])
+    assert [len(pos) for pos, _ in got] == [4, 4, 4, 4, 1]
+    assert torch.equal(torch.cat([pos for pos, _ in got]), everything)
+    assert all(torch.equal(targets, -pos) for pos, targets in got)
+    assert all(b - a <= 4 for _, a, b in asked)  # never a whole part at once
