@@ -43,6 +43,7 @@ from pipeline.store.sparse import create_sparse_arrays, sparse_lead, sparse_spec
 from pipeline.store.views import augment_spec, create_views_array, expected_views_shape
 
 RECORDS = ("done", "stats", "crc32c")  # per-shard arrays, one chunk per shard
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # blocks of a streamed buffer decoded at once
 # everything a cache folder holds (views: the views layout, store/views.py; the sparse layout's arrays:
 # store/sparse.py)
 MEMBERS = ("zarr.json", "logits", "labels", "index", "views", *SPARSE_EXTRAS, *RECORDS)
@@ -84,6 +85,7 @@ class LogitStore:
         self.manifest = Manifest.from_dict(group.attrs.asdict())
         self._arrays: dict[str, zarr.Array] = {}
         self.logit_bytes_read = 0
+        self._count_lock = threading.Lock()
         self.shard_cache: ShardCache | None = None  # a far cache streamed lazily keeps shards here
         self._held: dict[str, np.ndarray] | None = None  # its ids and done flags, as kept there
 
@@ -446,7 +448,8 @@ class LogitStore:
         try:
             values = np.asarray(self.array(name)[start:stop])
             if name == "logits":
-                self.logit_bytes_read += values.nbytes
+                with self._count_lock:  # decode threads read side by side
+                    self.logit_bytes_read += values.nbytes
             return values
         except KDError:
             raise
@@ -530,8 +533,9 @@ class LogitStore:
         buffer, each buffer's rows to be taken in a random order of its own (`Buffer.order`). The next
         buffer is read by a background thread while this one is used; that thread also checks it for
         NaN/Inf (before any of its rows is yielded) and widens it to float32. Pass
-        block_rows=chunk_rows to bound memory on huge shards. `shards` (whole-shard blocks only): read
-        just these, in this order (a DDP rank's share of an epoch)."""
+        block_rows=chunk_rows to bound memory on huge shards. The blocks of a buffer are decoded by up to
+        DECODE_THREADS threads at once (zstd and the checks release the GIL). `shards` (whole-shard
+        blocks only): read just these, in this order (a DDP rank's share of an epoch)."""
         block = block_rows or self.shard_rows
         starts = list(range(0, self.num_rows, block))
         if shards is not None:
@@ -541,25 +545,32 @@ class LogitStore:
             order = torch.randperm(len(starts), generator=generator).tolist()
         buffers = [order[i : i + buffer_blocks] for i in range(0, len(order), buffer_blocks)]
 
-        def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
-            raws, ids, extras = [], [], []  # logits in the storage dtype, ids, the other arrays
-            for i in blocks:
-                a, b = starts[i], min(starts[i] + block, self.num_rows)
-                if block == self.shard_rows:  # a whole shard: checked against its checksum as it streams
-                    raw, _, more = self.read_shard(i)
-                else:
-                    raw, more = (
-                        self.read("logits", a, b),
-                        {name: self.read(name, a, b) for name in self.extra_specs},
-                    )
-                self.refuse_nonfinite(raw, self.ids[a:b])
-                raws.append(as_tensor(raw))
-                ids.append(self.ids[a:b])
-                extras.append(more)
-            joined = {name: np.concatenate([e[name] for e in extras]) for name in self.extra_specs}
-            return to_float(torch.cat(raws), self.manifest.storage.dtype), torch.cat(ids), joined
+        def read_into(out: torch.Tensor, i: int) -> dict[str, np.ndarray]:
+            """Block i, checked, widened into `out` (its rows of the buffer); its other arrays."""
+            a, b = starts[i], min(starts[i] + block, self.num_rows)
+            if block == self.shard_rows:  # a whole shard: checked against its checksum as it streams
+                raw, _, more = self.read_shard(i)
+            else:
+                raw = self.read("logits", a, b)
+                more = {name: self.read(name, a, b) for name in self.extra_specs}
+            self.refuse_nonfinite(raw, self.ids[a:b])
+            out.copy_(to_float(as_tensor(raw), dtype, widen=False))  # the copy widens to float32
+            return more
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool:
+        def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+            bounds = [(starts[i], min(starts[i] + block, self.num_rows)) for i in blocks]
+            offsets = np.cumsum([0] + [b - a for a, b in bounds]).tolist()
+            values = torch.empty((offsets[-1], *self.row_shape), dtype=torch.float32)
+            slices = [values[offsets[j] : offsets[j + 1]] for j in range(len(blocks))]
+            extras = list(readers.map(read_into, slices, blocks))  # blocks decoded side by side
+            joined = {name: np.concatenate([e[name] for e in extras]) for name in self.extra_specs}
+            return values, torch.cat([self.ids[a:b] for a, b in bounds]), joined
+
+        dtype = self.manifest.storage.dtype
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool,
+            ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="kd-decode") as readers,
+        ):
             pending = pool.submit(load, buffers[0]) if buffers else None
             for k in range(len(buffers)):
                 assert pending is not None

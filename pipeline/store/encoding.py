@@ -41,5 +41,8 @@ def as_tensor(stored: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(stored.view(np.int16) if stored.dtype == np.uint16 else stored)
 
 
-def to_float(raw: torch.Tensor, dtype: str) -> torch.Tensor:
-    return (raw.view(torch.bfloat16) if dtype == "bfloat16" else raw).float()
+def to_float(raw: torch.Tensor, dtype: str, *, widen: bool = True) -> torch.Tensor:
+    """Stored values as float32 (bfloat16 bits reinterpreted first); widen=False: the stored float
+    type itself, for a copy_ into float32 to widen."""
+    values = raw.view(torch.bfloat16) if dtype == "bfloat16" else raw
+    return values.float() if widen else values
