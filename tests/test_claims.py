@@ -222,7 +222,7 @@ def test_checksums_are_checked_on_every_read_path(tiny_data: Paths, tmp_path: Pa
     with pytest.raises(KDError, match="shard 1 fails its CRC32C"):
         store.read_all()
     with pytest.raises(KDError, match="shard 1 fails its CRC32C"):
-        for _ in store.iter_shuffled(torch.Generator().manual_seed(0)):
+        for _ in store.iter_buffers(torch.Generator().manual_seed(0)):
             pass
 
 

@@ -125,8 +125,9 @@ def test_shuffled_stream_reads_every_row_once(tmp_path, block_rows: int | None, 
     store = LogitStore.create(tmp_path / "c.zarr", make_manifest())
     logits = torch.randn(N, C)
     fill(store, logits)
-    got = list(store.iter_shuffled(torch.Generator().manual_seed(0), block_rows=block_rows, buffer_blocks=2))
-    got_logits, got_ids = torch.cat([p[0] for p in got]), torch.cat([p[1] for p in got])
+    got = list(store.iter_buffers(torch.Generator().manual_seed(0), block_rows=block_rows, buffer_blocks=2))
+    got_logits = torch.cat([b.values[b.order] for b in got])  # each buffer taken in its shuffled order
+    got_ids = torch.cat([b.ids[b.order] for b in got])
     assert sorted(got_ids.tolist()) == list(range(100, 100 + N))
     assert torch.equal(got_logits, logits[got_ids - 100])
     assert got_ids.tolist() != list(range(100, 100 + N))  # actually shuffled

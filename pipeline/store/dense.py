@@ -501,25 +501,6 @@ class LogitStore:
                 "rebuild it with `kd teacher-logits --force`"
             )
 
-    def iter_shuffled(
-        self,
-        generator: torch.Generator,
-        *,
-        block_rows: int | None = None,
-        buffer_blocks: int = 4,
-        shards: list[int] | None = None,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
-        """Stream (logits float32, ids, the layout's other arrays by name: the views' parameters, the
-        sparse layout's ids, logsumexps and samples) in shuffled order: iter_buffers(), each buffer's
-        rows gathered into its shuffled order (a copy of each buffer: training takes rows batch by
-        batch from the buffers instead)."""
-        for buffer in self.iter_buffers(
-            generator, block_rows=block_rows, buffer_blocks=buffer_blocks, shards=shards
-        ):
-            order = buffer.order
-            extras = {name: values[order.numpy()] for name, values in buffer.extras.items()}
-            yield buffer.values[order], buffer.ids[order], extras
-
     def iter_buffers(
         self,
         generator: torch.Generator,
