@@ -559,3 +559,30 @@ def test_your_own_text_through_a_file_or_datasets(tmp_path: Path, kind: str) -> 
     assert train.inputs.shape[1] == 16 and train.num_classes == 300 and len(train) > 100
     assert train.preprocessing["documents"] == len(docs)
     assert torch.equal(train.labels[:, :-1], train.inputs[:, 1:])  # labels are the next tokens
+
+
+def test_the_default_text_is_parsed_once_and_kept_until_python_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard library's docstrings (seconds of parsing) are kept in the user's cache folder: the
+    next command reads the same list; another Python (or a changed module) parses again."""
+    import ast
+
+    from pipeline import lm_data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    parsed = lm_data.python_docstrings()
+    (kept,) = (tmp_path / "kd").glob("docstrings-*.json")
+    assert len(parsed) > 1000 and json.loads(kept.read_text()) == parsed
+
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(ast, "parse", no_parse)
+    assert lm_data.python_docstrings() == parsed  # read back, not parsed
+    kept.write_text('["half a file')  # damaged: parsed again (and kept again)
+    with pytest.raises(AssertionError, match="parsed again"):
+        lm_data.python_docstrings()
+    monkeypatch.setattr(lm_data.sys, "version", "another python")
+    with pytest.raises(AssertionError, match="parsed again"):
+        lm_data.python_docstrings()
