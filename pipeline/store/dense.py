@@ -427,7 +427,8 @@ class LogitStore:
         if expected is not None and shard_digest(logits, labels, ids, *extra).hex() != expected:
             raise KDError(
                 f"cache {self.where}: shard {shard} fails its CRC32C checksum (damaged or truncated file): "
-                "re-run `kd teacher-logits --force`, or `kd cache verify` for details"
+                "rebuild it with `kd teacher-logits --force` or, for a copy, pull a sound one with "
+                "`kd cache pull --force`; `kd cache verify` lists every problem"
             )
 
     def verify(self) -> list[str]:
