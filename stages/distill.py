@@ -249,7 +249,7 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
         train_rows,
         val_rows,
         store,
-        _teacher_test_accuracy(store, test, paths.remote),
+        _teacher_test_accuracy(store, test, paths.remote, paths.logits),
         batches,
         source,
         device,
@@ -808,16 +808,20 @@ def check_cache_matches(store: LogitStore, split: Split) -> None:
         )
 
 
-def _teacher_test_accuracy(store: LogitStore | None, test: Split, remote: str | None = None) -> float | None:
-    """The same teacher's accuracy on the test split, from the test cache's manifest (no data read)."""
+def _teacher_test_accuracy(
+    store: LogitStore | None, test: Split, remote: str | None = None, local: Path | None = None
+) -> float | None:
+    """The same teacher's accuracy on the test split, from the test cache's manifest (no data read):
+    found beside the train cache, else among the local caches (a train cache pushed or pulled alone)."""
     if store is None:
         return None
-    root = remote or Path(store.where).parent
-    for candidate in find_caches(
-        root, dataset_fingerprint=test.fingerprint, split="test", teacher=store.manifest.teacher.name
-    ):
-        if candidate.manifest.teacher.fingerprint == store.manifest.teacher.fingerprint:
-            return candidate.manifest.teacher_accuracy
+    roots = [remote or Path(store.where).parent, *([local] if local is not None else [])]
+    for root in dict.fromkeys(str(r) for r in roots):
+        for candidate in find_caches(
+            root, dataset_fingerprint=test.fingerprint, split="test", teacher=store.manifest.teacher.name
+        ):
+            if candidate.manifest.teacher.fingerprint == store.manifest.teacher.fingerprint:
+                return candidate.manifest.teacher_accuracy
     return None
 
 

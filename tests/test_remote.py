@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -98,3 +99,20 @@ def test_a_team_shares_a_remote_cache_root(tiny_data: Paths, tmp_path: Path, s3:
     summary = json.loads((reader.runs / "bob" / "summary.json").read_text())
     assert summary["teacher"] == "tiny-cnn1d" and summary["teacher_test_accuracy"] is not None
     assert str(reader.logits) in summary["cache"]  # trained from the local read-through copy
+
+
+def test_a_train_cache_shared_alone_still_reports_the_teachers_test_accuracy(
+    tiny_data: Paths, tmp_path: Path
+) -> None:
+    """A train cache pushed (or pulled) without its test split: the teacher's test accuracy comes from
+    the local test cache of the same teacher (it showed "-" in the run's table)."""
+    from pipeline.config import load_preset
+    from stages.distill import prepare
+
+    (train,) = cache_paths(tiny_data, "train")
+    (test,) = cache_paths(tiny_data, "test")
+    shared = tmp_path / "share" / train.name
+    shutil.copytree(train, shared)
+    data = prepare(load_preset("tiny"), tiny_data, cache=shared, device=torch.device("cpu"))
+    assert data.store is not None and data.store.where == str(shared)
+    assert data.teacher_test_accuracy == LogitStore.open(test).manifest.teacher_accuracy
