@@ -45,7 +45,8 @@ def python_docstrings() -> list[str]:
     so the list is kept in the user's cache folder (~/.cache/kd, or $XDG_CACHE_HOME/kd) under a digest of
     the Python version and every module's name, size and modification time: any change parses again."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    stamp = [sys.version] + [f"{p.name}:{st.st_size}:{st.st_mtime_ns}" for p in files if (st := p.stat())]
+    stats = [(path.name, path.stat()) for path in files]
+    stamp = [sys.version] + [f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats]
     digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:32]
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kd"
     kept = folder / f"docstrings-{digest}.json"

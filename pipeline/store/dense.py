@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
 import queue
@@ -34,8 +32,8 @@ import torch
 import zarr
 
 from pipeline.errors import KDError
-from pipeline.store.encoding import as_tensor, compressors, decode_logits, encode_logits, to_float
-from pipeline.store.integrity import nonfinite_rows, row_stats, shard_digest, stored_nonfinite_rows
+from pipeline.store.encoding import as_tensor, compressors, decode_logits, encode_logits, stored_float
+from pipeline.store.integrity import row_stats, shard_digest, stored_nonfinite_rows
 from pipeline.store.manifest import DISK_DTYPES, Manifest
 from pipeline.store.shard_cache import ShardCache
 from pipeline.store.sparse import EXTRAS as SPARSE_EXTRAS
@@ -274,12 +272,11 @@ class LogitStore:
         if self.shard_cache is None or not self.manifest.complete:
             return None
         if self._held is None:
-            digest = hashlib.sha256(json.dumps(self.manifest.to_dict(), sort_keys=True).encode()).hexdigest()
-            held = self.shard_cache.get_records(digest)
+            held = self.shard_cache.get_records(self.manifest.digest)
             if held is None:
                 held = {"done": self.records("done")[0], "index": self.read("index")}
                 if held["done"].all():  # only a complete cache's records are kept
-                    self.shard_cache.put_records(digest, held)
+                    self.shard_cache.put_records(self.manifest.digest, held)
             self._held = held
         return self._held
 
@@ -536,7 +533,7 @@ class LogitStore:
                 raw = self.read("logits", a, b)
                 more = {name: self.read(name, a, b) for name in self.extra_specs}
             self.refuse_nonfinite(raw, self.ids[a:b])
-            out.copy_(to_float(as_tensor(raw), dtype, widen=False))  # the copy widens to float32
+            out.copy_(stored_float(as_tensor(raw), dtype))  # the copy widens to float32
             return more
 
         def load(blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
@@ -635,10 +632,9 @@ class ShardWriter:
         self._raise_if_failed()
         labels, ids = labels.cpu(), ids.cpu()
         encoded = encode_logits(logits, self.dtype)
-        bad = nonfinite_rows(logits)
-        if self.dtype == "float16":  # |z| > 65504 overflows to Inf
-            bad |= torch.from_numpy(~np.isfinite(encoded.reshape(len(encoded), -1)).all(1))
-        if bad.any():
+        bad = stored_nonfinite_rows(encoded)  # NaN or Inf as computed, or |z| > 65504 overflowing float16
+        if bad is not None:
+            bad = torch.from_numpy(bad)
             raise KDError(
                 f"the teacher's logits are NaN or Inf{' in float16' if self.dtype == 'float16' else ''} for "
                 f"{int(bad.sum())} rows (sample ids {_first_ids(ids[bad])}): {self.store.where} is left "

@@ -32,7 +32,7 @@ def encode_logits(logits: torch.Tensor, dtype: str) -> np.ndarray:
 
 def decode_logits(stored: np.ndarray, dtype: str) -> torch.Tensor:
     """The on-disk array -> float32 logits (B, C)."""
-    return to_float(as_tensor(stored), dtype)
+    return stored_float(as_tensor(stored), dtype).float()
 
 
 def as_tensor(stored: np.ndarray) -> torch.Tensor:
@@ -41,8 +41,7 @@ def as_tensor(stored: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(stored.view(np.int16) if stored.dtype == np.uint16 else stored)
 
 
-def to_float(raw: torch.Tensor, dtype: str, *, widen: bool = True) -> torch.Tensor:
-    """Stored values as float32 (bfloat16 bits reinterpreted first); widen=False: the stored float
-    type itself, for a copy_ into float32 to widen."""
-    values = raw.view(torch.bfloat16) if dtype == "bfloat16" else raw
-    return values.float() if widen else values
+def stored_float(raw: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Stored values as their float type (bfloat16 bits reinterpreted), not yet widened: a copy_ into
+    float32 widens them in place."""
+    return raw.view(torch.bfloat16) if dtype == "bfloat16" else raw

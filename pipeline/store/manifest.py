@@ -133,6 +133,12 @@ class Manifest:
             self.teacher.fingerprint, self.dataset, self.preprocessing, self.storage, self.views, self.sparse
         )
 
+    @property
+    def digest(self) -> str:
+        """sha256 of the whole manifest, the shard checksums included: unlike the key (what was run, how
+        it is stored), it changes whenever the cache's content does."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
 
 def cache_key(
     teacher_fingerprint: str,
