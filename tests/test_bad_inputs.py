@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,20 +16,16 @@ import pytest
 import zarr
 
 from pipeline.config import Paths
+from tests import cli_process
 from tests.conftest import cache_paths
 from tests.test_housekeeping import copy_caches as _caches
 
 
 def run_kd(data: Path, *args: str) -> subprocess.CompletedProcess:
+    """`kd ARGS` in its own process (a fork of a process that imported kd: tests/cli_process.py)."""
     env = {**os.environ, "KD_DATA_DIR": str(data), "TQDM_DISABLE": "1", "COLUMNS": "400"}
     env.pop("KD_CACHE_DIR", None)
-    return subprocess.run(
-        [sys.executable, "-c", "from stages.cli import app; app()", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return cli_process.run(list(args), env)
 
 
 def snapshot(root: Path) -> dict[str, str]:

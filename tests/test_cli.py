@@ -307,6 +307,29 @@ def test_plain_progress_lines_without_a_terminal(tiny_data: Paths) -> None:
         assert f"loss {m['train_loss']:.4f} val {100 * m['val_accuracy']:.2f}%" in line
 
 
+def test_a_forked_kd_is_the_real_kd(tiny_data: Paths) -> None:
+    """tests/cli_process.py runs `kd` as a fork of a process that imported kd's modules: the same exit
+    codes, stdout and stderr as the installed `kd` command, for a success and a refusal."""
+    import os
+    import subprocess
+    import sys
+
+    from tests import cli_process
+
+    env = {**os.environ, "KD_DATA_DIR": str(tiny_data.data), "TQDM_DISABLE": "1", "COLUMNS": "400"}
+    kd_command = Path(sys.executable).with_name("kd")
+    (train,) = cache_paths(tiny_data, "train")
+    commands = {  # command: its exit code
+        ("cache", "verify", str(train)): 0,
+        ("teacher-logits", "--preset", "tiny", "--set", "cache.views=4"): 2,  # refused
+    }
+    for args, code in commands.items():
+        real = subprocess.run([kd_command, *args], env=env, capture_output=True, text=True, timeout=300)
+        forked = cli_process.run(list(args), env)
+        assert real.returncode == code, real.stderr
+        assert (forked.returncode, forked.stdout, forked.stderr) == (code, real.stdout, real.stderr)
+
+
 def test_config_show_prints_a_preset() -> None:
     import tomllib
 

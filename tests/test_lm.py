@@ -7,8 +7,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from pipeline.lm import SparseTargets, kd_per_token, lm_loss
 from pipeline.models import load_checkpoint
 from pipeline.store import LogitStore
 from pipeline.store.sparse import reduce_logits, sparse_record
+from tests import cli_process
 from tests.conftest import cache_paths
 from tests.test_bad_inputs import assert_refused, run_kd, snapshot
 
@@ -205,23 +204,12 @@ def test_stage_1_stores_the_teachers_top_k_logsumexp_and_samples(lm_data: Paths)
 def test_a_killed_sparse_dump_resumes_byte_identical(lm_data: Paths, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(lm_data.teachers, data / "teachers")
-    argv = [
-        sys.executable,
-        "-c",
-        "from stages.cli import app; app()",
-        "teacher-logits",
-        "--preset",
-        "tiny-lm",
-        "--split",
-        "train",
-        "--device",
-        "cpu",
-    ]
+    argv = ["teacher-logits", "--preset", "tiny-lm", "--split", "train", "--device", "cpu"]
     env = {**os.environ, "KD_DATA_DIR": str(data), "TQDM_DISABLE": "1", "KD_FAULT_AFTER_SHARDS": "2"}
-    killed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    killed = cli_process.run(argv, env)
     assert killed.returncode == -9, killed.stderr[-2000:]
     env.pop("KD_FAULT_AFTER_SHARDS")
-    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    resumed = cli_process.run(argv, env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stderr and "2/4 shards done" in resumed.stderr
     (again,) = cache_paths(Paths(data=data), "train", teacher="tiny-gpt")

@@ -13,6 +13,7 @@ import pytest
 from pipeline.config import Paths
 from pipeline.errors import KDError
 from pipeline.store import LogitStore, cache_lock
+from tests import cli_process
 from tests.conftest import cache_paths
 from tests.test_cli import kd
 
@@ -24,14 +25,7 @@ def dump(data: Path, *, kill_after: int | None = None) -> subprocess.CompletedPr
     env.pop("KD_FAULT_AFTER_SHARDS", None)
     if kill_after is not None:
         env["KD_FAULT_AFTER_SHARDS"] = str(kill_after)
-    code = "from stages.cli import app; app()"
-    return subprocess.run(
-        [sys.executable, "-c", code, "teacher-logits", "--preset", "tiny", "--split", "train"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return cli_process.run(["teacher-logits", "--preset", "tiny", "--split", "train"], env)
 
 
 def array_files(store: Path) -> dict[str, bytes]:

@@ -22,6 +22,7 @@ from pipeline.datasets import Split, load_split
 from pipeline.errors import KDError
 from pipeline.models import load_checkpoint
 from pipeline.store import LogitStore, cache_key
+from tests import cli_process
 from tests.conftest import VIEW_ARGS, VIEW_SETTINGS, cache_paths, view_cache
 from tests.factories import PRECISION, raw_logit_tolerance
 from tests.test_bad_inputs import assert_refused, run_kd, snapshot
@@ -110,18 +111,13 @@ def test_stage_1_stores_the_teachers_logits_of_each_replayed_view(views_data: Pa
 def test_view_cache_resumes_byte_identical_after_kill_9(views_data: Paths, tmp_path: Path) -> None:
     import os
     import subprocess
-    import sys
 
     def dump(data: Path, kill_after: int | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "KD_DATA_DIR": str(data), "TQDM_DISABLE": "1"}
         env.pop("KD_FAULT_AFTER_SHARDS", None)
         if kill_after is not None:
             env["KD_FAULT_AFTER_SHARDS"] = str(kill_after)
-        argv = ["teacher-logits", "--preset", "tiny", "--split", "train", *VIEW_ARGS]
-        code = "from stages.cli import app; app()"
-        return subprocess.run(
-            [sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=300
-        )
+        return cli_process.run(["teacher-logits", "--preset", "tiny", "--split", "train", *VIEW_ARGS], env)
 
     expected_path = view_cache(views_data)
     data = tmp_path / "killed"

@@ -8,61 +8,47 @@ lock          one writer per cache (flock)
 housekeeping  finding caches under a root; what rm and gc may delete
 views         the views layout: K augmented views per sample and their replay parameters
 shard_cache   a far cache's shards kept on local disk (LRU, byte budget) while it streams lazily
+
+Each name below is imported from its module on first use, so a process that needs only the lock or
+the manifest does not import torch (~3 s).
 """
 
-from pipeline.store.dense import MEMBERS, LogitStore, ShardWriter
-from pipeline.store.encoding import CODECS, compressors, decode_logits, encode_logits
-from pipeline.store.housekeeping import cache_like, find_caches, stale_entries
-from pipeline.store.integrity import nonfinite_rows, row_stats, shard_digest
-from pipeline.store.lock import cache_lock, holder
-from pipeline.store.manifest import (
-    DISK_DTYPES,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    DatasetInfo,
-    Manifest,
-    StorageInfo,
-    TeacherInfo,
-    cache_dirname,
-    cache_key,
-    inside,
-    is_manifest,
-    now_iso,
-    safe_name,
-    software_versions,
-)
-from pipeline.store.views import augment_spec, views_record
+from __future__ import annotations
 
-__all__ = [
-    "augment_spec",
-    "views_record",
-    "CODECS",
-    "DISK_DTYPES",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "MEMBERS",
-    "DatasetInfo",
-    "LogitStore",
-    "Manifest",
-    "ShardWriter",
-    "StorageInfo",
-    "TeacherInfo",
-    "cache_dirname",
-    "cache_key",
-    "cache_like",
-    "cache_lock",
-    "compressors",
-    "decode_logits",
-    "encode_logits",
-    "find_caches",
-    "holder",
-    "inside",
-    "is_manifest",
-    "nonfinite_rows",
-    "now_iso",
-    "row_stats",
-    "safe_name",
-    "shard_digest",
-    "software_versions",
-    "stale_entries",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "dense": ("MEMBERS", "LogitStore", "ShardWriter"),
+    "encoding": ("CODECS", "compressors", "decode_logits", "encode_logits"),
+    "housekeeping": ("cache_like", "find_caches", "stale_entries"),
+    "integrity": ("nonfinite_rows", "row_stats", "shard_digest"),
+    "lock": ("cache_lock", "holder"),
+    "manifest": (
+        "DISK_DTYPES",
+        "FORMAT_NAME",
+        "FORMAT_VERSION",
+        "DatasetInfo",
+        "Manifest",
+        "StorageInfo",
+        "TeacherInfo",
+        "cache_dirname",
+        "cache_key",
+        "inside",
+        "is_manifest",
+        "now_iso",
+        "safe_name",
+        "software_versions",
+    ),
+    "views": ("augment_spec", "views_record"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value

@@ -48,18 +48,17 @@ MEMBERS = ("zarr.json", "logits", "labels", "index", "views", *SPARSE_EXTRAS, *R
 Extras = Mapping[str, np.ndarray]  # a shard's arrays beside logits, labels and ids, by name
 
 # Testing hook: `KD_FAULT_AFTER_SHARDS=N` kills the process (SIGKILL, as kill -9) once N shards are done,
-# so tests can interrupt stage 1 at exact points. Never set outside tests.
-_FAULT_AFTER_SHARDS = (
-    int(os.environ["KD_FAULT_AFTER_SHARDS"]) if os.environ.get("KD_FAULT_AFTER_SHARDS") else None
-)
+# so tests can interrupt stage 1 at exact points. Never set outside tests; read when a shard is done.
 _written = 0
 
 
-def _fault_injection(shard: int) -> None:
+def _fault_injection() -> None:
     global _written
-    _written += 1
-    if _FAULT_AFTER_SHARDS is not None and _written >= _FAULT_AFTER_SHARDS:
-        os.kill(os.getpid(), signal.SIGKILL)
+    limit = os.environ.get("KD_FAULT_AFTER_SHARDS")
+    if limit:
+        _written += 1
+        if _written >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +230,7 @@ class LogitStore:
         digest = shard_digest(logits, labels, ids, *ordered)
         self.array("crc32c")[shard] = np.frombuffer(digest, dtype=np.uint8)
         self.array("done")[shard] = True
-        if _FAULT_AFTER_SHARDS is not None:
-            _fault_injection(shard)
+        _fault_injection()
 
     def records(self, name: str) -> tuple[np.ndarray, list[int]]:
         """A per-shard record array (done, stats or crc32c) and the shards whose chunk cannot be read

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 
 from pipeline.errors import KDError
@@ -192,6 +191,7 @@ def inside(root: Path, name: str) -> Path:
 
 def software_versions() -> dict[str, str]:
     import numcodecs
+    import torch  # here: the manifest module alone (a lock holder) need not import torch
 
     import pipeline
 
