@@ -28,7 +28,7 @@ import zarr
 
 from pipeline.errors import KDError
 from pipeline.store.housekeeping import TMP_MARK, cache_like
-from pipeline.store.manifest import is_manifest
+from pipeline.store.manifest import Manifest, is_manifest
 
 ROOT_METADATA = "zarr.json"
 
@@ -99,17 +99,40 @@ def _is_kd_cache(location: str | Path) -> bool:
     may replace."""
     if not (is_url(location) or is_zip(location)):
         return cache_like(Path(location))
+    attrs = _root_attributes(location)
+    return attrs is not None and is_manifest(attrs)
+
+
+def _root_attributes(location: str | Path) -> dict[str, Any] | None:
+    """The attributes of the Zarr group at `location` (a folder, URL or zip), or None if unreadable."""
     try:
         if is_url(location):
             fs, path = _fs(str(location))
             metadata = fs.cat_file(f"{path}/{ROOT_METADATA}")
-        else:
+        elif is_zip(location):
             with zipfile.ZipFile(location) as z:
                 metadata = z.read(ROOT_METADATA)
+        else:
+            metadata = (Path(location) / ROOT_METADATA).read_bytes()
         attrs = json.loads(metadata).get("attributes", {})
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, AttributeError):
-        return False
-    return isinstance(attrs, dict) and is_manifest(attrs)
+        return None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _another_cache(src: str | Path, dst: str | Path) -> str | None:
+    """What `dst` holds when it is a readable cache other than `src`'s (another content key): a short
+    description for the refusal. None when it is a copy of the same cache or unreadable remains."""
+    theirs, mine = _root_attributes(dst), _root_attributes(src)
+    if not (theirs and is_manifest(theirs) and mine and is_manifest(mine)):
+        return None
+    try:
+        other = Manifest.from_dict(theirs)
+        if other.key == Manifest.from_dict(mine).key:
+            return None
+    except (KDError, KeyError, TypeError):  # another format version, or a manifest we cannot read
+        return "a cache kd cannot read"
+    return f"the cache of teacher '{other.teacher.name}' on {other.dataset.name} {other.dataset.split}"
 
 
 def destination(src: str | Path, dst: str | Path, default_name: str) -> str | Path:
@@ -128,7 +151,8 @@ def destination(src: str | Path, dst: str | Path, default_name: str) -> str | Pa
 def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> None:
     """Copy a cache between any two of: a local folder, a URL folder, a zip file. `dst` is the cache
     itself (see `destination`); what is there is replaced only with `overwrite` and only when it is a
-    kd cache; the copy becomes visible when complete."""
+    copy of the same cache (the same content key) or the remains of one; the copy becomes visible when
+    complete."""
     src, dst = local_path(src), local_path(dst)
     if _occupied(dst):
         if not _is_kd_cache(dst):
@@ -138,6 +162,12 @@ def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
             )
         if not overwrite:
             raise KDError(f"{dst} already exists: pass --force to replace that cache")
+        other = _another_cache(src, dst)
+        if other:
+            raise KDError(
+                f"{dst} holds {other}, not a copy of {src}: not replacing it (even with --force); "
+                "choose another destination, or delete that copy yourself"
+            )
     with tempfile.TemporaryDirectory(prefix="kd-copy-") as tmp:
         local = _materialize(src, Path(tmp) / "store")
         _publish(local, dst)

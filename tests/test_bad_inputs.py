@@ -70,6 +70,18 @@ def push_onto_a_users_folder(tiny: Paths, data: Path) -> list[str]:
     return ["cache", "push", str(train), str(mine), "--force"]
 
 
+def push_force_onto_another_cache(tiny: Paths, data: Path) -> list[str]:
+    """--force replaces a copy of the same cache, not the team's train cache under a name given by hand."""
+    from pipeline.remote import copy_cache
+
+    paths = _caches(tiny, data)
+    (train,) = cache_paths(paths, "train")
+    (test,) = cache_paths(paths, "test")
+    (data / "shared").mkdir()
+    copy_cache(train, data / "shared" / "logits.zip")
+    return ["cache", "push", str(test), str(data / "shared" / "logits.zip"), "--force"]
+
+
 def pull_a_damaged_cache(tiny: Paths, data: Path) -> list[str]:
     paths = _caches(tiny, data)
     (train,) = cache_paths(paths, "train")
@@ -214,6 +226,11 @@ def stale_teacher_checkpoint(tiny: Paths, data: Path) -> list[str]:
 
 CASES: list[Case] = [
     (push_onto_a_users_folder.__name__, push_onto_a_users_folder, "is not a logit cache: not replacing it"),
+    (
+        push_force_onto_another_cache.__name__,
+        push_force_onto_another_cache,
+        "holds the cache of teacher 'tiny-cnn1d' on mnist1d train, not a copy of",
+    ),
     (pull_a_damaged_cache.__name__, pull_a_damaged_cache, "fails verification, not copied"),
     (nonfinite_temperature.__name__, nonfinite_temperature, "must be a finite number"),
     (nonfinite_lr.__name__, nonfinite_lr, "must be a finite number"),

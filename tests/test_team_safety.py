@@ -77,6 +77,14 @@ def test_push_pull_ls_verify_distill_on_every_backend(
     forced = kd(tiny_data, "cache", "push", str(train), dst, "--force")
     assert forced.exit_code == 0, forced.output
     assert _read(f"{root}/someone-else.txt") == b"keep me"  # --force replaced the same cache only
+    (test,) = cache_paths(tiny_data, "test")
+    manifest = _read(copy if kind == "zip" else f"{copy}/zarr.json")
+    other = kd(tiny_data, "cache", "push", str(test), copy, "--force")  # another cache under its name
+    assert other.exit_code == 2, other.output
+    assert "holds the cache of teacher 'tiny-cnn1d' on mnist1d train, not a copy of" in " ".join(
+        other.stderr.split()
+    )
+    assert _read(copy if kind == "zip" else f"{copy}/zarr.json") == manifest
 
     local = tmp_path / "mine" / "logits"
     local.mkdir(parents=True)
