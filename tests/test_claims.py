@@ -321,17 +321,6 @@ def test_imports_go_one_way() -> None:
     assert offenders == []
 
 
-def test_the_lock_and_manifest_load_without_torch() -> None:
-    """pipeline/store/__init__.py: a process that only holds a cache's lock (or reads a manifest)
-    does not import torch."""
-    import subprocess
-    import sys
-
-    code = "import sys; from pipeline.store import cache_lock, Manifest; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stdout.strip()) == (0, "False"), result.stderr
-
-
 @pytest.mark.slow
 def test_kd_beats_scratch_on_the_default_preset(tmp_path: Path) -> None:
     """The README's headline: on MNIST-1D, Hinton KD (T=2, α=0.9) beats the scratch student on every seed."""

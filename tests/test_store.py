@@ -192,3 +192,14 @@ def test_non_finite_rows_are_found_from_the_stored_bits(dtype: str) -> None:
     assert found is not None and found.tolist() == [False, False, False, True, True, True]
     assert found.tolist() == nonfinite_rows(logits).tolist()
     assert stored_nonfinite_rows(stored[:0]) is None
+
+
+def test_the_lock_and_manifest_load_without_torch() -> None:
+    """pipeline/store/__init__.py: a process that only holds a cache's lock (or reads a manifest)
+    does not import torch."""
+    import subprocess
+    import sys
+
+    code = "import sys; from pipeline.store import cache_lock, Manifest; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "False"), result.stderr
