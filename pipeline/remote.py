@@ -120,9 +120,11 @@ def _root_attributes(location: str | Path) -> dict[str, Any] | None:
     return attrs if isinstance(attrs, dict) else None
 
 
-def _another_cache(src: str | Path, dst: str | Path) -> str | None:
+def another_cache(src: str | Path, dst: str | Path) -> str | None:
     """What `dst` holds when it is a readable cache other than `src`'s (another content key): a short
-    description for the refusal. None when it is a copy of the same cache or unreadable remains."""
+    description for push and pull to refuse with. None when there is nothing readable there, or a copy
+    of the same cache. (kd's own read-through copies are replaced whatever they hold.)"""
+    src, dst = local_path(src), local_path(dst)
     theirs, mine = _root_attributes(dst), _root_attributes(src)
     if not (theirs and is_manifest(theirs) and mine and is_manifest(mine)):
         return None
@@ -151,7 +153,7 @@ def destination(src: str | Path, dst: str | Path, default_name: str) -> str | Pa
 def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> None:
     """Copy a cache between any two of: a local folder, a URL folder, a zip file. `dst` is the cache
     itself (see `destination`); what is there is replaced only with `overwrite` and only when it is a
-    copy of the same cache (the same content key) or the remains of one; the copy becomes visible when
+    kd cache (push and pull also refuse another cache: `another_cache`); the copy becomes visible when
     complete."""
     src, dst = local_path(src), local_path(dst)
     if _occupied(dst):
@@ -162,12 +164,6 @@ def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
             )
         if not overwrite:
             raise KDError(f"{dst} already exists: pass --force to replace that cache")
-        other = _another_cache(src, dst)
-        if other:
-            raise KDError(
-                f"{dst} holds {other}, not a copy of {src}: not replacing it (even with --force); "
-                "choose another destination, or delete that copy yourself"
-            )
     with tempfile.TemporaryDirectory(prefix="kd-copy-") as tmp:
         local = _materialize(src, Path(tmp) / "store")
         _publish(local, dst)

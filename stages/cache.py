@@ -24,7 +24,7 @@ from rich.text import Text
 
 from pipeline import strict_json
 from pipeline.errors import KDError
-from pipeline.remote import copy_cache, destination, list_root
+from pipeline.remote import another_cache, copy_cache, destination, list_root
 from pipeline.store import (
     LogitStore,
     Manifest,
@@ -122,6 +122,12 @@ def transfer(src: str | Path, dst: str | Path, *, force: bool) -> bool:
             f"{src} fails verification, not copied: {problems[0]}{more}; see `kd cache verify {src}`"
         )
     target = destination(src, dst, cache_dirname(store.manifest))
+    other = another_cache(src, target)
+    if other:  # --force replaces a copy of this cache, never another one that happens to have the name
+        raise KDError(
+            f"{target} holds {other}, not a copy of {src}: not replacing it (even with --force); "
+            "choose another destination, or delete that copy yourself"
+        )
     copy_cache(src, target, overwrite=force)
     Console(stderr=True, soft_wrap=True).print(
         f"copied {src} -> {target}; verifying the copy", highlight=False

@@ -47,6 +47,40 @@ def test_push_ls_info_pull_and_train_from_s3(tiny_data: Paths, tmp_path: Path, s
     assert result.exit_code == 0 and "fetching" not in result.stderr  # read through the local copy
 
 
+def test_a_remote_name_given_to_another_cache_is_fetched_again(
+    tiny_data: Paths, tmp_path: Path, s3: str
+) -> None:
+    """kd's own read-through copy follows the remote's content key: when the team replaces the cache
+    under a name (here float16 -> float32 logits), the next run fetches the new one (push --force
+    would refuse; the team removed the old copy first)."""
+    import fsspec
+
+    (train,) = cache_paths(tiny_data, "train")
+    url = f"{s3}/team-train.zarr"
+    assert kd(tiny_data, "cache", "push", str(train), url).exit_code == 0
+    paths = Paths(data=tmp_path / "elsewhere")
+    first = kd(paths, "distill", "--preset", "tiny", "--cache", url, "--epochs", "1")
+    assert first.exit_code == 0 and "fetching" in first.stderr, first.output
+
+    other = Paths(data=tmp_path / "other")
+    shutil.copytree(tiny_data.teachers, other.teachers)
+    dumped = kd(
+        other, "teacher-logits", "--preset", "tiny", "--split", "train", "--set", "cache.dtype=float32"
+    )
+    assert dumped.exit_code == 0, dumped.output
+    (wide,) = cache_paths(other, "train")
+    refused = kd(other, "cache", "push", str(wide), url, "--force")
+    assert refused.exit_code == 2 and "not a copy of" in refused.stderr, refused.output
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.rm(root, recursive=True)
+    assert kd(other, "cache", "push", str(wide), url).exit_code == 0
+
+    again = kd(paths, "distill", "--preset", "tiny", "--cache", url, "--epochs", "1")
+    assert again.exit_code == 0 and "fetching" in again.stderr, again.output
+    (local,) = (paths.data / "remote-cache").glob("*team-train.zarr")
+    assert LogitStore.open(local).manifest.storage.dtype == "float32"
+
+
 def test_damaged_remote_copy_is_refused(tiny_data: Paths, tmp_path: Path, s3: str) -> None:
     import fsspec
 
