@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from pipeline.config import DatasetConfig
 from pipeline.errors import KDError
+from pipeline.kept import keep, path_for
 from pipeline.lm_data import OPTIONS, lm_text
 
 SPLITS = ("train", "test")
@@ -95,7 +97,7 @@ def _mnist1d(cfg: DatasetConfig) -> dict[str, Split]:
     args = get_dataset_args()
     args.num_samples = cfg.num_samples
     args.seed = cfg.seed
-    data = make_dataset(args)
+    data = _kept_mnist1d(vars(args), lambda: make_dataset(args))
     num_train = len(data["y"])
     preprocessing = {"inputs": "mnist1d make_dataset x, float32, shape (40,)", "normalization": "none"}
     params = {"num_samples": cfg.num_samples, "seed": cfg.seed}
@@ -115,6 +117,32 @@ def _mnist1d(cfg: DatasetConfig) -> dict[str, Split]:
         "train": split("train", data["x"], data["y"], 0),
         "test": split("test", data["x_test"], data["y_test"], num_train),
     }
+
+
+MNIST1D_ARRAYS = ("x", "y", "x_test", "y_test")
+
+
+def _kept_mnist1d(args: dict[str, Any], generate: Callable[[], dict[str, Any]]) -> dict[str, np.ndarray]:
+    """make_dataset's arrays, generated once per machine (~3.5 s for the default 5,000 samples, which
+    every command would pay) and kept (pipeline/kept.py) under a digest of the generator's arguments
+    and the mnist1d and numpy versions. A damaged file fails its zip CRC and is generated again."""
+    from importlib.metadata import version
+
+    kept = path_for("mnist1d", {"args": args, "mnist1d": version("mnist1d"), "numpy": np.__version__}, ".npz")
+    try:
+        with np.load(kept, allow_pickle=False) as z:
+            return {name: z[name] for name in MNIST1D_ARRAYS}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # not kept yet, or damaged
+        pass
+    made = generate()
+    data = {name: np.asarray(made[name]) for name in MNIST1D_ARRAYS}
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.savez(f, **data)
+
+    keep(kept, write)
+    return data
 
 
 def _synthetic_images(cfg: DatasetConfig) -> dict[str, Split]:

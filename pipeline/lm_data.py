@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import sys
 import sysconfig
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from pipeline.config import DatasetConfig
 from pipeline.errors import KDError
+from pipeline.kept import keep, path_for
 from pipeline.store.sparse import PAD_LABEL
 
 DEFAULT_TEXT = "python-docstrings"
@@ -42,14 +42,12 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 def python_docstrings() -> list[str]:
     """The docstrings of the standard library's top-level modules (module, classes, functions), in sorted
     file order: real English present wherever Python is, no download. Parsing ~200 modules takes seconds,
-    so the list is kept in the user's cache folder (~/.cache/kd, or $XDG_CACHE_HOME/kd) under a digest of
-    the Python version and every module's name, size and modification time: any change parses again."""
+    so the list is kept (pipeline/kept.py) under a digest of the Python version and every module's name,
+    size and modification time: any change parses again."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     stats = [(path.name, path.stat()) for path in files]
     stamp = [sys.version] + [f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in stats]
-    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:32]
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kd"
-    kept = folder / f"docstrings-{digest}.json"
+    kept = path_for("docstrings", stamp, ".json")
     try:
         docs = json.loads(kept.read_text(encoding="utf-8"))
         if isinstance(docs, list) and all(isinstance(d, str) for d in docs):
@@ -57,13 +55,7 @@ def python_docstrings() -> list[str]:
     except (OSError, ValueError):  # not kept yet, or unreadable: parsed again below
         pass
     docs = _parse_docstrings(files)
-    try:  # written whole, then renamed: a reader never sees half a file
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(docs), encoding="utf-8")
-        tmp.replace(kept)
-    except OSError:  # a read-only home: parse every time
-        pass
+    keep(kept, lambda tmp: tmp.write_text(json.dumps(docs), encoding="utf-8"))
     return docs
 
 

@@ -22,6 +22,40 @@ def test_mnist1d_is_deterministic_with_disjoint_ids() -> None:
     assert other.fingerprint != train.fingerprint
 
 
+def test_mnist1d_is_generated_once_and_kept(tmp_path, monkeypatch) -> None:
+    """The generated arrays are kept (~/.cache/kd): the next command reads them, the same samples; a
+    damaged file, or other generator settings, are generated again."""
+    import mnist1d.data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = dataclasses.replace(load_preset("tiny").dataset, seed=11)
+    _built.clear()
+    made = load_split(cfg, "train")
+    (kept,) = (tmp_path / "kd").glob("mnist1d-*.npz")
+
+    def no_generating(args):
+        raise AssertionError("generated again")
+
+    calls = []
+    generate = mnist1d.data.make_dataset
+    monkeypatch.setattr(mnist1d.data, "make_dataset", no_generating)
+    _built.clear()
+    read = load_split(cfg, "train")
+    assert read.fingerprint == made.fingerprint and torch.equal(read.inputs, made.inputs)
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", lambda args: calls.append(args) or generate(args))
+    raw = bytearray(kept.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # a flipped byte inside the arrays
+    kept.write_bytes(bytes(raw))
+    _built.clear()
+    assert load_split(cfg, "train").fingerprint == made.fingerprint and len(calls) == 1
+    _built.clear()
+    assert load_split(cfg, "test").fingerprint and len(calls) == 1  # the rewritten file is read
+    _built.clear()
+    load_split(dataclasses.replace(cfg, seed=12), "train")
+    assert len(calls) == 2 and len(list((tmp_path / "kd").glob("mnist1d-*.npz"))) == 2
+
+
 def test_validation_rows_are_deterministic_and_disjoint() -> None:
     rows, val = validation_rows(100, 10, seed=3)
     rows2, val2 = validation_rows(100, 10, seed=3)
