@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,26 @@ def gc(root: Path, *, older_than_hours: float, yes: bool) -> None:
         console.print("dry run: pass --yes to remove")
 
 
+def _listing(entry: str) -> dict[str, Any]:
+    store = LogitStore.open(entry)
+    m = store.manifest
+    return {
+        "name": entry.rstrip("/").rsplit("/", 1)[-1],
+        "rows": m.dataset.length,
+        "bytes": store.nbytes_stored(),
+        "teacher_accuracy": m.teacher_accuracy,
+        "created": m.created,
+        "complete": store.is_intact,
+        "teacher": m.teacher.name,
+        "dataset": m.dataset.name,
+        "split": m.dataset.split,
+        "classes": m.dataset.num_classes,
+        "dtype": m.storage.dtype,
+        "views": m.num_views,
+        "augment": m.views.get("augment", {}).get("kind", "none"),
+    }
+
+
 def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
     """The caches under `root`: full names (what `kd cache rm` takes, never cut), rows, size, the teacher's
     accuracy on the cached split, when it was written and whether it is complete; --long adds teacher,
@@ -193,28 +214,9 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
         if not entry.rstrip("/").endswith((".zarr", ".zip")):
             continue  # not named as a cache: someone else's folder
         try:
-            store = LogitStore.open(entry)
-        except KDError as err:
-            warn.print(f"warning: skipping {err}", highlight=False)
-            continue
-        m = store.manifest
-        rows.append(
-            {
-                "name": entry.rstrip("/").rsplit("/", 1)[-1],
-                "rows": m.dataset.length,
-                "bytes": store.nbytes_stored(),
-                "teacher_accuracy": m.teacher_accuracy,
-                "created": m.created,
-                "complete": store.is_intact,
-                "teacher": m.teacher.name,
-                "dataset": m.dataset.name,
-                "split": m.dataset.split,
-                "classes": m.dataset.num_classes,
-                "dtype": m.storage.dtype,
-                "views": m.num_views,
-                "augment": m.views.get("augment", {}).get("kind", "none"),
-            }
-        )
+            rows.append(_listing(entry))
+        except (KDError, OSError, zipfile.BadZipFile) as err:  # one unreadable entry hides no other
+            warn.print(f"warning: skipping an entry: {err}", highlight=False)
     if as_json:
         print(strict_json.dumps(rows, indent=2))
         return

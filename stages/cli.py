@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -100,6 +101,8 @@ def friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except KDError as err:
             _error(str(err))
+        except zipfile.BadZipFile as err:  # a damaged member met outside the checks that name the cache
+            _error(f"a zip file is damaged ({err}): check it with `kd cache verify`, or pull a sound copy")
         except OSError as err:  # permissions, a full disk, a read-only or vanished folder
             where = f": {err.filename}" if err.filename else ""
             _error(

@@ -328,6 +328,36 @@ def test_malformed_entries_are_skipped_with_a_warning(tiny_data: Paths, tmp_path
             json.loads(line, parse_constant=lambda c, p=path: pytest.fail(f"{p} holds {c}"))
 
 
+def test_a_zip_with_a_damaged_member_is_listed_and_described(tiny_data: Paths, tmp_path: Path) -> None:
+    """ls and info read a zip's directory and manifest, not its chunks: a member failing its CRC is
+    listed and described (verify finds it), never a traceback."""
+    import struct
+    import zipfile
+
+    from pipeline.remote import copy_cache
+
+    (train,) = cache_paths(tiny_data, "train")
+    root = tmp_path / "team"
+    root.mkdir()
+    damaged = root / "team.zip"
+    copy_cache(train, damaged)
+    raw = bytearray(damaged.read_bytes())
+    member = zipfile.ZipFile(damaged).getinfo("logits/c/0/0")
+    name_len, extra_len = struct.unpack("<HH", raw[member.header_offset + 26 : member.header_offset + 30])
+    raw[member.header_offset + 30 + name_len + extra_len + member.compress_size // 2] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    before = snapshot(tmp_path)
+
+    ls = run_kd(tmp_path / "data", "cache", "ls", str(root))
+    assert ls.returncode == 0 and "Traceback" not in ls.stderr, ls.stderr
+    assert "team.zip" in ls.stdout and "tiny-cnn1d" in ls.stdout
+    info = run_kd(tmp_path / "data", "cache", "info", str(damaged))
+    assert info.returncode == 0 and "Traceback" not in info.stderr, info.stderr
+    verify = run_kd(tmp_path / "data", "cache", "verify", str(damaged))
+    assert verify.returncode == 1 and "Bad CRC-32" in verify.stdout + verify.stderr, verify.stderr
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("argv", [["bench", "--device", "cuda"], ["distill", "--device", "cuda:0"]])
 def test_asking_for_a_gpu_without_one(argv: list[str], tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import os
 import queue
 import signal
 import threading
+import zipfile
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -591,8 +592,13 @@ class LogitStore:
         return self.num_rows * per_row
 
     def nbytes_stored(self, names: tuple[str, ...] | None = None) -> int:
-        """Bytes on disk of `names` (default every array of the layout but the per-shard records)."""
+        """Bytes on disk of `names` (default every array of the layout but the per-shard records). In a
+        zip, from its directory: no member is read, so a damaged one still has a size."""
         names = names or ("logits", "labels", "index", "done", *self.extra_specs)
+        store = self.group.store
+        if isinstance(store, zarr.storage.ZipStore):
+            with zipfile.ZipFile(store.path) as z:
+                return sum(i.compress_size for i in z.infolist() if i.filename.split("/", 1)[0] in names)
         return sum(int(self.array(name).nbytes_stored()) for name in names)
 
 
