@@ -348,11 +348,14 @@ class RunRecorder:
         self.history: list[EpochRecord] = []
         self.phase_starts: list[tuple[int, str]] = []  # (first epoch, phase name) of every phase
         self.arch = architecture_record(preset.student, data.train.num_classes, data.train.input_shape)
+        key = data.store.manifest.key if data.store else None
+        check_run_cache(run_dir, key)
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {
             "preset": preset.to_dict(),
             "run_name": name,
             "cache": data.store.where if data.store else None,
+            "cache_key": key,  # the logits it learnt from: a rerun from another cache keeps out
             "device": str(data.device),
             "batches": data.source,
             "mode": mode,
@@ -668,6 +671,23 @@ def check_run_folder(run_dir: Path, preset: Preset) -> None:
         f"run folder {run_dir} holds a run with other settings ({shown}"
         f"{', ...' if len(differ) > 3 else ''}): not replacing it; pass --run-name NAME for a new folder"
     )
+
+
+def check_run_cache(run_dir: Path, key: str | None) -> None:
+    """Refuse to rewrite a run of the same settings that learnt from another cache (`--cache` of another
+    teacher, or another dump): the settings alone do not say so. Runs from before keys were recorded,
+    and online runs, have none to compare."""
+    try:
+        previous = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    theirs = previous.get("cache_key") if isinstance(previous, dict) else None
+    if theirs and key and theirs != key:
+        raise KDError(
+            f"run folder {run_dir} holds a run of these settings from another cache "
+            f"({previous.get('cache')}, key {theirs[:12]}; this one {key[:12]}): not replacing it; "
+            "pass --run-name NAME for a new folder"
+        )
 
 
 def _open_cache(

@@ -32,6 +32,7 @@ from pipeline.schedules import alpha_at, temperature_at
 from pipeline.store import LogitStore
 from pipeline.store.sparse import PAD_LABEL, stored_at
 from pipeline.train import pick_device, seed_everything
+from stages.distill import check_run_cache
 
 console = Console(stderr=True, soft_wrap=True)
 LM_METHODS = ("ce", "kd")
@@ -84,12 +85,15 @@ def run(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
     main = ranks.is_main  # rank 0 writes the run folder; every rank trains
+    key = store.manifest.key if store else None
+    check_run_cache(folder, key)
     if main:
         folder.mkdir(parents=True, exist_ok=True)
     config = {
         "preset": preset.to_dict(),
         "run_name": name,
         "cache": store.where if store else None,
+        "cache_key": key,
         "device": str(device),
         "batches": source,
         "mode": f"ddp x{ranks.world}" if ranks.active else "sequential",

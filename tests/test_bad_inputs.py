@@ -194,6 +194,25 @@ def run_name_of_another_run(tiny: Paths, data: Path) -> list[str]:
     return ["distill", "--preset", "tiny", "--epochs", "2", "--run-name", "mine"]
 
 
+def same_run_from_another_cache(tiny: Paths, data: Path) -> list[str]:
+    """The same settings learning from another cache (here float32 logits of the same teacher) would
+    rewrite the first run's folder: the settings alone cannot tell them apart."""
+    import shutil
+
+    paths = _caches(tiny, data)
+    (narrow,) = cache_paths(paths, "train")
+    shutil.copytree(tiny.teachers, paths.teachers)
+    dump = ["teacher-logits", "--preset", "tiny", "--split", "train", "--set", "cache.dtype=float32"]
+    other = run_kd(data, *dump)
+    assert other.returncode == 0, other.stderr
+    (wide,) = [p for p in cache_paths(paths, "train") if p != narrow]
+    first = run_kd(
+        data, "distill", "--preset", "tiny", "--epochs", "1", "--run-name", "mine", "--cache", str(narrow)
+    )
+    assert first.returncode == 0, first.stderr
+    return ["distill", "--preset", "tiny", "--epochs", "1", "--run-name", "mine", "--cache", str(wide)]
+
+
 def annealing_shorter_than_tau_max(tiny: Paths, data: Path) -> list[str]:
     _caches(tiny, data)
     return [
@@ -249,6 +268,11 @@ CASES: list[Case] = [
     (corrupt_zip.__name__, corrupt_zip, "is not a readable zip file"),
     (nan_cache_with_valid_checksums.__name__, nan_cache_with_valid_checksums, "holds NaN or Inf logits"),
     (rm_a_users_folder.__name__, rm_a_users_folder, "is not a logit cache: not removing it"),
+    (
+        same_run_from_another_cache.__name__,
+        same_run_from_another_cache,
+        "holds a run of these settings from another cache",
+    ),
     (run_name_of_another_run.__name__, run_name_of_another_run, "holds a run with other settings"),
     (
         teacher_options_changed_under_the_same_name.__name__,
