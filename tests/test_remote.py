@@ -75,8 +75,8 @@ def test_a_remote_name_given_to_another_cache_is_fetched_again(
     fs.rm(root, recursive=True)
     assert kd(other, "cache", "push", str(wide), url).exit_code == 0
 
-    again = kd(paths, "distill", "--preset", "tiny", "--cache", url, "--epochs", "1")
-    assert again.exit_code == 0 and "fetching" in again.stderr, again.output
+    again = kd(paths, "distill", "--preset", "tiny", "--cache", url, "--epochs", "1", "--run-name", "new")
+    assert again.exit_code == 0 and "fetching" in again.stderr, again.output  # (another cache: a new run)
     (local,) = (paths.data / "remote-cache").glob("*team-train.zarr")
     assert LogitStore.open(local).manifest.storage.dtype == "float32"
 
