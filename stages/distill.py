@@ -62,7 +62,7 @@ from pipeline.schedules import (
     step_temperature,
     temperature_at,
 )
-from pipeline.store import LogitStore, find_caches
+from pipeline.store import LogitStore, StorageInfo, find_caches
 from pipeline.store.shard_cache import ShardCache
 from pipeline.train import EpochRecord, accuracy, fit, pick_device, predict, seed_everything
 
@@ -694,7 +694,7 @@ def _open_cache(
     preset: Preset, paths: Paths, train: Split, cache: str | Path | None, *, required: bool
 ) -> LogitStore | None:
     """The train-split cache: the given path, zip or URL (read through a local copy), else the newest
-    complete match under the cache root."""
+    complete match under the cache root, preferring one stored as the preset says."""
     if cache is not None and is_url(cache):
         store = _far_cache(str(cache), paths, preset.distill)
     elif cache is not None:
@@ -712,6 +712,9 @@ def _open_cache(
         )
         for problem in skipped:
             console.print(f"warning: skipping {problem}", highlight=False)
+        # the one stage 1 makes (or hits) with this preset first, else the newest: a cache someone made
+        # with other storage settings never takes over the preset's own, run after run
+        found.sort(key=lambda s: not stored_as_preset(s.manifest.storage, preset))
         if found:  # found by teacher name: it must be the teacher the preset describes
             check_same_teacher(
                 found[0].manifest.teacher.architecture, preset, f"the newest cache found ({found[0].where})"
@@ -731,6 +734,12 @@ def _open_cache(
     store.require_complete()
     check_cache_matches(store, train)
     return store
+
+
+def stored_as_preset(storage: StorageInfo, preset: Preset) -> bool:
+    """Whether a cache is stored as this preset's stage 1 stores (dtype, codec, level)."""
+    c = preset.cache
+    return (storage.dtype, storage.codec, storage.level) == (c.dtype, c.codec, c.zstd_level)
 
 
 def _cache_sets(preset: Preset) -> str:

@@ -278,6 +278,31 @@ def test_zip_members_cannot_leave_the_folder(tiny_data: Paths, tmp_path: Path) -
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "in").exists()
 
 
+def test_distill_prefers_the_cache_stored_as_the_preset_says(tiny_data: Paths, tmp_path: Path) -> None:
+    """ "It finds the newest complete cache of the preset's teacher whose dataset fingerprint matches,
+    stored as the preset says (dtype, codec, level) when there is one": a newer float32 dump of the same
+    teacher does not take over `kd distill` (stage 1 reports a hit on the float16 cache), yet is used
+    when it is the only one."""
+    from tests.test_cli import kd
+
+    paths = Paths(data=tmp_path / "data")
+    shutil.copytree(tiny_data.teachers, paths.teachers)
+    shutil.copytree(tiny_data.logits, paths.logits)
+    (narrow,) = cache_paths(paths, "train")
+    group = zarr.open_group(narrow, mode="r+")  # written a year ago: the float32 dump below is newer
+    group.attrs.put({**group.attrs.asdict(), "created": "2025-11-26T00:00:00+00:00"})
+    made = kd(paths, "teacher-logits", "--preset", "tiny", "--split", "train", "--set", "cache.dtype=float32")
+    assert made.exit_code == 0, made.output
+    (wide,) = [p for p in cache_paths(paths, "train") if p != narrow]
+    assert LogitStore.open(wide).manifest.created > LogitStore.open(narrow).manifest.created
+
+    first = distill.run(resolve("tiny", {"distill.train.epochs": 1}), paths, verbose=False)
+    assert first["cache"] == str(narrow)
+    shutil.rmtree(narrow)
+    alone = distill.run(resolve("tiny", {"distill.train.epochs": 1}), paths, run_name="alone", verbose=False)
+    assert alone["cache"] == str(wide)
+
+
 def test_kd_cache_dir_environment_variable(tiny_data: Paths, tmp_path: Path) -> None:
     """ "The cache root (`--cache-dir`, env `KD_CACHE_DIR`, default `data/logits`)"."""
     from stages.cli import app
