@@ -666,6 +666,7 @@ def check_run_folder(run_dir: Path, preset: Preset) -> None:
     if old == new:
         return  # the same experiment again (settings its method ignores aside): its folder is rewritten
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    differ.sort(key=lambda k: k != "distill.method")  # a method change first: the others follow from it
     shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:3])
     raise KDError(
         f"run folder {run_dir} holds a run with other settings ({shown}"

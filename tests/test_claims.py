@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline.config import Paths, load_preset, resolve
+from pipeline.config import Paths, changed_settings, load_preset, resolve
 from pipeline.datasets import load_split
 from pipeline.errors import KDError
 from pipeline.losses import LOSSES
@@ -301,6 +301,17 @@ def test_distill_prefers_the_cache_stored_as_the_preset_says(tiny_data: Paths, t
     shutil.rmtree(narrow)
     alone = distill.run(resolve("tiny", {"distill.train.epochs": 1}), paths, run_name="alone", verbose=False)
     assert alone["cache"] == str(wide)
+
+
+def test_the_readme_run_name_example() -> None:
+    """README "Outputs": `-<hash>` of any other setting changed, "e.g. `mnist1d-kd-T2-a0.9-s0-<hash>` for
+    `--label-smoothing 0.1`"."""
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (named,) = re.findall(r"`(mnist1d-kd-T2-a0\.9-s0-[0-9a-f]{6})` for\s+`--label-smoothing 0\.1`", readme)
+    preset = resolve("mnist1d", {"distill.label_smoothing": 0.1})
+    assert distill.default_run_name(preset, changed_settings(preset, "mnist1d")) == named
 
 
 def test_kd_cache_dir_environment_variable(tiny_data: Paths, tmp_path: Path) -> None:

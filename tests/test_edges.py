@@ -200,3 +200,16 @@ def test_verify_accuracy_tolerance(tmp_path) -> None:  # noqa: ANN001
         "labels disagree with the manifest: teacher accuracy from the stored logits is 1.0000, "
         "the manifest says 0.9524"
     ]
+
+
+def test_a_run_folder_of_another_method_names_the_method_first(tmp_path) -> None:
+    """The refusal lists the method change before the settings that follow from it (alpha, T, ...)."""
+    import json
+
+    from pipeline.config import resolve
+    from stages.distill import check_run_folder
+
+    ce = resolve("tiny", {"distill.method": "ce"})
+    (tmp_path / "config.json").write_text(json.dumps({"preset": ce.to_dict()}))
+    with pytest.raises(KDError, match=r"other settings \(distill\.method: 'ce' -> 'kd', "):
+        check_run_folder(tmp_path, resolve("tiny"))

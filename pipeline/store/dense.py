@@ -454,7 +454,8 @@ class LogitStore:
             rows = "" if start is None else f" rows {start}-{stop}"
             raise KDError(
                 f"cache {self.where}: '{name}'{rows} cannot be read ({type(err).__name__}: {err}): the "
-                "file is damaged; run `kd cache verify`, then `kd teacher-logits --force` to rebuild it"
+                "file is damaged; rebuild it with `kd teacher-logits --force` or, for a copy, pull a sound "
+                "one with `kd cache pull --force`; `kd cache verify` lists every problem"
             ) from None
 
     def read_views(self) -> np.ndarray | None:
