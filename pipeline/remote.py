@@ -120,17 +120,16 @@ def _root_attributes(location: str | Path) -> dict[str, Any] | None:
     return attrs if isinstance(attrs, dict) else None
 
 
-def another_cache(src: str | Path, dst: str | Path) -> str | None:
-    """What `dst` holds when it is a readable cache other than `src`'s (another content key): a short
+def another_cache(source: Manifest, dst: str | Path) -> str | None:
+    """What `dst` holds when it is a readable cache other than `source`'s (another content key): a short
     description for push and pull to refuse with. None when there is nothing readable there, or a copy
     of the same cache. (kd's own read-through copies are replaced whatever they hold.)"""
-    src, dst = local_path(src), local_path(dst)
-    theirs, mine = _root_attributes(dst), _root_attributes(src)
-    if not (theirs and is_manifest(theirs) and mine and is_manifest(mine)):
+    theirs = _root_attributes(local_path(dst))
+    if not (theirs and is_manifest(theirs)):
         return None
     try:
         other = Manifest.from_dict(theirs)
-        if other.key == Manifest.from_dict(mine).key:
+        if other.key == source.key:
             return None
     except (KDError, KeyError, TypeError):  # another format version, or a manifest we cannot read
         return "a cache kd cannot read"

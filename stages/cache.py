@@ -123,7 +123,7 @@ def transfer(src: str | Path, dst: str | Path, *, force: bool) -> bool:
             f"{src} fails verification, not copied: {problems[0]}{more}; see `kd cache verify {src}`"
         )
     target = destination(src, dst, cache_dirname(store.manifest))
-    other = another_cache(src, target)
+    other = another_cache(store.manifest, target)
     if other:  # --force replaces a copy of this cache, never another one that happens to have the name
         raise KDError(
             f"{target} holds {other}, not a copy of {src}: not replacing it (even with --force); "

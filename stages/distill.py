@@ -349,7 +349,7 @@ class RunRecorder:
         self.phase_starts: list[tuple[int, str]] = []  # (first epoch, phase name) of every phase
         self.arch = architecture_record(preset.student, data.train.num_classes, data.train.input_shape)
         key = data.store.manifest.key if data.store else None
-        check_run_cache(run_dir, key)
+        check_run_folder(run_dir, preset, key)  # again, now that the cache is known
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {
             "preset": preset.to_dict(),
@@ -651,20 +651,30 @@ def describe(settings: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
 
 
-def check_run_folder(run_dir: Path, preset: Preset) -> None:
-    """Refuse to write into a folder holding anything but a run of exactly this resolved preset."""
+def check_run_folder(run_dir: Path, preset: Preset, cache_key: str | None = None) -> None:
+    """Refuse to write into a folder holding anything but a run of exactly this resolved preset and, once
+    the cache is open (`cache_key`), of the same cache: `--cache` of another teacher or dump under the
+    same settings would rewrite it. Runs from before keys were recorded, and online runs, have none."""
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
         return
     try:
-        previous = json.loads((run_dir / "config.json").read_text())["preset"]
+        config = json.loads((run_dir / "config.json").read_text())
+        previous = config["preset"]
     except (OSError, ValueError, KeyError, TypeError):
         raise KDError(
             f"{run_dir} exists and is not a run folder of kd: not writing into it; "
             "pass --run-name NAME (or remove that folder)"
         ) from None
     old, new = used_settings(previous) if isinstance(previous, dict) else {}, used_settings(preset)
-    if old == new:
-        return  # the same experiment again (settings its method ignores aside): its folder is rewritten
+    if old == new:  # the same experiment again (settings its method ignores aside): its folder is rewritten,
+        theirs = config.get("cache_key")  # unless it learnt from another cache
+        if theirs and cache_key and theirs != cache_key:
+            raise KDError(
+                f"run folder {run_dir} holds a run of these settings from another cache "
+                f"({config.get('cache')}, key {theirs[:12]}; this one {cache_key[:12]}): not replacing it; "
+                "pass --run-name NAME for a new folder"
+            )
+        return
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     differ.sort(key=lambda k: k != "distill.method")  # a method change first: the others follow from it
     shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:3])
@@ -672,23 +682,6 @@ def check_run_folder(run_dir: Path, preset: Preset) -> None:
         f"run folder {run_dir} holds a run with other settings ({shown}"
         f"{', ...' if len(differ) > 3 else ''}): not replacing it; pass --run-name NAME for a new folder"
     )
-
-
-def check_run_cache(run_dir: Path, key: str | None) -> None:
-    """Refuse to rewrite a run of the same settings that learnt from another cache (`--cache` of another
-    teacher, or another dump): the settings alone do not say so. Runs from before keys were recorded,
-    and online runs, have none to compare."""
-    try:
-        previous = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    theirs = previous.get("cache_key") if isinstance(previous, dict) else None
-    if theirs and key and theirs != key:
-        raise KDError(
-            f"run folder {run_dir} holds a run of these settings from another cache "
-            f"({previous.get('cache')}, key {theirs[:12]}; this one {key[:12]}): not replacing it; "
-            "pass --run-name NAME for a new folder"
-        )
 
 
 def _open_cache(

@@ -32,7 +32,7 @@ from pipeline.schedules import alpha_at, temperature_at
 from pipeline.store import LogitStore
 from pipeline.store.sparse import PAD_LABEL, stored_at
 from pipeline.train import pick_device, seed_everything
-from stages.distill import check_run_cache
+from stages.distill import check_run_folder
 
 console = Console(stderr=True, soft_wrap=True)
 LM_METHODS = ("ce", "kd")
@@ -86,7 +86,7 @@ def run(
         )
     main = ranks.is_main  # rank 0 writes the run folder; every rank trains
     key = store.manifest.key if store else None
-    check_run_cache(folder, key)
+    check_run_folder(folder, preset, key)  # again, now that the cache is known
     if main:
         folder.mkdir(parents=True, exist_ok=True)
     config = {

@@ -57,10 +57,7 @@ class ShardCache:
 
     def put(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
         """Keep a fetched shard (written to a temporary name, then renamed), evicting LRU shards."""
-        tmp = self.folder / f".shard-{shard}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with tmp.open("wb") as f:
-            np.savez(f, **arrays)
-        tmp.replace(self.path(shard))
+        self._save(self.path(shard), arrays)
         with self._lock:
             self._sizes[shard] = self.path(shard).stat().st_size
             self._sizes.move_to_end(shard)
@@ -77,10 +74,14 @@ class ShardCache:
             return None
 
     def put_records(self, manifest_digest: str, arrays: dict[str, np.ndarray]) -> None:
-        tmp = self.folder / f".records.{os.getpid()}.{threading.get_ident()}.tmp"
+        self._save(self.folder / RECORDS_FILE, {"manifest_digest": np.array(manifest_digest), **arrays})
+
+    def _save(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        """One .npz, written under a temporary name (this process and thread's), then renamed."""
+        tmp = self.folder / f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp"
         with tmp.open("wb") as f:
-            np.savez(f, manifest_digest=np.array(manifest_digest), **arrays)
-        tmp.replace(self.folder / RECORDS_FILE)
+            np.savez(f, **arrays)
+        tmp.replace(path)
 
     @property
     def nbytes(self) -> int:
