@@ -4,21 +4,29 @@ A cache is a folder of files (Zarr v3), so moving one is copying files. Copies b
 `aws s3 cp`: a destination ending in `.zarr` or `.zip` is the cache itself, anything else is a folder
 (prefix, bucket root) that receives `<dst>/<name>.zarr`. Only a previous copy of a kd cache is ever
 replaced (with `force`), never other files, and a copy becomes visible only once complete: folders and
-zip files are written under a temporary name and renamed; on object stores the group metadata (the
-manifest, with `complete`) is uploaded last and removed first. Reading a remote cache goes through a
-local read-through copy, checked against its per-shard checksums before use. Credentials and endpoints
+zip files are written under a temporary name and renamed; on object stores an upload record
+(UPLOAD_RECORD: the cache's content key and manifest digest) goes first, the group metadata (the
+manifest, with `complete`) last, and the record is removed once the copy is visible. What an interrupted
+upload leaves (objects, no manifest) is recognised (`upload_remains`): a push of the same cache finishes
+it, `kd cache gc` removes it. Reading a remote cache goes through a local read-through copy, checked
+against its per-shard checksums before use. Credentials and endpoints
 come from the usual environment of each filesystem (S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL for S3-compatible servers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
+import socket
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ from pipeline.store.housekeeping import TMP_MARK, cache_like
 from pipeline.store.manifest import Manifest, is_manifest
 
 ROOT_METADATA = "zarr.json"
+UPLOAD_RECORD = ".kd-upload.json"  # beside an upload under way: {"key", "digest", "source", "host", ...}
 
 
 def local_path(location: str | Path) -> str | Path:
@@ -152,10 +161,13 @@ def destination(src: str | Path, dst: str | Path, default_name: str) -> str | Pa
 def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> None:
     """Copy a cache between any two of: a local folder, a URL folder, a zip file. `dst` is the cache
     itself (see `destination`); what is there is replaced only with `overwrite` and only when it is a
-    kd cache (push and pull also refuse another cache: `another_cache`); the copy becomes visible when
-    complete."""
+    kd cache (push and pull also refuse another cache: `another_cache`), except the remains of an
+    interrupted upload of this same cache, which a copy finishes without `overwrite`; the copy becomes
+    visible when complete."""
     src, dst = local_path(src), local_path(dst)
-    if _occupied(dst):
+    remains = upload_remains(dst) if is_url(dst) else None
+    occupied = remains is None and _occupied(dst)
+    if occupied:
         if not _is_kd_cache(dst):
             raise KDError(
                 f"{dst} exists and is not a logit cache: not replacing it (even with --force); "
@@ -165,13 +177,117 @@ def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
             raise KDError(f"{dst} already exists: pass --force to replace that cache")
     with tempfile.TemporaryDirectory(prefix="kd-copy-") as tmp:
         local = _materialize(src, Path(tmp) / "store")
-        _publish(local, dst)
+        if remains is not None:
+            _resume_upload(remains, local, dst)
+        else:  # an object store with nothing there: nothing to clear (a push beside this one may start)
+            _publish(local, dst, clear=occupied or not is_url(dst))
+
+
+@dataclasses.dataclass(frozen=True)
+class Remains:
+    """What an interrupted upload left at a URL: objects (relative path -> size) and no group metadata.
+    `record`: its upload record (UPLOAD_RECORD; {} when unreadable), None when it has none (an upload by
+    an earlier version of kd)."""
+
+    url: str
+    objects: dict[str, int]
+    newest: float  # the newest object's modification time (seconds since the epoch), 0 when unknown
+    record: dict[str, Any] | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.objects.values())
+
+    def describe(self) -> str:
+        n = len(self.objects)
+        what = f"an interrupted upload ({n} object{'s' * (n != 1)}, {self.nbytes:,} bytes, no manifest)"
+        if self.record:
+            what += f" of {self.record.get('source', '?')} from {self.record.get('host', '?')}"
+        return what
+
+
+def upload_remains(url: str | Path) -> Remains | None:
+    """The remains of an interrupted upload at `url` (objects of a kd cache, no group metadata), else
+    None: nothing there, a cache, or objects that are not a cache's (someone else's: never touched)."""
+    from pipeline.store.dense import MEMBERS
+
+    if not is_url(url):
+        return None
+    fs, root = _fs(str(url))
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return None
+    objects = {p[len(root) + 1 :]: info for p, info in found.items() if p.startswith(root + "/")}
+    if not objects or ROOT_METADATA in objects:
+        return None
+    if not {name.split("/", 1)[0] for name in objects} <= {*MEMBERS, UPLOAD_RECORD}:
+        return None
+    record = None
+    if UPLOAD_RECORD in objects:
+        try:
+            record = json.loads(fs.cat_file(f"{root}/{UPLOAD_RECORD}"))
+        except (OSError, ValueError):
+            record = {}
+        record = record if isinstance(record, dict) else {}
+    sizes = {name: int(info.get("size") or 0) for name, info in objects.items() if name != UPLOAD_RECORD}
+    newest = max((_mtime(info) for info in objects.values()), default=0.0)
+    return Remains(str(url), sizes, newest, record)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """An object's modification time from fsspec's details (S3: LastModified; local: mtime)."""
+    for key in ("LastModified", "last_modified", "mtime", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return 0.0
+
+
+def _same_upload(remains: Remains, local: Path) -> str:
+    """'identical': an upload of exactly these files (its record names this manifest's digest); 'same':
+    of this cache (its content key; without a record: every object one of these files, with its size);
+    'other': of another cache, or of something kd cannot tell."""
+    try:
+        manifest = Manifest.from_dict(json.loads((local / ROOT_METADATA).read_bytes())["attributes"])
+    except (OSError, ValueError, KeyError, TypeError, KDError):
+        return "other"
+    if remains.record is not None:
+        if remains.record.get("digest") == manifest.digest:
+            return "identical"
+        return "same" if remains.record.get("key") == manifest.key else "other"
+    for name, size in remains.objects.items():
+        path = local / name
+        if not path.is_file() or path.stat().st_size != size:
+            return "other"
+    return "same"
+
+
+def _resume_upload(remains: Remains, local: Path, dst: str | Path) -> None:
+    """Finish (or redo) an interrupted upload of this cache at `dst`; refuse the remains of another."""
+    kind = _same_upload(remains, local)
+    if kind == "other":
+        root = str(dst).rstrip("/").rsplit("/", 1)[0]
+        raise KDError(
+            f"{dst} holds {remains.describe()} of another cache: not replacing it (even with --force); "
+            f"remove it with `kd cache gc --root {root} --older-than 0 --yes`, or choose another destination"
+        )
+    # the same bytes (this very copy, interrupted, or another push of it running now): uploaded over in
+    # place, nothing deleted, so a push running beside this one never loses an object; otherwise (a
+    # re-dump of the same key) the remains go first
+    _publish(local, dst, clear=kind != "identical")
 
 
 def _materialize(src: str | Path, tmp: Path) -> Path:
     if is_url(src):
         fs, root = _fs(str(src))
-        files = fs.find(root)
+        files = [f for f in fs.find(root) if f.rsplit("/", 1)[-1] != UPLOAD_RECORD]
         if not files:
             raise KDError(f"nothing at {src}")
         for remote in files:
@@ -198,20 +314,31 @@ def _files(local: Path) -> list[Path]:
     return sorted(p for p in local.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
 
-def _publish(local: Path, dst: str | Path) -> None:
+def _publish(local: Path, dst: str | Path, *, clear: bool = True) -> None:
     files = _files(local)
     token = f"{TMP_MARK}{os.getpid()}-{secrets.token_hex(3)}"
     if is_url(dst):
         fs, root = _fs(str(dst))
-        if fs.exists(f"{root}/{ROOT_METADATA}"):
-            fs.rm_file(f"{root}/{ROOT_METADATA}")  # first: readers stop seeing the old cache
-        if fs.exists(root):
-            fs.rm(root, recursive=True)  # a kd cache (checked by the caller): only its own files
+        if clear:
+            if fs.exists(f"{root}/{ROOT_METADATA}"):
+                fs.rm_file(f"{root}/{ROOT_METADATA}")  # first: readers stop seeing the old cache
+            if fs.exists(root):
+                fs.rm(root, recursive=True)  # a kd cache (checked by the caller): only its own files
         metadata = local / ROOT_METADATA
+        record = _upload_record(local, dst)
+        fs.pipe_file(f"{root}/{UPLOAD_RECORD}", json.dumps(record).encode())  # first: names the upload
         for path in files:
             if path != metadata:
                 fs.put_file(str(path), f"{root}/{path.relative_to(local).as_posix()}")
+                _upload_fault()
+        if _upload_digest(fs, root, str(dst)) != record["digest"]:
+            raise KDError(  # another cache's push under the same name overtook this one: never mixed
+                f"another upload to {dst} ran beside this one ({_describe_record(fs, root)}): this one "
+                "stops before publishing; run it again once that one has finished"
+            )
         fs.put_file(str(metadata), f"{root}/{ROOT_METADATA}")  # last: the copy is now visible
+        with contextlib.suppress(FileNotFoundError):  # a push of the same cache beside this one was first
+            fs.rm_file(f"{root}/{UPLOAD_RECORD}")
     elif is_zip(dst):
         dst = Path(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +347,7 @@ def _publish(local: Path, dst: str | Path) -> None:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # chunks are compressed
                 for path in files:
                     z.write(path, path.relative_to(local).as_posix())
+                    _upload_fault()
             tmp.replace(dst)
         finally:
             tmp.unlink(missing_ok=True)
@@ -228,7 +356,7 @@ def _publish(local: Path, dst: str | Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp, old = dst.with_name(dst.name + token), dst.with_name(dst.name + token + "-old")
         try:
-            shutil.copytree(local, tmp, ignore=shutil.ignore_patterns("*.lock"))
+            shutil.copytree(local, tmp, ignore=shutil.ignore_patterns("*.lock"), copy_function=_copy_file)
             if dst.exists():
                 dst.rename(old)  # the previous copy of this cache, set aside until the new one is in place
             tmp.rename(dst)
@@ -237,13 +365,87 @@ def _publish(local: Path, dst: str | Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _upload_digest(fs: Any, root: str, url: str) -> str | None:
+    """The manifest digest of the upload under way at `root` (its record), or, once a push of the same
+    cache beside this one has published it (record removed), of the cache there; None when neither."""
+    try:
+        return str(json.loads(fs.cat_file(f"{root}/{UPLOAD_RECORD}")).get("digest"))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError):
+        return None
+    attrs = _root_attributes(url)
+    try:
+        return Manifest.from_dict(attrs).digest if attrs and is_manifest(attrs) else None
+    except (KDError, KeyError, TypeError):
+        return None
+
+
+def _describe_record(fs: Any, root: str) -> str:
+    try:
+        record = json.loads(fs.cat_file(f"{root}/{UPLOAD_RECORD}"))
+        return f"of {record.get('source')} from {record.get('host')}"
+    except (OSError, ValueError, AttributeError):
+        return "its record is gone: removed by `kd cache gc`?"
+
+
+def _upload_record(local: Path, dst: str | Path) -> dict[str, Any]:
+    """What an upload writes first: the content key and manifest digest of the cache it uploads, where
+    from and when, so its remains can be told apart from another cache's, and named."""
+    try:
+        manifest = Manifest.from_dict(json.loads((local / ROOT_METADATA).read_bytes())["attributes"])
+        key, digest = manifest.key, manifest.digest
+    except (OSError, ValueError, KeyError, TypeError, KDError):
+        key = digest = None
+    record = {
+        "key": key,
+        "digest": digest,
+        "source": str(local),
+        "destination": str(dst),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.time(),
+    }
+    return record
+
+
+# Testing hook: `KD_FAULT_AFTER_UPLOADS=N` kills the process (SIGKILL, as kill -9) once N files of a copy
+# (objects uploaded, files copied or zipped) are written, so tests can interrupt a push at exact points.
+# Never set outside tests.
+_uploaded = 0
+
+
+def _upload_fault() -> None:
+    global _uploaded
+    limit = os.environ.get("KD_FAULT_AFTER_UPLOADS")
+    if limit:
+        _uploaded += 1
+        if _uploaded >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _copy_file(src: str, dst: str) -> None:
+    shutil.copy2(src, dst)
+    _upload_fault()
+
+
+def remove_remains(remains: Remains) -> None:
+    """Delete what an interrupted upload left (upload_remains found it: only a cache's objects)."""
+    fs, root = _fs(remains.url)
+    fs.rm(root, recursive=True)
+
+
 def list_root(root: str | Path) -> list[str]:
     """The entries directly under a cache root, local or remote."""
     root = local_path(root)
     if is_url(root):
         fs, path = _fs(str(root))
         protocol = str(root).split("://", 1)[0]
-        return sorted(f"{protocol}://{p}" for p in fs.ls(path, detail=False) if not p.endswith(".lock"))
+        try:
+            names = fs.ls(path, detail=False)
+        except FileNotFoundError:  # an empty prefix: object stores have no folders to be missing
+            return []
+        return sorted(f"{protocol}://{p}" for p in names if not p.endswith(".lock") and p.rstrip("/") != path)
     root = Path(root)
     if not root.is_dir():
         raise KDError(f"no cache directory at {root}: run `kd teacher-logits` first or name another DIR")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,17 @@ from rich.text import Text
 
 from pipeline import strict_json
 from pipeline.errors import KDError
-from pipeline.remote import another_cache, copy_cache, destination, list_root
+from pipeline.remote import (
+    Remains,
+    another_cache,
+    copy_cache,
+    destination,
+    is_url,
+    list_root,
+    local_path,
+    remove_remains,
+    upload_remains,
+)
 from pipeline.store import (
     LogitStore,
     Manifest,
@@ -38,8 +49,22 @@ from pipeline.store import (
 )
 
 
+def _open(path: str | Path) -> LogitStore:
+    """LogitStore.open, saying so when a URL holds the remains of an interrupted upload."""
+    try:
+        return LogitStore.open(path)
+    except KDError:
+        remains = upload_remains(path)
+        if remains is None:
+            raise
+        source = (remains.record or {}).get("source") or "CACHE"
+        raise KDError(
+            f"{path} holds {remains.describe()}: finish it with `kd cache push {source} {path}`"
+        ) from None
+
+
 def info(path: str | Path, *, as_json: bool = False) -> None:
-    store = LogitStore.open(path)
+    store = _open(path)
     manifest = store.manifest.to_dict()
     if as_json:
         print(strict_json.dumps(manifest, indent=2))
@@ -85,7 +110,7 @@ def info(path: str | Path, *, as_json: bool = False) -> None:
 
 def verify(path: str | Path) -> bool:
     """Re-read everything; print each problem; True when there is none."""
-    store = LogitStore.open(path)
+    store = _open(path)
     console = Console(stderr=True, soft_wrap=True)
     problems = store.verify()
     if problems:
@@ -114,7 +139,7 @@ def transfer(src: str | Path, dst: str | Path, *, force: bool) -> bool:
     """Copy a sound, complete cache (push to / pull from a URL, a zip or a folder), then verify the
     copy. DST ending in .zarr or .zip is the cache itself; anything else is a folder receiving
     DST/<name>.zarr. The source is verified first: a damaged cache is never copied."""
-    store = LogitStore.open(src)
+    store = _open(src)
     store.require_complete()
     problems = store.verify()
     if problems:
@@ -163,9 +188,13 @@ def rm(root: Path, names: list[str], *, yes: bool) -> None:
         console.print(f"removed {path}", highlight=False)
 
 
-def gc(root: Path, *, older_than_hours: float, yes: bool) -> None:
-    """Remove incomplete caches, remains of caches, interrupted copies and dead writers' lock files
-    untouched for N hours (dry run unless --yes); anything else is left alone and named."""
+def gc(root: str | Path, *, older_than_hours: float, yes: bool) -> None:
+    """Remove incomplete caches, remains of caches, interrupted copies and uploads, and dead writers'
+    lock files untouched for N hours (dry run unless --yes); anything else is left alone and named."""
+    if is_url(root):
+        _gc_url(str(root), older_than_hours=older_than_hours, yes=yes)
+        return
+    root = Path(local_path(root))
     console = Console(stderr=True, soft_wrap=True)
     entries, skipped = stale_entries(root, older_than_hours)
     for path, why in skipped:
@@ -181,6 +210,25 @@ def gc(root: Path, *, older_than_hours: float, yes: bool) -> None:
                 path.unlink(missing_ok=True)
         console.print(f"{'removed' if yes else 'would remove'} {path}: {why}", highlight=False)
     if entries and not yes:
+        console.print("dry run: pass --yes to remove")
+
+
+def _gc_url(root: str, *, older_than_hours: float, yes: bool) -> None:
+    """gc under a URL prefix: the remains of interrupted uploads (a cache's objects, no manifest)
+    untouched for N hours. Complete caches and anything that is not a cache's are left alone."""
+    console = Console(stderr=True, soft_wrap=True)
+    cutoff = time.time() - older_than_hours * 3600
+    found = [r for entry in list_root(root) if (r := upload_remains(entry)) is not None]
+    stale = [r for r in found if r.newest <= cutoff]
+    if not stale:
+        console.print(f"nothing to collect in {root} (older than {older_than_hours:g} h)", highlight=False)
+    for remains in stale:
+        if yes:
+            remove_remains(remains)
+        console.print(
+            f"{'removed' if yes else 'would remove'} {remains.url}: {remains.describe()}", highlight=False
+        )
+    if stale and not yes:
         console.print("dry run: pass --yes to remove")
 
 
@@ -209,21 +257,48 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
     accuracy on the cached split, when it was written and whether it is complete; --long adds teacher,
     dataset, split, classes and dtype; --json prints the same as a list of objects for scripts."""
     rows: list[dict[str, Any]] = []
+    uploads: list[Remains] = []
     warn = Console(stderr=True, soft_wrap=True)
-    for entry in list_root(root):
+    entries = list_root(root)
+    for entry in entries:
         if not entry.rstrip("/").endswith((".zarr", ".zip")):
             continue  # not named as a cache: someone else's folder
+        remains = upload_remains(entry)
+        if remains is not None:
+            uploads.append(remains)
+            continue
         try:
             rows.append(_listing(entry))
         except (KDError, OSError, zipfile.BadZipFile) as err:  # one unreadable entry hides no other
             warn.print(f"warning: skipping an entry: {err}", highlight=False)
     if as_json:
         print(strict_json.dumps(rows, indent=2))
+        _print_uploads(uploads, str(root), warn)  # on stderr: the JSON holds caches only
         return
     console = Console(soft_wrap=True)  # lines are never broken mid-field: the terminal wraps them
     if not rows:
-        console.print(f"no logit caches in {root}")
+        empty = " (nothing under this prefix)" if is_url(root) and not entries else ""
+        console.print(f"no logit caches in {root}{empty}", highlight=False)
+        _print_uploads(uploads, str(root), console)
         return
+    _table(rows, root, long, console)
+    _print_uploads(uploads, str(root), console)
+
+
+def _print_uploads(uploads: list[Remains], root: str, console: Console) -> None:
+    """Interrupted uploads under a URL, each with the commands that finish or remove it."""
+    for r in uploads:
+        source = (r.record or {}).get("source") or "CACHE"
+        console.print(f"{r.url}: {r.describe()}", highlight=False)
+        console.print(f"  finish it: kd cache push {source} {r.url}", highlight=False)
+        console.print(
+            f"  remove it: kd cache gc --root {root} --older-than 0 --yes (once no push is running)",
+            highlight=False,
+        )
+
+
+def _table(rows: list[dict[str, Any]], root: str | Path, long: bool, console: Console) -> None:
+    """The table of `kd cache ls` (one block per cache with --long or when it is too wide)."""
     # a name not made by kd (team.zip) does not say whose logits these are: then the teacher is shown too
     unnamed = any(not r["name"].startswith(f"{r['teacher']}.{r['dataset']}.{r['split']}.") for r in rows)
     extra = ["teacher", "split"] if unnamed else []

@@ -481,10 +481,12 @@ def cache_rm(
 @friendly
 def cache_gc(
     older_than: Annotated[float, typer.Option(help="Only entries untouched for this many hours.")] = 24.0,
-    root: Annotated[Path | None, typer.Option(help="Cache root [default: the cache dir].")] = None,
+    root: Annotated[
+        str | None, typer.Option(help="Cache root, a folder or URL prefix [default: the cache dir].")
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Really remove (default: dry run).")] = False,
 ) -> None:
-    """Remove incomplete caches and orphans (dead writers' locks, non-cache folders) older than N hours."""
+    """Remove incomplete caches, interrupted copies and uploads, dead writers' locks: untouched N hours."""
     from stages import cache as stage
 
     stage.gc(root or _state["paths"].logits, older_than_hours=older_than, yes=yes)

@@ -38,6 +38,7 @@ from pipeline.config import DistillConfig, OptimConfig, Paths, Preset, changed_s
 from pipeline.datasets import Split, load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init, total
 from pipeline.errors import DivergedError, KDError
+from pipeline.far_cache import fits_in_memory, open_far_cache
 from pipeline.losses import LOSSES
 from pipeline.methods import LABEL_ONLY
 from pipeline.models import (
@@ -53,7 +54,7 @@ from pipeline.models import (
     teacher_autocast,
 )
 from pipeline.plots import plot_curves
-from pipeline.remote import copy_cache, is_url, read_through_path
+from pipeline.remote import is_url
 from pipeline.schedules import (
     alpha_at,
     dkd_warmup,
@@ -63,7 +64,6 @@ from pipeline.schedules import (
     temperature_at,
 )
 from pipeline.store import LogitStore, StorageInfo, find_caches
-from pipeline.store.shard_cache import ShardCache
 from pipeline.train import EpochRecord, accuracy, fit, pick_device, predict, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)
@@ -690,7 +690,7 @@ def _open_cache(
     """The train-split cache: the given path, zip or URL (read through a local copy), else the newest
     complete match under the cache root, preferring one stored as the preset says."""
     if cache is not None and is_url(cache):
-        store = _far_cache(str(cache), paths, preset.distill)
+        store = open_far_cache(str(cache), paths, preset.distill)
     elif cache is not None:
         store = LogitStore.open(cache)
     else:
@@ -714,7 +714,7 @@ def _open_cache(
                 found[0].manifest.teacher.architecture, preset, f"the newest cache found ({found[0].where})"
             )
         if found and paths.remote:
-            found = [_far_cache(found[0].where, paths, preset.distill)]
+            found = [open_far_cache(found[0].where, paths, preset.distill)]
         if not found:
             if not required:
                 return None
@@ -747,52 +747,6 @@ def _cache_sets(preset: Preset) -> str:
 def _views_text(preset: Preset) -> str:
     c = preset.cache
     return "" if c.augment == "none" else f" with {c.views} {c.augment} views (pad {c.augment_pad})"
-
-
-def fits_in_memory(store: LogitStore, cfg: DistillConfig) -> bool:
-    """Whether the cache, as training holds it (LogitStore.memory_bytes), fits `distill.memory_budget_mb`:
-    then it is read whole, else streamed."""
-    return store.memory_bytes() <= cfg.memory_budget_mb * 2**20
-
-
-def _far_cache(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:
-    """A remote cache: one that fits in memory is read through a local copy; a larger one is streamed
-    lazily, shard by shard as training asks for them, through a bounded local shard cache (LRU,
-    `distill.remote_cache_mb`), never copied whole."""
-    remote = LogitStore.open(url)
-    if fits_in_memory(remote, cfg):  # the manifest says how big it is: nothing else read yet
-        remote.require_complete()
-        return _read_through(remote, paths)
-    folder = paths.data / "remote-cache" / "shards" / remote.manifest.key[:16]
-    remote.shard_cache = ShardCache(folder, cfg.remote_cache_mb * 2**20)
-    remote.require_complete()  # its done flags, with the ids, kept in the shard cache for the next run
-    console.print(
-        f"streaming {url} lazily: shards fetched as needed, up to {cfg.remote_cache_mb} MB of them "
-        f"kept in {folder}",
-        highlight=False,
-    )
-    return remote
-
-
-def _read_through(remote: LogitStore, paths: Paths) -> LogitStore:
-    """A remote cache (opened and checked complete) through its local copy under DATA_DIR/remote-cache
-    (fetched again only when the remote manifest's content key differs); shards are checked against
-    their checksums as they load."""
-    url = remote.where
-    local = (
-        paths.logits / read_through_path(url, Path()).name
-        if paths.remote
-        else read_through_path(url, paths.data / "remote-cache")
-    )
-    try:
-        cached = LogitStore.open(local)
-        if cached.manifest.key == remote.manifest.key and cached.manifest.complete:
-            return cached
-    except KDError:
-        pass
-    console.print(f"fetching {url} -> {local}")
-    copy_cache(url, local, overwrite=True)
-    return LogitStore.open(local)
 
 
 def check_cache_matches(store: LogitStore, split: Split) -> None:

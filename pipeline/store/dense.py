@@ -86,6 +86,7 @@ class LogitStore:
         self._count_lock = threading.Lock()
         self.shard_cache: ShardCache | None = None  # a far cache streamed lazily keeps shards here
         self._held: dict[str, np.ndarray] | None = None  # its ids and done flags, as kept there
+        self._preloaded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, np.ndarray]] | None = None
 
     def array(self, name: str) -> zarr.Array:
         """logits, labels, index or done; opened once (each group lookup re-reads the array's metadata)."""
@@ -421,10 +422,15 @@ class LogitStore:
         held = extras or {}
         extra = [held[name] for name in self.extra_specs if name in held]
         if expected is not None and shard_digest(logits, labels, ids, *extra).hex() != expected:
+            fix = (
+                f"push a sound copy to it (`kd cache push CACHE {self.where} --force`)"
+                if "://" in self.where and not self.where.startswith("file://")  # the far copy itself
+                else "rebuild it with `kd teacher-logits --force` or, for a copy, pull a sound one with "
+                "`kd cache pull --force`"
+            )
             raise KDError(
                 f"cache {self.where}: shard {shard} fails its CRC32C checksum (damaged or truncated file): "
-                "rebuild it with `kd teacher-logits --force` or, for a copy, pull a sound one with "
-                "`kd cache pull --force`; `kd cache verify` lists every problem"
+                f"{fix}; `kd cache verify` lists every problem"
             )
 
     def verify(self) -> list[str]:
@@ -476,7 +482,11 @@ class LogitStore:
     def read_everything(
         self, *, verify: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
-        """read_all() and read_extras() together, every shard checked against its CRC32C."""
+        """read_all() and read_extras() together, every shard checked against its CRC32C (what preload()
+        read, when it ran)."""
+        if verify and self._preloaded is not None:
+            preloaded, self._preloaded = self._preloaded, None  # handed over once, never held twice
+            return preloaded
         raw, labels, ids = self.read("logits"), self.read("labels"), self.ids.numpy()
         extras = self.read_extras()
         if verify:
@@ -487,6 +497,11 @@ class LogitStore:
         self.refuse_nonfinite(raw, self.ids)
         logits = decode_logits(raw, self.manifest.storage.dtype)
         return logits, torch.from_numpy(labels), self.ids, extras
+
+    def preload(self) -> None:
+        """Read everything now, every shard checked (read_everything): a damaged file fails here, where a
+        local copy can still be fetched again; the next read_everything() returns what was read."""
+        self._preloaded = self.read_everything(verify=True)
 
     def refuse_nonfinite(self, stored: np.ndarray, ids: torch.Tensor) -> None:
         """A KDError naming the rows when any stored logit is NaN or Inf (read from the bits as stored,
@@ -570,8 +585,12 @@ class LogitStore:
             try:
                 self.check_shard(shard, held["logits"], held["labels"], ids, extras)
                 return held["logits"], held["labels"], extras
-            except KDError:
-                pass  # a damaged local copy: the store's shard below replaces it
+            except KDError:  # a damaged local copy: the store's shard below replaces it
+                assert self.shard_cache is not None
+                self.shard_cache.discard(shard, "it fails the shard's CRC32C checksum")
+        elif held is not None:  # a member missing
+            assert self.shard_cache is not None
+            self.shard_cache.discard(shard, "an array is missing")
         raw, labels = self.read("logits", a, b), self.read("labels", a, b)
         extras = {name: self.read(name, a, b) for name in self.extra_specs}
         self.check_shard(shard, raw, labels, ids, extras)

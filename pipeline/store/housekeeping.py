@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,6 +79,8 @@ def stale_entries(
             collect.append((path, "lock of a writer that is gone"))
             continue
         if not path.is_dir():
+            if path.is_file() and re.fullmatch(rf".+\.zip{re.escape(TMP_MARK)}\d+-[0-9a-f]{{6}}", path.name):
+                collect.append((path, "an interrupted copy"))  # a zip being written under its temporary name
             continue
         if not cache_like(path):
             skipped.append((path, "not a logit cache"))

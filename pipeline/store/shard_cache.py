@@ -3,7 +3,9 @@
 Each shard fetched from remote storage (its stored logits, labels and view parameters, as read) is kept
 as one .npz file under a folder of its own per cache key; when the files pass the byte budget, the
 least recently used are deleted. A shard read back from here is checked against its CRC32C like any
-other read, so a damaged local file is refused, never trained on.
+other read, so a damaged local file is never trained on: it is a cache of far data, so a file that
+fails any check (its zip CRC, a truncated or missing member, the shard's CRC32C) is deleted, with one
+warning line, and the shard fetched again.
 
 Beside the shards it keeps the cache's per-row sample ids and per-shard `done` flags (records.npz, 8
 bytes a row, outside the budget), tagged with the digest of the manifest they were read under: opening
@@ -14,6 +16,7 @@ shard each. Any change to the far cache's manifest (its shard checksums included
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -32,7 +35,8 @@ class ShardCache:
         self._sizes: OrderedDict[int, int] = OrderedDict()  # shard -> bytes, least recently used first
         files = sorted(folder.glob("shard-*.npz"), key=lambda p: p.stat().st_mtime)
         for path in files:  # what an earlier run left, oldest first
-            self._sizes[int(path.stem.split("-")[1])] = path.stat().st_size
+            if path.stem.split("-", 1)[1].isdigit():  # (a file named otherwise is not one of ours)
+                self._sizes[int(path.stem.split("-", 1)[1])] = path.stat().st_size
         self.hits = self.misses = 0
         self._evict()
 
@@ -50,10 +54,17 @@ class ShardCache:
         try:
             with np.load(self.path(shard), allow_pickle=False) as f:
                 return {name: f[name] for name in f.files}
-        except (OSError, ValueError, EOFError):  # gone or damaged: fetch it again
-            with self._lock:
-                self._sizes.pop(shard, None)
+        except Exception as err:  # gone, cut short or damaged (zip CRC): fetched again
+            self.discard(shard, f"{type(err).__name__}: {err}")
             return None
+
+    def discard(self, shard: int, why: str) -> None:
+        """Delete a kept shard that failed a check (one warning line): the caller fetches it again."""
+        with self._lock:
+            self._sizes.pop(shard, None)
+        if self.path(shard).exists():
+            warn(f"the local copy {self.path(shard)} is damaged ({why}): fetching it again")
+        self.path(shard).unlink(missing_ok=True)
 
     def put(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
         """Keep a fetched shard (written to a temporary name, then renamed), evicting LRU shards."""
@@ -65,12 +76,17 @@ class ShardCache:
 
     def get_records(self, manifest_digest: str) -> dict[str, np.ndarray] | None:
         """The ids and done flags kept for the manifest with this digest, else None."""
+        path = self.folder / RECORDS_FILE
+        if not path.exists():
+            return None
         try:
-            with np.load(self.folder / RECORDS_FILE, allow_pickle=False) as f:
+            with np.load(path, allow_pickle=False) as f:
                 if str(f["manifest_digest"]) != manifest_digest:
                     return None
                 return {name: f[name] for name in f.files if name != "manifest_digest"}
-        except (OSError, ValueError, EOFError, KeyError):  # none yet, or damaged: fetched again
+        except Exception as err:  # cut short or damaged (zip CRC, a member missing): fetched again
+            warn(f"the local copy {path} is damaged ({type(err).__name__}: {err}): fetching it again")
+            path.unlink(missing_ok=True)
             return None
 
     def put_records(self, manifest_digest: str, arrays: dict[str, np.ndarray]) -> None:
@@ -91,3 +107,7 @@ class ShardCache:
         while self._sizes and sum(self._sizes.values()) > self.budget:
             shard, _ = self._sizes.popitem(last=False)
             self.path(shard).unlink(missing_ok=True)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
