@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -35,6 +34,7 @@ from urllib.parse import unquote, urlparse
 import zarr
 
 from pipeline.errors import KDError
+from pipeline.faults import FaultPoint
 from pipeline.store.housekeeping import TMP_MARK, cache_like
 from pipeline.store.manifest import Manifest, is_manifest
 
@@ -409,19 +409,7 @@ def _upload_record(local: Path, dst: str | Path) -> dict[str, Any]:
     return record
 
 
-# Testing hook: `KD_FAULT_AFTER_UPLOADS=N` kills the process (SIGKILL, as kill -9) once N files of a copy
-# (objects uploaded, files copied or zipped) are written, so tests can interrupt a push at exact points.
-# Never set outside tests.
-_uploaded = 0
-
-
-def _upload_fault() -> None:
-    global _uploaded
-    limit = os.environ.get("KD_FAULT_AFTER_UPLOADS")
-    if limit:
-        _uploaded += 1
-        if _uploaded >= int(limit):
-            os.kill(os.getpid(), signal.SIGKILL)
+_upload_fault = FaultPoint("KD_FAULT_AFTER_UPLOADS")  # tests kill a copy here (pipeline.faults)
 
 
 def _copy_file(src: str, dst: str) -> None:

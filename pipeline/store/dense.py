@@ -20,7 +20,6 @@ import functools
 import math
 import os
 import queue
-import signal
 import threading
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -33,6 +32,7 @@ import torch
 import zarr
 
 from pipeline.errors import KDError
+from pipeline.faults import FaultPoint
 from pipeline.store.encoding import as_tensor, compressors, decode_logits, encode_logits, stored_float
 from pipeline.store.integrity import row_stats, shard_digest, stored_nonfinite_rows
 from pipeline.store.manifest import DISK_DTYPES, Manifest
@@ -48,18 +48,7 @@ DECODE_THREADS = min(4, os.cpu_count() or 1)  # blocks of a streamed buffer deco
 MEMBERS = ("zarr.json", "logits", "labels", "index", "views", *SPARSE_EXTRAS, *RECORDS)
 Extras = Mapping[str, np.ndarray]  # a shard's arrays beside logits, labels and ids, by name
 
-# Testing hook: `KD_FAULT_AFTER_SHARDS=N` kills the process (SIGKILL, as kill -9) once N shards are done,
-# so tests can interrupt stage 1 at exact points. Never set outside tests; read when a shard is done.
-_written = 0
-
-
-def _fault_injection() -> None:
-    global _written
-    limit = os.environ.get("KD_FAULT_AFTER_SHARDS")
-    if limit:
-        _written += 1
-        if _written >= int(limit):
-            os.kill(os.getpid(), signal.SIGKILL)
+_fault_injection = FaultPoint("KD_FAULT_AFTER_SHARDS")  # tests kill a dump here (pipeline.faults)
 
 
 @dataclasses.dataclass(frozen=True)
