@@ -29,11 +29,12 @@ def fits_in_memory(store: LogitStore, cfg: DistillConfig) -> bool:
     return store.memory_bytes() <= cfg.memory_budget_mb * 2**20
 
 
-def open_far_cache(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:
-    """A far cache, checked complete: read through a local copy when it fits in memory (its shards
-    already read and checked), else streamed lazily through the local shard cache."""
+def open_far_cache(url: str, paths: Paths, *, memory_budget_mb: int, remote_cache_mb: int) -> LogitStore:
+    """A far cache, checked complete: read through a local copy when it fits `memory_budget_mb` (its
+    shards already read and checked), else streamed lazily through a local shard cache of at most
+    `remote_cache_mb`."""
     remote = LogitStore.open(url)
-    if fits_in_memory(remote, cfg):  # the manifest says how big it is: nothing else read yet
+    if remote.memory_bytes() <= memory_budget_mb * 2**20:  # the manifest says how big: nothing else read
         remote.require_complete()
         local = (
             paths.logits / read_through_path(url, Path()).name
@@ -42,10 +43,10 @@ def open_far_cache(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:
         )
         return read_through(remote, local)
     folder = paths.data / "remote-cache" / "shards" / remote.manifest.key[:16]
-    remote.shard_cache = ShardCache(folder, cfg.remote_cache_mb * 2**20)
+    remote.shard_cache = ShardCache(folder, remote_cache_mb * 2**20)
     remote.require_complete()  # its done flags, with the ids, kept in the shard cache for the next run
     _say(
-        f"streaming {url} lazily: shards fetched as needed, up to {cfg.remote_cache_mb} MB of them "
+        f"streaming {url} lazily: shards fetched as needed, up to {remote_cache_mb} MB of them "
         f"kept in {folder}"
     )
     return remote

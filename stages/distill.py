@@ -34,6 +34,7 @@ from pipeline.batches import (
     cached_logits_for,
     cached_views_for,
 )
+from pipeline.cache import check_matches
 from pipeline.config import DistillConfig, OptimConfig, Paths, Preset, changed_settings, flat_settings
 from pipeline.datasets import Split, load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init, total
@@ -690,7 +691,7 @@ def _open_cache(
     """The train-split cache: the given path, zip or URL (read through a local copy), else the newest
     complete match under the cache root, preferring one stored as the preset says."""
     if cache is not None and is_url(cache):
-        store = open_far_cache(str(cache), paths, preset.distill)
+        store = _far(str(cache), paths, preset.distill)
     elif cache is not None:
         store = LogitStore.open(cache)
     else:
@@ -714,7 +715,7 @@ def _open_cache(
                 found[0].manifest.teacher.architecture, preset, f"the newest cache found ({found[0].where})"
             )
         if found and paths.remote:
-            found = [open_far_cache(found[0].where, paths, preset.distill)]
+            found = [_far(found[0].where, paths, preset.distill)]
         if not found:
             if not required:
                 return None
@@ -726,8 +727,14 @@ def _open_cache(
             )
         store = found[0]
     store.require_complete()
-    check_cache_matches(store, train)
+    check_matches(store, train)
     return store
+
+
+def _far(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:
+    return open_far_cache(
+        url, paths, memory_budget_mb=cfg.memory_budget_mb, remote_cache_mb=cfg.remote_cache_mb
+    )
 
 
 def stored_as_preset(storage: StorageInfo, preset: Preset) -> bool:
@@ -747,42 +754,6 @@ def _cache_sets(preset: Preset) -> str:
 def _views_text(preset: Preset) -> str:
     c = preset.cache
     return "" if c.augment == "none" else f" with {c.views} {c.augment} views (pad {c.augment_pad})"
-
-
-def check_cache_matches(store: LogitStore, split: Split) -> None:
-    """Refuse a cache computed on other data: split, length, fingerprint and class count must agree."""
-    d = store.manifest.dataset
-    fix = "re-run `kd teacher-logits` for this dataset, or pass the matching --cache"
-    if d.split != split.split:
-        raise KDError(f"cache {store.where} holds the '{d.split}' split, not '{split.split}': {fix}")
-    if d.length != len(split) or store.num_rows != len(split):
-        raise KDError(
-            f"cache {store.where} has {d.length} rows but the {split.dataset} {split.split} split has "
-            f"{len(split)}: {fix}"
-        )
-    cached_length, length = store.manifest.preprocessing.get("seq_len"), split.preprocessing.get("seq_len")
-    if cached_length != length:
-        raise KDError(
-            f"cache {store.where} holds sequences of {cached_length} tokens but dataset.options.seq_len is "
-            f"{length}: use the cache's sequence length, or re-run `kd teacher-logits` with this one"
-        )
-    for key in ("tokenizer", "tokenizer_fingerprint", "max_length"):
-        cached, current = store.manifest.preprocessing.get(key), split.preprocessing.get(key)
-        if cached != current:
-            raise KDError(
-                f"cache {store.where} was tokenized with {key} {cached!r}, this dataset uses {current!r}: "
-                "use the same tokenizer and max length, or re-run `kd teacher-logits`"
-            )
-    if d.fingerprint != split.fingerprint:
-        raise KDError(
-            f"cache {store.where} was computed on different data (fingerprint {d.fingerprint[:12]} != "
-            f"{split.fingerprint[:12]} of {split.dataset}/{split.split}): {fix}"
-        )
-    if store.num_classes != split.num_classes:
-        raise KDError(
-            f"cache {store.where} has {store.num_classes} classes but {split.dataset} has "
-            f"{split.num_classes}: {fix}"
-        )
 
 
 def _teacher_test_accuracy(

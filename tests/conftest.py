@@ -94,6 +94,22 @@ def view_cache(paths: Paths) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    from stages import teacher_logits, train_teacher
+
+    paths = Paths(data=tmp_path_factory.mktemp("lm"))
+    preset = load_preset("tiny-lm")
+    train_teacher.run(preset, paths, device_name="cpu")
+    teacher_logits.run(preset, paths, device_name="cpu")
+    return paths
+
+
+def lm_cache(paths: Paths, split: str = "train") -> Path:
+    (path,) = cache_paths(paths, split, teacher="tiny-gpt")
+    return path
+
+
 def cache_paths(paths: Paths, split: str, teacher: str = "tiny-cnn1d") -> list[Path]:
     return sorted(paths.logits.glob(f"{teacher}.*.{split}.*.zarr"))
 

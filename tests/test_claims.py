@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
+from pipeline.cache import check_matches
 from pipeline.config import Paths, changed_settings, load_preset, resolve
 from pipeline.datasets import load_split
 from pipeline.errors import KDError
@@ -188,7 +189,7 @@ def test_a_cache_with_another_class_count_is_refused(tiny_data: Paths, tmp_path:
     writer.close()
     store.finish()
     with pytest.raises(KDError, match="has 5 classes but mnist1d has 10"):
-        distill.check_cache_matches(LogitStore.open(store.where), split)
+        check_matches(LogitStore.open(store.where), split)
 
 
 def test_complete_means_the_flag_and_every_shard(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pipeline.models import load_checkpoint
 from pipeline.store import LogitStore
 from pipeline.store.sparse import reduce_logits, sparse_record
 from tests import cli_process
-from tests.conftest import cache_paths
+from tests.conftest import cache_paths, lm_cache
 from tests.test_bad_inputs import assert_refused, run_kd, snapshot
 
 ARRAYS = ("logits", "labels", "index", "topk_ids", "lse", "sampled_ids", "sampled_logits", "target_logit")
@@ -149,22 +149,6 @@ def _cut(targets: SparseTargets, row: int, length: int) -> SparseTargets:
 
 
 # -- stage 1 and stage 2 on the tiny language-model preset ------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def lm_data(tmp_path_factory: pytest.TempPathFactory) -> Paths:
-    from stages import teacher_logits, train_teacher
-
-    paths = Paths(data=tmp_path_factory.mktemp("lm"))
-    preset = load_preset("tiny-lm")
-    train_teacher.run(preset, paths, device_name="cpu")
-    teacher_logits.run(preset, paths, device_name="cpu")
-    return paths
-
-
-def lm_cache(paths: Paths, split: str = "train") -> Path:
-    (path,) = cache_paths(paths, split, teacher="tiny-gpt")
-    return path
 
 
 @pytest.mark.slow

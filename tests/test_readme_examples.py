@@ -1,5 +1,6 @@
 """README "Your own data in 5 minutes": the shell blocks run as written, in an empty folder, with the
-real `kd` command (the text example with local tiny BERT folders in place of its hub ids: no network)."""
+real `kd` command (the text example with local tiny BERT folders in place of its hub ids: no network),
+and, on the text example's cache, the Hugging Face Trainer snippet of "Your own training loop"."""
 
 from __future__ import annotations
 
@@ -96,3 +97,24 @@ def test_csv_text_example(tmp_path: Path) -> None:
     assert "unknown to tokenizer" not in result.stderr  # the tokenizer knows every word
     (run,) = summaries(work).values()
     assert run["teacher"] == "reviews-bert" and run["student_test_accuracy"] is not None
+    # "Your own training loop": the Hugging Face Trainer snippet, on the cache the example just made
+    from tests.test_own_loop import python_example
+
+    trainer_script = python_example("hf-trainer").replace(
+        '"distilbert-base-uncased"', f'"{tmp_path / "models" / "student"}"'
+    )
+    assert "base-uncased" not in trainer_script
+    trained = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            trainer_script + "\nprint('loss', trainer.state.log_history[-1]['train_loss'])",
+        ],
+        cwd=work,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert re.search(r"^loss [0-9.]+$", trained.stdout, re.M), trained.stdout
