@@ -68,7 +68,7 @@ def open_cache(
     """Open a complete cache: a folder, a `.zip`, a `file://` URL or an fsspec URL (`s3://...`, read
     through local copies under `data_dir/remote-cache/` that are fetched again when they fail a check).
     A `KDError` (one line: what is wrong, what to do) when it is incomplete, damaged or no cache."""
-    from pipeline.remote import is_url
+    from pipeline.backends import is_url
 
     if is_url(location):
         from pipeline.config import Paths

@@ -667,7 +667,7 @@ class Paths:
     @property
     def remote(self) -> str | None:
         """The cache root URL when caches are shared through remote storage."""
-        from pipeline.remote import is_url
+        from pipeline.backends import is_url
 
         return str(self.cache) if self.cache is not None and is_url(self.cache) else None
 
@@ -678,7 +678,7 @@ class Paths:
             return (
                 self.data / "remote-cache" / re.sub(r"[^A-Za-z0-9._=-]+", "_", self.remote.split("://", 1)[1])
             )
-        from pipeline.remote import local_path
+        from pipeline.backends import local_path
 
         return Path(local_path(self.cache)) if self.cache is not None else self.data / "logits"
 

@@ -7,13 +7,10 @@ labels and input bytes) is how stage 2 proves a cache was computed on the very d
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 import sys
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +21,9 @@ from pipeline.config import DatasetConfig
 from pipeline.errors import KDError
 from pipeline.kept import keep, path_for
 from pipeline.lm_data import OPTIONS, lm_text
+from pipeline.split import Split
 
 SPLITS = ("train", "test")
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    dataset: str
-    split: str
-    inputs: torch.Tensor  # (N, ...) float32
-    labels: torch.Tensor  # (N,) int64
-    ids: torch.Tensor  # (N,) int64, stable sample ids: the cache's join key
-    num_classes: int
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.inputs.shape[1:])
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(f"{self.dataset}/{self.split}/{tuple(self.inputs.shape)}".encode())
-        for tensor in (self.ids, self.labels, self.inputs):
-            digest.update(np.ascontiguousarray(tensor.numpy()).tobytes())
-        return digest.hexdigest()
 
 
 def load_split(cfg: DatasetConfig, split: str) -> Split:

@@ -16,9 +16,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+from pipeline.backends import read_through_path
 from pipeline.config import DistillConfig, Paths
 from pipeline.errors import KDError
-from pipeline.remote import copy_cache, read_through_path
+from pipeline.remote import copy_cache
 from pipeline.store import LogitStore
 from pipeline.store.shard_cache import ShardCache
 

@@ -32,6 +32,7 @@ import torch
 from pipeline.config import DatasetConfig
 from pipeline.errors import KDError
 from pipeline.kept import keep, path_for
+from pipeline.split import Split
 from pipeline.store.sparse import PAD_LABEL
 
 DEFAULT_TEXT = "python-docstrings"
@@ -155,8 +156,6 @@ def tokenizer_file_fingerprint(path: Path) -> str:
 
 def lm_text(cfg: DatasetConfig) -> dict[str, Any]:
     """The train and test splits (pipeline.datasets.Split) of a language-modelling text."""
-    from pipeline.datasets import Split
-
     options = dict(cfg.options)
     seq_len = int(options.get("seq_len", 64))
     if seq_len < 2:

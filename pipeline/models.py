@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import strict_json
-from pipeline.config import ModelConfig, Preset
+from pipeline.config import ModelConfig, Paths, Preset
 from pipeline.errors import KDError
+from pipeline.split import Split
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -461,3 +462,20 @@ def load_checkpoint(folder: Path, *, trusted_arch: str | None = None) -> tuple[n
             f"checkpoint {weights} does not fit its config.json: {str(err).splitlines()[0]}"
         ) from None
     return model, record
+
+
+def online_teacher(
+    preset: Preset, paths: Paths, train: Split, device: torch.device
+) -> tuple[torch.nn.Module, str]:
+    """The preset's teacher checkpoint, for online KD (the teacher runs on every augmented batch)."""
+    folder = paths.teachers / preset.teacher.name
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise KDError(
+            f"online KD needs the teacher checkpoint, and there is none at {folder}: run "
+            f"`kd train-teacher --preset {preset.command_name}` first"
+        )
+    check_same_teacher(checkpoint_architecture(folder), preset, str(folder))
+    teacher, _ = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
+    check_teacher_tokenizer(folder, train)
+    check_fits_data(teacher, train, "teacher", preset.teacher.model.arch)
+    return teacher.to(device).eval(), preset.teacher.name

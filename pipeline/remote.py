@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -29,78 +28,23 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
-import zarr
-
+from pipeline.backends import (
+    ROOT_METADATA,
+    TMP_MARK,
+    filesystem,
+    is_url,
+    is_zip,
+    local_path,
+    occupied,
+    root_attributes,
+)
 from pipeline.errors import KDError
 from pipeline.faults import FaultPoint
-from pipeline.store.housekeeping import TMP_MARK, cache_like
+from pipeline.store.housekeeping import cache_like
 from pipeline.store.manifest import Manifest, is_manifest
 
-ROOT_METADATA = "zarr.json"
 UPLOAD_RECORD = ".kd-upload.json"  # beside an upload under way: {"key", "digest", "source", "host", ...}
-
-
-def local_path(location: str | Path) -> str | Path:
-    """file:// URLs become plain paths (one code path for every local folder); other values unchanged."""
-    text = str(location)
-    if text.startswith("file://"):
-        parsed = urlparse(text)
-        return Path(unquote(parsed.netloc + parsed.path)) if parsed.netloc else Path(unquote(parsed.path))
-    return location
-
-
-def is_url(location: str | Path) -> bool:
-    return "://" in str(location) and not str(location).startswith("file://")
-
-
-def is_zip(location: str | Path) -> bool:
-    return str(location).rstrip("/").endswith(".zip")
-
-
-def zarr_store(location: str | Path, *, writable: bool = False) -> Any:
-    """What zarr opens for a location: a URL string (fsspec), a ZipStore, or a local path."""
-    location = local_path(location)
-    if is_url(location):
-        return str(location)
-    if is_zip(location):
-        if not Path(location).is_file():
-            raise KDError(f"no zip file at {location}")
-        try:
-            with zipfile.ZipFile(location) as z:
-                z.namelist()
-        except (zipfile.BadZipFile, OSError) as err:
-            raise KDError(f"{location} is not a readable zip file ({err})") from None
-        return zarr.storage.ZipStore(str(location), mode="a" if writable else "r")
-    return Path(location)
-
-
-def _fs(url: str) -> tuple[Any, str]:
-    import fsspec
-
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as err:
-        raise KDError(f"cannot open {url}: {err} (install the fsspec filesystem for this protocol)") from None
-    return fs, path.rstrip("/")
-
-
-def exists(location: str | Path) -> bool:
-    """Whether a cache (its group metadata) is at `location`."""
-    location = local_path(location)
-    if is_url(location):
-        fs, path = _fs(str(location))
-        return bool(fs.exists(f"{path}/{ROOT_METADATA}"))
-    return Path(location).exists()
-
-
-def _occupied(location: str | Path) -> bool:
-    """Whether anything at all is at `location` (a cache, other files, a half-written copy)."""
-    if is_url(location):
-        fs, path = _fs(str(location))
-        return bool(fs.exists(path))
-    return Path(location).exists() or Path(location).is_symlink()
 
 
 def _is_kd_cache(location: str | Path) -> bool:
@@ -108,32 +52,15 @@ def _is_kd_cache(location: str | Path) -> bool:
     may replace."""
     if not (is_url(location) or is_zip(location)):
         return cache_like(Path(location))
-    attrs = _root_attributes(location)
+    attrs = root_attributes(location)
     return attrs is not None and is_manifest(attrs)
-
-
-def _root_attributes(location: str | Path) -> dict[str, Any] | None:
-    """The attributes of the Zarr group at `location` (a folder, URL or zip), or None if unreadable."""
-    try:
-        if is_url(location):
-            fs, path = _fs(str(location))
-            metadata = fs.cat_file(f"{path}/{ROOT_METADATA}")
-        elif is_zip(location):
-            with zipfile.ZipFile(location) as z:
-                metadata = z.read(ROOT_METADATA)
-        else:
-            metadata = (Path(location) / ROOT_METADATA).read_bytes()
-        attrs = json.loads(metadata).get("attributes", {})
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, AttributeError):
-        return None
-    return attrs if isinstance(attrs, dict) else None
 
 
 def another_cache(source: Manifest, dst: str | Path) -> str | None:
     """What `dst` holds when it is a readable cache other than `source`'s (another content key): a short
     description for push and pull to refuse with. None when there is nothing readable there, or a copy
     of the same cache. (kd's own read-through copies are replaced whatever they hold.)"""
-    theirs = _root_attributes(local_path(dst))
+    theirs = root_attributes(local_path(dst))
     if not (theirs and is_manifest(theirs)):
         return None
     try:
@@ -166,8 +93,8 @@ def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
     visible when complete."""
     src, dst = local_path(src), local_path(dst)
     remains = upload_remains(dst) if is_url(dst) else None
-    occupied = remains is None and _occupied(dst)
-    if occupied:
+    taken = remains is None and occupied(dst)
+    if taken:
         if not _is_kd_cache(dst):
             raise KDError(
                 f"{dst} exists and is not a logit cache: not replacing it (even with --force); "
@@ -180,7 +107,7 @@ def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
         if remains is not None:
             _resume_upload(remains, local, dst)
         else:  # an object store with nothing there: nothing to clear (a push beside this one may start)
-            _publish(local, dst, clear=occupied or not is_url(dst))
+            _publish(local, dst, clear=taken or not is_url(dst))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +140,7 @@ def upload_remains(url: str | Path) -> Remains | None:
 
     if not is_url(url):
         return None
-    fs, root = _fs(str(url))
+    fs, root = filesystem(str(url))
     try:
         found = fs.find(root, detail=True)
     except FileNotFoundError:
@@ -286,7 +213,7 @@ def _resume_upload(remains: Remains, local: Path, dst: str | Path) -> None:
 
 def _materialize(src: str | Path, tmp: Path) -> Path:
     if is_url(src):
-        fs, root = _fs(str(src))
+        fs, root = filesystem(str(src))
         files = [f for f in fs.find(root) if f.rsplit("/", 1)[-1] != UPLOAD_RECORD]
         if not files:
             raise KDError(f"nothing at {src}")
@@ -318,7 +245,7 @@ def _publish(local: Path, dst: str | Path, *, clear: bool = True) -> None:
     files = _files(local)
     token = f"{TMP_MARK}{os.getpid()}-{secrets.token_hex(3)}"
     if is_url(dst):
-        fs, root = _fs(str(dst))
+        fs, root = filesystem(str(dst))
         if clear:
             if fs.exists(f"{root}/{ROOT_METADATA}"):
                 fs.rm_file(f"{root}/{ROOT_METADATA}")  # first: readers stop seeing the old cache
@@ -374,7 +301,7 @@ def _upload_digest(fs: Any, root: str, url: str) -> str | None:
         pass
     except (OSError, ValueError, AttributeError):
         return None
-    attrs = _root_attributes(url)
+    attrs = root_attributes(url)
     try:
         return Manifest.from_dict(attrs).digest if attrs and is_manifest(attrs) else None
     except (KDError, KeyError, TypeError):
@@ -419,27 +346,5 @@ def _copy_file(src: str, dst: str) -> None:
 
 def remove_remains(remains: Remains) -> None:
     """Delete what an interrupted upload left (upload_remains found it: only a cache's objects)."""
-    fs, root = _fs(remains.url)
+    fs, root = filesystem(remains.url)
     fs.rm(root, recursive=True)
-
-
-def list_root(root: str | Path) -> list[str]:
-    """The entries directly under a cache root, local or remote."""
-    root = local_path(root)
-    if is_url(root):
-        fs, path = _fs(str(root))
-        protocol = str(root).split("://", 1)[0]
-        try:
-            names = fs.ls(path, detail=False)
-        except FileNotFoundError:  # an empty prefix: object stores have no folders to be missing
-            return []
-        return sorted(f"{protocol}://{p}" for p in names if not p.endswith(".lock") and p.rstrip("/") != path)
-    root = Path(root)
-    if not root.is_dir():
-        raise KDError(f"no cache directory at {root}: run `kd teacher-logits` first or name another DIR")
-    return sorted(str(p) for p in root.iterdir() if (p.is_dir() or is_zip(p)) and TMP_MARK not in p.name)
-
-
-def read_through_path(url: str, local_root: Path) -> Path:
-    """Where the local read-through copy of a remote cache lives."""
-    return local_root / re.sub(r"[^A-Za-z0-9._=-]+", "_", url.split("://", 1)[1]).strip("_")

@@ -25,15 +25,13 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline import strict_json
+from pipeline.backends import is_url, list_root, local_path
 from pipeline.errors import KDError
 from pipeline.remote import (
     Remains,
     another_cache,
     copy_cache,
     destination,
-    is_url,
-    list_root,
-    local_path,
     remove_remains,
     upload_remains,
 )

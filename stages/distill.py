@@ -34,28 +34,23 @@ from pipeline.batches import (
     cached_logits_for,
     cached_views_for,
 )
-from pipeline.cache import check_matches
 from pipeline.config import DistillConfig, OptimConfig, Paths, Preset, changed_settings, flat_settings
 from pipeline.datasets import Split, load_split, validation_rows
+from pipeline.discovery import find_train_cache
 from pipeline.distributed import barrier, device_for, init, total
 from pipeline.errors import DivergedError, KDError
-from pipeline.far_cache import fits_in_memory, open_far_cache
+from pipeline.far_cache import fits_in_memory
 from pipeline.losses import LOSSES
 from pipeline.methods import LABEL_ONLY
 from pipeline.models import (
-    WEIGHTS_FILE,
     architecture_record,
     build_model,
     check_fits_data,
-    check_same_teacher,
-    check_teacher_tokenizer,
-    checkpoint_architecture,
-    load_checkpoint,
+    online_teacher,
     save_checkpoint,
     teacher_autocast,
 )
 from pipeline.plots import plot_curves
-from pipeline.remote import is_url
 from pipeline.schedules import (
     alpha_at,
     dkd_warmup,
@@ -64,7 +59,7 @@ from pipeline.schedules import (
     step_temperature,
     temperature_at,
 )
-from pipeline.store import LogitStore, StorageInfo, find_caches
+from pipeline.store import LogitStore, find_caches
 from pipeline.train import EpochRecord, accuracy, fit, pick_device, predict, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)
@@ -205,7 +200,7 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
     fresh = Views(AugmentSpec(cfg.train.augment, cfg.train.augment_pad), choice=cfg.views, seed=cfg.seed)
     views = "none" if fresh.spec.kind == "none" else f"fresh {fresh.spec.kind} (pad {fresh.spec.pad})"
     if cfg.teacher_online and cfg.method not in LABEL_ONLY:
-        teacher, name = _online_teacher(preset, paths, train, device)
+        teacher, name = online_teacher(preset, paths, train, device)
         batches = OnlineBatches(
             InMemoryBatches(train, train_rows, None, cfg.train.batch_size, device, fresh),
             teacher,
@@ -227,7 +222,7 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
             views,
             name,
         )
-    store = _open_cache(preset, paths, train, cache, required=cfg.method not in LABEL_ONLY)
+    store = find_train_cache(preset, paths, train, cache, required=cfg.method not in LABEL_ONLY)
     batches: InMemoryBatches | StreamedBatches
     if cfg.method in LABEL_ONLY:
         source = "labels"
@@ -311,23 +306,6 @@ def _student_views(
         Views(spec, None, cfg.views, cfg.seed),
         f"cached: {count}{all_views} {spec.kind} views (pad {spec.pad}), one per row per epoch ({cfg.views})",
     )
-
-
-def _online_teacher(
-    preset: Preset, paths: Paths, train: Split, device: torch.device
-) -> tuple[torch.nn.Module, str]:
-    """The preset's teacher checkpoint, for online KD (the teacher runs on every augmented batch)."""
-    folder = paths.teachers / preset.teacher.name
-    if not (folder / WEIGHTS_FILE).is_file():
-        raise KDError(
-            f"online KD needs the teacher checkpoint, and there is none at {folder}: run "
-            f"`kd train-teacher --preset {preset.command_name}` first"
-        )
-    check_same_teacher(checkpoint_architecture(folder), preset, str(folder))
-    teacher, _ = load_checkpoint(folder, trusted_arch=preset.teacher.model.arch)
-    check_teacher_tokenizer(folder, train)
-    check_fits_data(teacher, train, "teacher", preset.teacher.model.arch)
-    return teacher.to(device).eval(), preset.teacher.name
 
 
 class RunRecorder:
@@ -683,77 +661,6 @@ def check_run_folder(run_dir: Path, preset: Preset, cache_key: str | None = None
         f"run folder {run_dir} holds a run with other settings ({shown}"
         f"{', ...' if len(differ) > 3 else ''}): not replacing it; pass --run-name NAME for a new folder"
     )
-
-
-def _open_cache(
-    preset: Preset, paths: Paths, train: Split, cache: str | Path | None, *, required: bool
-) -> LogitStore | None:
-    """The train-split cache: the given path, zip or URL (read through a local copy), else the newest
-    complete match under the cache root, preferring one stored as the preset says."""
-    if cache is not None and is_url(cache):
-        store = _far(str(cache), paths, preset.distill)
-    elif cache is not None:
-        store = LogitStore.open(cache)
-    else:
-        skipped: list[str] = []
-        found = find_caches(
-            paths.remote or paths.logits,
-            dataset_fingerprint=train.fingerprint,
-            split="train",
-            teacher=preset.teacher.name,
-            views=preset.cache.views_for("train"),  # the fixed view, or the preset's augmented views
-            sparse=preset.cache.sparse_for(train),  # token sequences: the preset's k, temperatures, S
-            skipped=skipped,
-        )
-        for problem in skipped:
-            console.print(f"warning: skipping {problem}", highlight=False)
-        # the one stage 1 makes (or hits) with this preset first, else the newest: a cache someone made
-        # with other storage settings never takes over the preset's own, run after run
-        found.sort(key=lambda s: not stored_as_preset(s.manifest.storage, preset))
-        if found:  # found by teacher name: it must be the teacher the preset describes
-            check_same_teacher(
-                found[0].manifest.teacher.architecture, preset, f"the newest cache found ({found[0].where})"
-            )
-        if found and paths.remote:
-            found = [_far(found[0].where, paths, preset.distill)]
-        if not found:
-            if not required:
-                return None
-            raise KDError(
-                f"no complete train-split cache of teacher '{preset.teacher.name}' for this dataset"
-                f"{_views_text(preset)} under {paths.logits}: run `kd teacher-logits --preset "
-                f"{preset.command_name}{_cache_sets(preset)}` with the same --data-dir (or `make "
-                "teacher-logits` in this repository), or pass --cache PATH"
-            )
-        store = found[0]
-    store.require_complete()
-    check_matches(store, train)
-    return store
-
-
-def _far(url: str, paths: Paths, cfg: DistillConfig) -> LogitStore:
-    return open_far_cache(
-        url, paths, memory_budget_mb=cfg.memory_budget_mb, remote_cache_mb=cfg.remote_cache_mb
-    )
-
-
-def stored_as_preset(storage: StorageInfo, preset: Preset) -> bool:
-    """Whether a cache is stored as this preset's stage 1 stores (dtype, codec, level)."""
-    c = preset.cache
-    return (storage.dtype, storage.codec, storage.level) == (c.dtype, c.codec, c.zstd_level)
-
-
-def _cache_sets(preset: Preset) -> str:
-    """` --set cache.views=8 ...`: the cache settings this command changed, which stage 1 needs too."""
-    if not preset.source:
-        return ""
-    changed = changed_settings(preset, preset.source)
-    return "".join(f" --set {k}={v}" for k, v in changed.items() if k.startswith("cache."))
-
-
-def _views_text(preset: Preset) -> str:
-    c = preset.cache
-    return "" if c.augment == "none" else f" with {c.views} {c.augment} views (pad {c.augment_pad})"
 
 
 def _teacher_test_accuracy(

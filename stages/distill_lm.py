@@ -255,7 +255,9 @@ def _teacher_side(
     the targets come from): a cache for kd, the teacher itself for --online, nothing for ce. A cache is
     checked before training: temperatures it cannot give exactly (with distill.sparse_exact), and
     samples for the sampled target."""
-    from stages.distill import _online_teacher, _open_cache, fits_in_memory
+    from pipeline.discovery import find_train_cache
+    from pipeline.far_cache import fits_in_memory
+    from pipeline.models import online_teacher
 
     cfg = preset.distill
     temperatures = [temperature_at(e, cfg) for e in range(cfg.train.epochs)]
@@ -264,12 +266,12 @@ def _teacher_side(
     teacher = None
     teacher_test = None
     if cfg.method == "kd" and cfg.teacher_online:
-        teacher, _ = _online_teacher(preset, paths, train, device)
+        teacher, _ = online_teacher(preset, paths, train, device)
         with teacher_autocast(device, preset.cache.precision):
             teacher_test = evaluate(teacher, test.inputs, test.labels, device)[0]
         source = "teacher online (dense KD)"
     elif cfg.method == "kd":
-        store = _open_cache(preset, paths, train, cache, required=True)
+        store = find_train_cache(preset, paths, train, cache, required=True)
         assert store is not None
         stored = store.manifest.sparse["lse_temperatures"]
         missing = unstored_temperatures(store, temperatures)

@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 
 from pipeline.augment import check_augment, replay, view_params
+from pipeline.backends import exists as remote_exists
 from pipeline.config import Paths, Preset
 from pipeline.datasets import Split, load_split
 from pipeline.distributed import Ranks, barrier, broadcast, device_for, init
@@ -36,7 +37,6 @@ from pipeline.models import (
 )
 from pipeline.progress import Progress
 from pipeline.remote import copy_cache
-from pipeline.remote import exists as remote_exists
 from pipeline.store import (
     DatasetInfo,
     LogitStore,

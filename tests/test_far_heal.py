@@ -198,7 +198,7 @@ STREAM = ("--epochs", "2", "--set", "distill.memory_budget_mb=0")
 @pytest.fixture(scope="module")
 def streamed(tiny_data: Paths, tmp_path_factory: pytest.TempPathFactory, s3: str) -> tuple[Paths, str]:
     """The tiny train cache pushed to the server and streamed once (its shards kept locally), and a
-    streamed run of the same settings from the local cache, named "near"."""
+    streamed run of the same settings from the local cache, named "near-heal"."""
     (train,) = cache_paths(tiny_data, "train")
     url = f"{s3}/streamed/{train.name}"
     assert kd(tiny_data, "cache", "push", str(train), url).returncode == 0
@@ -207,7 +207,9 @@ def streamed(tiny_data: Paths, tmp_path_factory: pytest.TempPathFactory, s3: str
         kd(paths, "distill", "--preset", "tiny", "--cache", url, "--run-name", "first", *STREAM).returncode
         == 0
     )
-    near = kd(tiny_data, "distill", "--preset", "tiny", "--cache", str(train), "--run-name", "near", *STREAM)
+    near = kd(
+        tiny_data, "distill", "--preset", "tiny", "--cache", str(train), "--run-name", "near-heal", *STREAM
+    )
     assert near.returncode == 0, near.stderr
     return paths, url
 
@@ -245,7 +247,7 @@ def test_a_damaged_kept_shard_is_fetched_again(
     assert len(warnings) == 1 and str(victim) in warnings[0] and "fetching it again" in warnings[0], (
         result.stderr
     )
-    assert metrics(paths, run) == metrics(tiny_data, "near")  # as from the sound local cache
+    assert metrics(paths, run) == metrics(tiny_data, "near-heal")  # as from the sound local cache
     assert {p.name: p.read_bytes() for p in folder.glob("*.npz")} == sound  # replaced by a sound copy
 
 

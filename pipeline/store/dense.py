@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.backends import exists, is_url, zarr_store
 from pipeline.errors import KDError
 from pipeline.faults import FaultPoint
 from pipeline.store.encoding import as_tensor, compressors, decode_logits, encode_logits, stored_float
@@ -323,8 +324,6 @@ class LogitStore:
     @classmethod
     def open(cls, store: Any, *, writable: bool = False) -> LogitStore:
         """A cache at a local path, a `.zip` file, an fsspec URL (s3://...) or any zarr store."""
-        from pipeline.remote import exists, zarr_store
-
         where = str(store)
         if isinstance(store, (str, Path)):
             if not exists(store):
@@ -413,7 +412,7 @@ class LogitStore:
         if expected is not None and shard_digest(logits, labels, ids, *extra).hex() != expected:
             fix = (
                 f"push a sound copy to it (`kd cache push CACHE {self.where} --force`)"
-                if "://" in self.where and not self.where.startswith("file://")  # the far copy itself
+                if is_url(self.where)  # the far copy itself
                 else "rebuild it with `kd teacher-logits --force` or, for a copy, pull a sound one with "
                 "`kd cache pull --force`"
             )

@@ -16,12 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.backends import TMP_MARK, is_url, list_root
 from pipeline.errors import KDError
 from pipeline.store.dense import MEMBERS, LogitStore
 from pipeline.store.lock import LOCK_SUFFIX, holder
 from pipeline.store.manifest import is_manifest
-
-TMP_MARK = ".kd-tmp-"  # `<name>.kd-tmp-<token>`: a copy being published (see pipeline.remote)
 
 
 def cache_like(path: Path) -> bool:
@@ -122,8 +121,6 @@ def find_caches(
     """Complete caches under `root` matching the given fields (`views`, `sparse`: the manifest's entries,
     {} for the dense layout), newest first. Entries that cannot be opened are left out, each named with its
     reason in `skipped` when a list is given."""
-    from pipeline.remote import is_url, list_root
-
     found = []
     entries: list[Any]
     if is_url(root):

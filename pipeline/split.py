@@ -1,0 +1,42 @@
+"""A dataset split as the stages hold it: inputs, labels, stable sample ids and a content fingerprint.
+
+The sample ids are the join key between a dataset and a logit cache; the fingerprint (sha256 of ids,
+labels and input bytes) is how stage 2 proves a cache was computed on the very data it trains on.
+The builders by name are in pipeline.datasets.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    dataset: str
+    split: str
+    inputs: torch.Tensor  # (N, ...) float32
+    labels: torch.Tensor  # (N,) int64
+    ids: torch.Tensor  # (N,) int64, stable sample ids: the cache's join key
+    num_classes: int
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs.shape[1:])
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"{self.dataset}/{self.split}/{tuple(self.inputs.shape)}".encode())
+        for tensor in (self.ids, self.labels, self.inputs):
+            digest.update(np.ascontiguousarray(tensor.numpy()).tobytes())
+        return digest.hexdigest()
