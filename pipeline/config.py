@@ -21,6 +21,7 @@ from typing import Any
 
 import tomllib
 
+from pipeline import methods
 from pipeline.augment import AugmentSpec, views_record
 from pipeline.errors import KDError
 from pipeline.methods import METHODS
@@ -284,6 +285,17 @@ class DISTConfig:
 
 
 @dataclass(frozen=True)
+class SkewConfig:
+    """DistiLLM's skewed divergences (Ko et al., ICML 2024): skew-kl = KL(p || s*p + (1-s)*q), skew-rkl =
+    KL(q || s*q + (1-s)*p), p the teacher's and q the student's distribution at T."""
+
+    skew: float = 0.1  # s, the share of the first distribution in the mixture (the paper's default)
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.skew < 1.0, f"skew.skew must be in [0, 1), got {self.skew}")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     method: str = "kd"
     temperature: float = 4.0  # for kd, dkd, dist: the start value of the temperature schedule
@@ -314,6 +326,7 @@ class DistillConfig:
     continuation: ContinuationConfig = field(default_factory=ContinuationConfig)
     dkd: DKDConfig = field(default_factory=DKDConfig)
     dist: DISTConfig = field(default_factory=DISTConfig)
+    skew: SkewConfig = field(default_factory=SkewConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -351,10 +364,6 @@ class DistillConfig:
         """Checks across settings, run once a configuration is complete (after every override, so the
         order of --set options never matters)."""
         _require(
-            not self.standardize or self.method in ("kd", "dkd"),
-            f"standardize applies to kd and dkd, not '{self.method}'",
-        )
-        _require(
             (self.ce_weight is None) == (self.kd_weight is None),
             "set both distill.ce_weight and distill.kd_weight (they replace alpha), or neither",
         )
@@ -362,46 +371,7 @@ class DistillConfig:
             self.ce_weight is None or self.alpha_schedule == "constant",
             "distill.alpha_schedule cannot be used with distill.ce_weight/kd_weight: they replace alpha",
         )
-        a, c = self.annealing, self.continuation
-        if self.method == "annealing":
-            _require(
-                a.phase1_epochs < self.train.epochs,
-                f"annealing.phase1_epochs ({a.phase1_epochs}) must be smaller than the total epochs "
-                f"({self.train.epochs}): phase 2 gets the rest",
-            )
-            _require(
-                a.phase1_epochs >= a.tau_max,
-                f"annealing.phase1_epochs ({a.phase1_epochs}) must be at least annealing.tau_max "
-                f"({a.tau_max}): T would not reach 1; raise the epochs or lower tau_max",
-            )
-        if self.method == "dkd":
-            _require(
-                self.dkd.warmup_epochs <= self.train.epochs,
-                f"dkd.warmup_epochs ({self.dkd.warmup_epochs}) must be at most the epochs "
-                f"({self.train.epochs}): the warm-up would never finish",
-            )
-        if self.method == "continuation":
-            n = c.anneal_epochs or self.train.epochs
-            _require(
-                n >= c.t_max,
-                f"continuation annealing epochs ({n}) must be at least continuation.t_max ({c.t_max}): "
-                "T would not reach 1; raise the epochs (or continuation.anneal_epochs) or lower t_max",
-            )
-            _require(
-                n <= self.train.epochs,
-                f"continuation.anneal_epochs ({n}) must be at most the epochs ({self.train.epochs}): "
-                "T would not reach 1 within the run",
-            )
-            _require(
-                c.psi_epochs < self.train.epochs,
-                f"continuation.psi_epochs ({c.psi_epochs}) must be smaller than the epochs "
-                f"({self.train.epochs}): psi would never reach 1 (the CE term never takes over)",
-            )
-            _require(
-                c.psi_ramp_epochs == 0 or c.psi_ramp_epochs >= c.psi_epochs,
-                f"continuation.psi_ramp_epochs ({c.psi_ramp_epochs}) must be 0 or at least psi_epochs "
-                f"({c.psi_epochs}): psi would reach 1 before its cut-off",
-            )
+        methods.check(self)  # the method's own checks (pipeline.methods)
 
 
 @dataclass(frozen=True)
@@ -579,6 +549,11 @@ def parse_literal(value: Any) -> Any:
         return json.loads(value)
     except json.JSONDecodeError:
         return value
+
+
+def preset_from_dict(raw: Mapping[str, Any]) -> Preset:
+    """A Preset from its to_dict() form (a saved config.json's, a sweep worker's), checked field by field."""
+    return _build(Preset, raw, "")
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:

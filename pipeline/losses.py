@@ -8,13 +8,14 @@ the loop and passed in: no loss hides a schedule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods import METHODS
+from pipeline.methods import TABLE
 from pipeline.targets import standardize as zscore
 
 LossFn = Callable[..., torch.Tensor]
@@ -220,6 +221,58 @@ def hinton_kd_stacked(
     return ce_weight * hard + kd_weight * soft
 
 
+def _real_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows (B, C) as they are; token sequences (B, L, V) as one row per real token (labels != -100)."""
+    if student_logits.dim() == 2:
+        return student_logits, teacher_logits, labels
+    real = labels != -100
+    return student_logits[real], teacher_logits[real], labels[real]
+
+
+def skew_divergence(
+    first: torch.Tensor, second: torch.Tensor, skew: float, temperature: float
+) -> torch.Tensor:
+    """Per row, KL(P || s*P + (1 - s)*Q) of P = softmax(first / T), Q = softmax(second / T) (DistiLLM's
+    skewed KL; s = 0 is KL(P || Q))."""
+    log_p = F.log_softmax(first / temperature, dim=-1)
+    log_q = F.log_softmax(second / temperature, dim=-1)
+    log_m = log_q if skew == 0 else torch.logaddexp(log_p + math.log(skew), log_q + math.log(1.0 - skew))
+    return (log_p.exp() * (log_p - log_m)).sum(-1).clamp(min=0.0)  # >= 0: rounding at P = Q aside
+
+
+def skew_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float = 0.9,
+    ce_weight: float | None = None,
+    kd_weight: float | None = None,
+    label_smoothing: float = 0.0,
+    skew: float = 0.1,
+    reverse: bool = False,
+) -> torch.Tensor:
+    """(1 - alpha) * CE + alpha * T^2 * SKL, SKL = KL(p || s*p + (1-s)*q) with p the teacher's and q the
+    student's softmax at T (DistiLLM, Ko et al., ICML 2024); `reverse`: SRKL = KL(q || s*q + (1-s)*p).
+    Rows (B, C), or token sequences (B, L, V) with labels -100 at padding (a mean over real tokens)."""
+    zs, zt, y = _real_rows(student_logits, teacher_logits, labels)
+    ce_weight, kd_weight = kd_weights(alpha, ce_weight, kd_weight)
+    hard = F.cross_entropy(zs, y, label_smoothing=label_smoothing)
+    first, second = (zs, zt) if reverse else (zt, zs)
+    soft = skew_divergence(first, second, skew, temperature).mean() * temperature**2
+    return ce_weight * hard + kd_weight * soft
+
+
+def skew_rkl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any
+) -> torch.Tensor:
+    """`skew_kl` with reverse=True: KL(q || s*q + (1 - s)*p), the student's side mixed in."""
+    return skew_kl(student_logits, teacher_logits, labels, reverse=True, **kwargs)
+
+
 LOSSES: dict[str, LossFn] = {
     "ce": cross_entropy,
     "kd": hinton_kd,
@@ -227,5 +280,7 @@ LOSSES: dict[str, LossFn] = {
     "continuation": continuation,
     "dkd": dkd,
     "dist": dist,
+    "skew-kl": skew_kl,
+    "skew-rkl": skew_rkl,
 }
-assert tuple(LOSSES) == METHODS, "pipeline.methods.METHODS names every loss, in order"
+assert {m.loss_name for m in TABLE.values()} <= set(LOSSES), "every method's loss is in LOSSES"

@@ -7,8 +7,10 @@ T = step_temperature(epoch, n, t_max) phi = phi(T, t_max)       psi = psi_at(epo
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from pipeline.config import ContinuationConfig, DistillConfig, OptimConfig
+if TYPE_CHECKING:  # the configs are only read: this module imports nothing of the package
+    from pipeline.config import ContinuationConfig, DistillConfig, OptimConfig
 
 
 def lr_at(epoch: int, cfg: OptimConfig) -> float:

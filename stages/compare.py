@@ -29,6 +29,7 @@ from pipeline.errors import KDError
 from pipeline.methods import LABEL_ONLY
 from pipeline.metrics import ACCURACY, METRICS, Metric, metric_of
 from pipeline.plots import plot_comparison
+from pipeline.runs import finished_summary
 from stages import distill, teacher_logits
 
 console = Console(stderr=True, soft_wrap=True)
@@ -79,7 +80,7 @@ def run(
     for label, presets in plans.items():
         for preset in presets:
             run_name = f"compare-{runs}/{_slug(label)}-s{preset.distill.seed}"
-            summary = None if force else distill.finished_summary(paths.runs / run_name, preset)
+            summary = None if force else finished_summary(paths.runs / run_name, preset)
             if summary is None:
                 console.print(f"[bold]{label}[/bold] seed {preset.distill.seed}")
                 summary = distill.run(

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +32,23 @@ from pipeline.batches import (
     cached_logits_for,
     cached_views_for,
 )
-from pipeline.config import DistillConfig, OptimConfig, Paths, Preset, changed_settings, flat_settings
+from pipeline.config import DistillConfig, OptimConfig, Paths, Preset, changed_settings
 from pipeline.datasets import Split, load_split, validation_rows
 from pipeline.discovery import find_train_cache
 from pipeline.distributed import barrier, device_for, init, total
 from pipeline.errors import DivergedError, KDError
 from pipeline.far_cache import fits_in_memory
 from pipeline.losses import LOSSES
-from pipeline.methods import LABEL_ONLY
+from pipeline.methods import (
+    LABEL_ONLY,
+    annealed_temperature,
+    method,
+    method_label,
+    method_settings,
+    settings_at,
+    soft_settings,
+)
+from pipeline.methods import phases as method_phases
 from pipeline.models import (
     architecture_record,
     build_model,
@@ -51,14 +58,7 @@ from pipeline.models import (
     teacher_autocast,
 )
 from pipeline.plots import plot_curves
-from pipeline.schedules import (
-    alpha_at,
-    dkd_warmup,
-    phi,
-    psi_at,
-    step_temperature,
-    temperature_at,
-)
+from pipeline.runs import check_run_folder, default_run_name, describe
 from pipeline.store import LogitStore, find_caches
 from pipeline.train import EpochRecord, accuracy, fit, pick_device, predict, seed_everything
 
@@ -357,7 +357,7 @@ class RunRecorder:
         improved: bool,
     ) -> None:
         settings = _numbers(phase.settings(record.epoch - 1))  # the schedule values this epoch used
-        temperature = annealed_temperature(self.preset.distill, phase.loss, record.epoch - 1)
+        temperature = annealed_temperature(self.preset.distill, phase.method, record.epoch - 1)
         if temperature is not None:
             settings["temperature"] = temperature  # Annealing's / Continuation's integer T behind phi
         record = dataclasses.replace(record, epoch=record.epoch + offset)
@@ -424,23 +424,13 @@ class RunRecorder:
         return summary
 
 
-def finished_summary(run_dir: Path, preset: Preset) -> dict[str, Any] | None:
-    """A finished run's summary if it was made with exactly this resolved preset (else None: rerun it)."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    saved = config.get("preset")
-    return summary if isinstance(saved, dict) and used_settings(saved) == used_settings(preset) else None
-
-
 @dataclass(frozen=True)
 class Phase:
     name: str
     loss: str  # a LOSSES key
     optim: OptimConfig
     settings: Callable[[int], dict[str, Any]]  # epoch in the phase (0-based) -> the loss's keyword arguments
+    method: str = ""  # the method record it trains (pipeline.methods): Annealing-KD's phase 2 is "ce"
 
     def loss_at(self, epoch: int) -> Callable[..., torch.Tensor]:
         """The phase's loss with this epoch's settings bound."""
@@ -448,219 +438,21 @@ class Phase:
 
 
 def phases(cfg: DistillConfig) -> list[Phase]:
-    """The training phases of a method: one for all but Annealing-KD (MSE phase, then CE phase)."""
-    if cfg.method == "annealing":
-        a = cfg.annealing
-        phase1 = dataclasses.replace(cfg.train, epochs=a.phase1_epochs)
-        phase2 = dataclasses.replace(
-            cfg.train, epochs=cfg.train.epochs - a.phase1_epochs, lr=a.phase2_lr or cfg.train.lr
+    """The training phases of the method (pipeline.methods), each with its loss's settings per epoch."""
+    return [
+        Phase(
+            plan.name,
+            method(plan.method).loss_name,
+            plan.optim,
+            functools.partial(settings_at, cfg, plan.method),
+            plan.method,
         )
-        return [
-            Phase("annealing", "annealing", phase1, functools.partial(settings_at, cfg, "annealing")),
-            Phase("annealing-ce", "ce", phase2, functools.partial(settings_at, cfg, "ce")),
-        ]
-    return [Phase(cfg.method, cfg.method, cfg.train, functools.partial(settings_at, cfg, cfg.method))]
-
-
-def settings_at(cfg: DistillConfig, loss: str, epoch: int) -> dict[str, Any]:
-    """Keyword arguments of LOSSES[loss] at this epoch: the schedules are evaluated here, explicitly."""
-    smoothing = {"label_smoothing": cfg.label_smoothing}
-    if loss == "ce":
-        return smoothing
-    if loss == "kd":
-        weights = (
-            {"alpha": alpha_at(epoch, cfg)}
-            if cfg.ce_weight is None
-            else {"ce_weight": cfg.ce_weight, "kd_weight": cfg.kd_weight}
-        )
-        return {
-            "temperature": temperature_at(epoch, cfg),
-            **weights,
-            **smoothing,
-            "standardize": cfg.standardize,
-        }
-    if loss == "dkd":
-        d = cfg.dkd
-        return {
-            "temperature": temperature_at(epoch, cfg),
-            "alpha": d.alpha,
-            "beta": d.beta,
-            "ce_weight": d.ce_weight,
-            "warmup": dkd_warmup(epoch, d.warmup_epochs),
-            **smoothing,
-            "standardize": cfg.standardize,
-        }
-    if loss == "dist":
-        d = cfg.dist
-        return {
-            "temperature": temperature_at(epoch, cfg),
-            "beta": d.beta,
-            "gamma": d.gamma,
-            "weight": d.weight,
-            "ce_weight": d.ce_weight,
-            **smoothing,
-        }
-    if loss == "annealing":
-        a = cfg.annealing
-        return {"phi": phi(annealed_temperature(cfg, loss, epoch), a.tau_max), "mse": a.mse}
-    if loss == "continuation":
-        c = cfg.continuation
-        return {
-            "phi": phi(annealed_temperature(cfg, loss, epoch), c.t_max),
-            "psi": psi_at(epoch, c),
-            "margin": c.margin,
-            "mse": c.mse,
-            **smoothing,
-        }
-    raise KDError(f"unknown method '{loss}'")
-
-
-def annealed_temperature(cfg: DistillConfig, loss: str, epoch: int) -> int | None:
-    """The integer T behind phi(T) of Annealing-KD's phase 1 and Continuation-KD (None for other losses)."""
-    if loss == "annealing":
-        return step_temperature(epoch, cfg.annealing.phase1_epochs, cfg.annealing.tau_max)
-    if loss == "continuation":
-        c = cfg.continuation
-        return step_temperature(epoch, c.anneal_epochs or cfg.train.epochs, c.t_max)
-    return None
-
-
-def method_settings(cfg: DistillConfig) -> dict[str, Any]:
-    """The sub-config of the method, for the summary (the full config is in config.json)."""
-    sub = {"annealing": cfg.annealing, "continuation": cfg.continuation, "dkd": cfg.dkd, "dist": cfg.dist}
-    if cfg.method in sub:
-        return dataclasses.asdict(sub[cfg.method])
-    if cfg.method == "kd" and cfg.ce_weight is not None:
-        return {"ce_weight": cfg.ce_weight, "kd_weight": cfg.kd_weight}
-    if cfg.method == "kd" and (cfg.temperature_schedule != "constant" or cfg.alpha_schedule != "constant"):
-        return {
-            k: getattr(cfg, k)
-            for k in (
-                "temperature_schedule",
-                "temperature_end",
-                "temperature_steps",
-                "alpha_schedule",
-                "alpha_end",
-            )
-        }
-    return {}
-
-
-def method_label(cfg: DistillConfig) -> str:
-    """The method as reports name it: Continuation-KD without its margin is the paper's ablation."""
-    if cfg.method == "continuation" and cfg.continuation.margin == 0:
-        return "continuation (no-margin ablation, m=0)"
-    return cfg.method + (" + logit standardization" if cfg.standardize else "")
+        for plan in method_phases(cfg)
+    ]
 
 
 def _numbers(settings: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in settings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-USES_TEMPERATURE = frozenset({"kd", "dkd", "dist"})  # methods whose loss reads distill.temperature
-
-
-def soft_settings(cfg: DistillConfig) -> dict[str, float]:
-    """The shared soft-target settings the method actually uses: T for kd, dkd and dist; alpha (or the
-    explicit CE/KD weights) for kd only. Names, summaries and tables show only these."""
-    out: dict[str, float] = {}
-    if cfg.method in USES_TEMPERATURE:
-        out["temperature"] = cfg.temperature
-    if cfg.method == "kd":
-        if cfg.ce_weight is None or cfg.kd_weight is None:
-            out["alpha"] = cfg.alpha
-        else:
-            out["ce_weight"], out["kd_weight"] = cfg.ce_weight, cfg.kd_weight
-    return out
-
-
-def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
-    """flat_settings without the ones the preset's method ignores (T for annealing, alpha for dkd, the
-    other methods' sub-tables, ...): what identifies a run. Two presets equal here train the same."""
-    # a setting added after a run was saved counts at its default, so older runs are still recognised
-    flat = flat_settings(Preset(name="")) | flat_settings(preset)
-    method = flat["distill.method"]
-    ignored: list[str] = [
-        f"distill.{m}." for m in ("annealing", "continuation", "dkd", "dist") if m != method
-    ]
-    if method not in USES_TEMPERATURE:
-        ignored += ["distill.temperature", "distill.standardize"]  # temperature_schedule etc. start so
-    if method != "kd":
-        ignored += ["distill.alpha", "distill.ce_weight", "distill.kd_weight"]  # alpha_schedule, alpha_end
-    ignored.append("distill.remote_cache_mb")  # where far shards are kept: never what is trained
-    if flat["dataset.name"] != "lm-text":  # the sparse (token-level) targets apply to language models
-        ignored += ["distill.sparse_target"]
-        if flat["cache.layout"] == "dense":  # and the sparse layout's settings to sparse caches
-            ignored += ["cache.topk", "cache.lse_temperatures", "cache.samples", "cache.sample_seed"]
-            ignored.append("distill.sparse_exact")
-    else:
-        ignored.append("cache.layout")  # language models: always the sparse layout
-    if flat["cache.augment"] == "none":  # the fixed view: the view settings mean nothing
-        ignored += ["cache.views", "cache.view_seed", "cache.augment_pad", "distill.views"]
-    for stage in ("teacher", "distill"):
-        if flat[f"{stage}.train.augment"] == "none":
-            ignored.append(f"{stage}.train.augment_pad")
-    return {k: v for k, v in flat.items() if not any(k.startswith(prefix) for prefix in ignored)}
-
-
-_NAME_PARTS = {"temperature": "T", "alpha": "a", "ce_weight": "ce", "kd_weight": "kd"}
-
-
-def default_run_name(preset: Preset, changes: dict[str, Any] | None = None) -> str:
-    """`<preset>-<method>[-T<T>][-a<alpha> | -ce<w>-kd<w>]-s<seed>` (only the settings the method uses),
-    plus a short hash of any other setting changed from the preset file, so runs with different settings
-    never share a folder."""
-    cfg = preset.distill
-    shown = soft_settings(cfg)
-    soft = "".join(f"-{_NAME_PARTS[k]}{v:g}" for k, v in shown.items())
-    soft += "-zscore" if cfg.standardize else ""  # logit standardization
-    named = {"distill.method", "distill.seed", "distill.standardize", *(f"distill.{k}" for k in shown)}
-    if preset.dataset.name == "lm-text" and cfg.method == "kd":  # which teacher target: in the name
-        soft = f"-{'online' if cfg.teacher_online else cfg.sparse_target}{soft}"
-        named |= {"distill.sparse_target", "distill.teacher_online"}
-    used = used_settings(preset)
-    rest = {k: v for k, v in (changes or {}).items() if k not in named and k in used}
-    tag = (
-        "-" + hashlib.sha256(strict_json.dumps(sorted(rest.items())).encode()).hexdigest()[:6] if rest else ""
-    )
-    return f"{preset.name}-{cfg.method}{soft}-s{cfg.seed}{tag}"
-
-
-def describe(settings: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
-
-
-def check_run_folder(run_dir: Path, preset: Preset, cache_key: str | None = None) -> None:
-    """Refuse to write into a folder holding anything but a run of exactly this resolved preset and, once
-    the cache is open (`cache_key`), of the same cache: `--cache` of another teacher or dump under the
-    same settings would rewrite it. Runs from before keys were recorded, and online runs, have none."""
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
-        return
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        previous = config["preset"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise KDError(
-            f"{run_dir} exists and is not a run folder of kd: not writing into it; "
-            "pass --run-name NAME (or remove that folder)"
-        ) from None
-    old, new = used_settings(previous) if isinstance(previous, dict) else {}, used_settings(preset)
-    if old == new:  # the same experiment again (settings its method ignores aside): its folder is rewritten,
-        theirs = config.get("cache_key")  # unless it learnt from another cache
-        if theirs and cache_key and theirs != cache_key:
-            raise KDError(
-                f"run folder {run_dir} holds a run of these settings from another cache "
-                f"({config.get('cache')}, key {theirs[:12]}; this one {cache_key[:12]}): not replacing it; "
-                "pass --run-name NAME for a new folder"
-            )
-        return
-    differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    differ.sort(key=lambda k: k != "distill.method")  # a method change first: the others follow from it
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:3])
-    raise KDError(
-        f"run folder {run_dir} holds a run with other settings ({shown}"
-        f"{', ...' if len(differ) > 3 else ''}): not replacing it; pass --run-name NAME for a new folder"
-    )
 
 
 def _teacher_test_accuracy(

@@ -21,6 +21,7 @@ from pipeline.datasets import load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import KDError
 from pipeline.lm import LMEpoch, SparseTargets, StreamedSequences, evaluate, fit_lm, lm_loss
+from pipeline.methods import TABLE
 from pipeline.models import (
     architecture_record,
     build_model,
@@ -28,14 +29,14 @@ from pipeline.models import (
     save_checkpoint,
     teacher_autocast,
 )
+from pipeline.runs import check_run_folder, describe
 from pipeline.schedules import alpha_at, temperature_at
 from pipeline.store import LogitStore
 from pipeline.store.sparse import PAD_LABEL, stored_at
 from pipeline.train import pick_device, seed_everything
-from stages.distill import check_run_folder
 
 console = Console(stderr=True, soft_wrap=True)
-LM_METHODS = ("ce", "kd")
+LM_METHODS = tuple(name for name, m in TABLE.items() if m.sequences)
 APPROXIMATION = (
     "uniform tail: at a temperature with no stored logsumexp, the V - k missing logits are taken equal, "
     "keeping their total mass at the first stored temperature exact"
@@ -52,8 +53,6 @@ def run(
     verbose: bool,
     changes: dict[str, Any],
 ) -> dict[str, Any]:
-    from stages.distill import describe
-
     cfg = preset.distill
     if cfg.method not in LM_METHODS:
         raise KDError(

@@ -30,9 +30,12 @@ from rich.table import Table
 from pipeline import strict_json
 from pipeline.config import Paths, Preset, load_preset, parse_literal, resolve
 from pipeline.errors import KDError
+from pipeline.methods import LOSS_ONLY
+from pipeline.methods import phases as method_phases
 from pipeline.metrics import METRICS, metric_of
 from pipeline.models import build_model
 from pipeline.plots import plot_sweep
+from pipeline.runs import check_run_folder, finished_summary, used_settings
 from pipeline.train import fit_many, pick_device, seed_everything
 from stages import distill
 from stages.compare import (
@@ -58,22 +61,6 @@ SHORT_KEYS = {
     "epochs": "distill.train.epochs",
     "batch_size": "distill.train.batch_size",
 }
-# Settings that only change the loss: students differing in these alone can share one pass of batches.
-LOSS_ONLY = (
-    "method",
-    "temperature",
-    "temperature_schedule",
-    "temperature_end",
-    "temperature_steps",
-    "alpha",
-    "alpha_schedule",
-    "alpha_end",
-    "label_smoothing",
-    "standardize",
-    "dkd",
-    "dist",
-    "continuation",
-)
 MODES = ("sequential", "one-pass", "parallel")
 
 
@@ -117,7 +104,7 @@ def run(
         ]
         # a combination differing from an earlier one only in settings its method ignores (T for
         # annealing, alpha for dkd, ...) trains the same students: run it once, named by what it uses
-        used = distill.used_settings(presets[0])
+        used = used_settings(presets[0])
         combo = {k: v for k, v in combo.items() if k in used}
         label = ",".join(f"{_short(k)}={v}" for k, v in combo.items()) or "base"
         key = strict_json.dumps(sorted(used.items()))
@@ -140,7 +127,7 @@ def run(
     done: dict[int, dict[str, Any]] = {}
     todo = []
     for i, (label, _, preset) in enumerate(plan):
-        summary = None if force else distill.finished_summary(_run_dir(out, label, preset), preset)
+        summary = None if force else finished_summary(_run_dir(out, label, preset), preset)
         if summary is None:
             todo.append(i)
         else:
@@ -200,7 +187,7 @@ def _one_pass(
     group's students together over one stream of batches; multi-phase methods run sequentially."""
     groups: dict[str, list[int]] = {}
     for i, (_, preset) in enumerate(jobs):
-        key = "annealing" + str(i) if preset.distill.method == "annealing" else _group_key(preset)
+        key = f"phases{i}" if len(method_phases(preset.distill)) > 1 else _group_key(preset)
         groups.setdefault(key, []).append(i)
     results: dict[int, dict[str, Any]] = {}
     for members in groups.values():
@@ -221,7 +208,7 @@ def _train_together(
     # the cache and batches are the same for all: take the first member needing the teacher, if any
     lead = next((p for p in presets if p.distill.method != "ce"), presets[0])
     for i, p in zip(members, presets, strict=True):  # before any work, as distill.run does
-        distill.check_run_folder(_run_dir(out, jobs[i][0], p), p)
+        check_run_folder(_run_dir(out, jobs[i][0], p), p)
     device = pick_device(device_name)
     data = distill.prepare(lead, paths, cache=None, device=device)
     models = []
@@ -304,9 +291,9 @@ def _claim_device(slots: Any) -> None:
 
 
 def _worker_run(label: str, preset_dict: dict[str, Any], paths: Paths, out: Path) -> dict[str, Any]:
-    from pipeline.config import _build
+    from pipeline.config import preset_from_dict
 
-    preset = _build(Preset, preset_dict, "")
+    preset = preset_from_dict(preset_dict)
     return _sequential(label, preset, paths, out, _worker_device)
 
 

@@ -22,6 +22,7 @@ from pipeline.datasets import load_split
 from pipeline.errors import KDError
 from pipeline.losses import LOSSES
 from pipeline.models import load_checkpoint
+from pipeline.runs import default_run_name
 from pipeline.store import LogitStore, ShardWriter
 from stages import distill
 from tests.conftest import cache_paths
@@ -312,7 +313,7 @@ def test_the_readme_run_name_example() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     (named,) = re.findall(r"`(mnist1d-kd-T2-a0\.9-s0-[0-9a-f]{6})` for\s+`--label-smoothing 0\.1`", readme)
     preset = resolve("mnist1d", {"distill.label_smoothing": 0.1})
-    assert distill.default_run_name(preset, changed_settings(preset, "mnist1d")) == named
+    assert default_run_name(preset, changed_settings(preset, "mnist1d")) == named
 
 
 def test_kd_cache_dir_environment_variable(tiny_data: Paths, tmp_path: Path) -> None:

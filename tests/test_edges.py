@@ -207,7 +207,7 @@ def test_a_run_folder_of_another_method_names_the_method_first(tmp_path) -> None
     import json
 
     from pipeline.config import resolve
-    from stages.distill import check_run_folder
+    from pipeline.runs import check_run_folder
 
     ce = resolve("tiny", {"distill.method": "ce"})
     (tmp_path / "config.json").write_text(json.dumps({"preset": ce.to_dict()}))

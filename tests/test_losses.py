@@ -97,6 +97,8 @@ PURE_SOFT = {
     "continuation": {"phi": 1.0, "psi": 0.0},
     "dkd": {"temperature": 4.0, "ce_weight": 0.0},
     "dist": {"temperature": 4.0, "ce_weight": 0.0},
+    "skew-kl": {"temperature": 4.0, "alpha": 1.0},
+    "skew-rkl": {"temperature": 4.0, "alpha": 1.0},
 }
 
 

@@ -127,7 +127,7 @@ def test_continuation_psi_and_phi_per_epoch_as_in_the_paper(preset: str, psi: li
 
 
 def test_logit_standardization_recipe_is_expressible() -> None:
-    from stages.distill import settings_at
+    from pipeline.methods import settings_at
 
     cfg = resolve(
         "cifar100",

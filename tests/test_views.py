@@ -498,7 +498,7 @@ def test_one_pass_sweep_over_views_equals_sequential(views_data: Paths, tmp_path
 def test_runs_saved_before_the_view_settings_existed_are_still_the_same_run() -> None:
     """A run folder written by an older kd (no view settings in its config.json) is recognised as the
     same experiment: rerunning it rewrites that folder instead of refusing it or orphaning the run."""
-    from stages.distill import used_settings
+    from pipeline.runs import used_settings
 
     preset = load_preset("mnist1d")
     old = preset.to_dict()
