@@ -104,14 +104,19 @@ def cifar_resnet(num_classes: int, input_shape: Sequence[int], depth: int = 20, 
 
 
 class CausalLM(nn.Module):
-    """A Hugging Face causal language model taking (B, L) int64 token ids -> next-token logits (B, L, V)."""
+    """A Hugging Face causal language model taking (B, L) int64 token ids -> next-token logits (B, L, V).
+    `vocab`: the tokenizer's size when the checkpoint's output has padding rows past it (Qwen-style
+    checkpoints pad 151,646 tokens to 151,936 or 152,064 rows): those ids are never tokens, so their
+    logits are dropped and every model sees V = the tokenizer's vocabulary."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, vocab: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.vocab = vocab
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
+        logits = self.model(input_ids=input_ids).logits
+        return logits if self.vocab is None else logits[..., : self.vocab]
 
 
 def gpt(
@@ -148,7 +153,8 @@ def _hf_causal_lm(name_or_path: str, num_classes: int, input_shape: Sequence[int
             f"cannot load causal language model '{name_or_path}' ({type(err).__name__}): offline, pass "
             "the path of a local save_pretrained folder"
         ) from None
-    return CausalLM(model)
+    rows = model.get_output_embeddings().weight.shape[0]
+    return CausalLM(model, vocab=num_classes if rows > num_classes else None)  # padding rows: dropped
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
@@ -296,24 +302,32 @@ def check_teacher_tokenizer(folder: Path, split: Any) -> None:
 def check_lm_vocabulary(model: CausalLM, split: Any, role: str, arch: str) -> None:
     """A student language model shares the teacher's tokenizer (the data's: same vocabulary, same ids):
     its embedding table must have the tokenizer's size, and a tokenizer.json saved beside it must be the
-    very same tokenizer."""
+    very same tokenizer. A table larger than the tokenizer is accepted when that tokenizer.json is the
+    data's: the rows past its vocabulary are padding (Qwen-style checkpoints), their logits dropped."""
     from pipeline.lm_data import tokenizer_file_fingerprint
 
     data_tokenizer = split.preprocessing.get("tokenizer") or "the data's tokenizer"
     size = model.model.get_input_embeddings().num_embeddings
     fix = f"{role}s share the teacher's tokenizer: build the {role} with the data's vocabulary"
-    if size != split.num_classes:
-        raise KDError(
-            f"the {role} '{arch}' has a vocabulary of {size} tokens but the data's tokenizer "
-            f"({data_tokenizer}) has {split.num_classes}: {fix}"
-        )
     folder = Path(str(getattr(model.model.config, "_name_or_path", "") or "-"))
     own = folder / "tokenizer.json"
     theirs = split.preprocessing.get("tokenizer_fingerprint")
-    if theirs and own.is_file() and (mine := tokenizer_file_fingerprint(own)) != theirs:
+    mine = tokenizer_file_fingerprint(own) if theirs and own.is_file() else None
+    if mine is not None and mine != theirs:
         raise KDError(
             f"the {role} '{arch}' comes with tokenizer {own} ({mine[:12]}), not the data's tokenizer "
             f"({data_tokenizer}, {theirs[:12]}): {fix}"
+        )
+    padded = mine is not None and model.vocab == split.num_classes < size  # the same tokenizer, padded
+    if size != split.num_classes and not padded:
+        raise KDError(
+            f"the {role} '{arch}' has a vocabulary of {size} tokens but the data's tokenizer "
+            f"({data_tokenizer}) has {split.num_classes}: {fix}"
+            + (
+                " (rows past the tokenizer's are taken as padding only beside its tokenizer.json)"
+                if size > split.num_classes
+                else ""
+            )
         )
 
 

@@ -558,3 +558,57 @@ def test_the_default_text_is_parsed_once_and_kept_until_python_changes(
     monkeypatch.setattr(lm_data.sys, "version", "another python")
     with pytest.raises(AssertionError, match="parsed again"):
         lm_data.python_docstrings()
+
+
+def padded_gpt(folder: Path, rows: int, tokenizer: Path | None) -> None:
+    """A tiny GPT whose output table has `rows` rows, saved with (or without) a tokenizer.json."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(
+        vocab_size=rows, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    if tokenizer is not None:
+        shutil.copy(tokenizer, folder / "tokenizer.json")
+
+
+@pytest.mark.slow
+def test_rows_past_the_tokenizers_vocabulary_are_padding(lm_data: Paths, tmp_path: Path) -> None:
+    """Qwen-style checkpoints pad their output table past the tokenizer (151,936 or 152,064 rows for the
+    same tokenizer): such a student trains on the data's vocabulary, its padded ids dropped; the same
+    table without the data's tokenizer beside it is still refused."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_model, load_checkpoint
+    from tests.test_cli import kd
+
+    tokenizer = lm_data.teachers / "tiny-gpt" / "tokenizer.json"
+    padded = tmp_path / "padded"
+    padded_gpt(padded, 320, tokenizer)  # the data's BPE has 300 tokens
+    student = build_model(ModelConfig(arch=f"hf-lm:{padded}"), 300, (16,))
+    assert student.vocab == 300 and student(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, 300)
+    paths = Paths(data=tmp_path / "data")
+    shutil.copytree(lm_data.data, paths.data)
+    args = [
+        "distill",
+        "--preset",
+        "tiny-lm",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--set",
+        "student.options={}",
+    ]
+    result = kd(paths, *args, "--set", f"student.arch=hf-lm:{padded}", "--run-name", "padded")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((paths.runs / "padded" / "summary.json").read_text())
+    assert np.isfinite(summary["student_test_perplexity"])
+    saved, _ = load_checkpoint(paths.runs / "padded" / "checkpoint", trusted_arch=f"hf-lm:{padded}")
+    assert saved(torch.zeros(1, 16, dtype=torch.long)).shape[-1] == 300
+
+    bare = tmp_path / "bare"
+    padded_gpt(bare, 320, None)
+    refused = kd(paths, *args, "--set", f"student.arch=hf-lm:{bare}", "--run-name", "bare")
+    assert refused.exit_code == 2 and "has a vocabulary of 320 tokens" in refused.stderr
+    assert "taken as padding only beside its tokenizer.json" in " ".join(refused.stderr.split())
