@@ -6,6 +6,7 @@
 #   make bench                          timings and sizes -> data/bench/bench.md
 #   make distill NPROC=2                both stages under torchrun (2 processes)
 #   make test                           the test suite
+#   make docs                           the documentation site -> data/site/
 #   make mutation                       do the tests catch seeded bugs? -> data/mutation/report.md
 # Every target skips work already done (venv, teacher checkpoint, complete caches).
 
@@ -32,7 +33,7 @@ RUN := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_no
 DISTILL_OPTS := $(if $(METHOD),--method $(METHOD)) $(if $(T),--temperature $(T)) \
                 $(if $(ALPHA),--alpha $(ALPHA)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEED),--seed $(SEED))
 
-.PHONY: setup train-teacher teacher teacher-logits distill compare sweep bench bench-scale test mutation lint clean-data
+.PHONY: setup train-teacher teacher teacher-logits distill compare sweep bench bench-scale test mutation lint docs clean-data
 
 setup: $(STAMP)
 
@@ -72,6 +73,10 @@ test: setup
 # seeded mutations + mutmut over the core modules -> data/mutation/report.md (slow: not part of `make test`)
 mutation: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/mutation.py $(ARGS)
+
+# the documentation site (docs/*.md, mkdocs.yml) -> data/site/index.html
+docs: setup
+	$(BIN)/mkdocs build --strict
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests

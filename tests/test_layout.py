@@ -83,3 +83,16 @@ def test_the_check_finds_what_it_looks_for(tmp_path: Path) -> None:
     edges, private = imports(modules(tmp_path))
     assert edges == {"pipeline.a": {"pipeline.b"}, "pipeline.b": {"pipeline.a"}}
     assert private == ["pipeline.b imports pipeline.a._hidden"]
+
+
+def test_every_seeded_mutation_still_applies() -> None:
+    """`make mutation` seeds bugs by replacing code as it is: when that code moves, the seed would be
+    skipped ("not applied") instead of tested. Each must find its code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutation", ROOT / "tests" / "mutation.py")
+    assert spec and spec.loader
+    mutation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutation)
+    stale = [name for name, file, old, _, _ in mutation.SEEDED if old not in (ROOT / file).read_text()]
+    assert stale == []

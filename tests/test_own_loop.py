@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipeline.store import LogitStore, ShardWriter
 from pipeline.store.encoding import decode_logits
 from tests import cli_process
 from tests.conftest import cache_paths, lm_cache, view_cache
+from tests.test_readme_examples import example
 from tests.test_store import make_manifest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -313,13 +313,6 @@ def test_import_pipeline_stays_light() -> None:
         pipeline.no_such_name  # noqa: B018
 
 
-def python_example(name: str) -> str:
-    """The ```python block that follows `<!-- example: NAME ...-->` in the README."""
-    match = re.search(rf"<!-- example: {name}\b[^>]*-->\n```python\n(.*?)\n```", README.read_text(), re.S)
-    assert match, f"README has no example '{name}'"
-    return match.group(1)
-
-
 @pytest.mark.slow
 def test_the_readme_own_loop_runs_as_written(tmp_path: Path) -> None:
     """After the demo's stage 1 (here its teacher trained for 2 epochs: the cache is what matters)."""
@@ -330,7 +323,7 @@ def test_the_readme_own_loop_runs_as_written(tmp_path: Path) -> None:
     assert dumped.returncode == 0, dumped.stderr
     env.pop("KD_DATA_DIR")
     result = subprocess.run(
-        [sys.executable, "-c", python_example("own-loop")],
+        [sys.executable, "-c", example("own-loop", "python")],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -16,11 +16,19 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def example(name: str) -> str:
-    """The ```bash block that follows `<!-- example: NAME ...-->` in the README."""
-    match = re.search(rf"<!-- example: {name}\b[^>]*-->\n```bash\n(.*?)\n```", README.read_text(), re.S)
-    assert match, f"README has no example '{name}'"
-    return match.group(1)
+def example(name: str, language: str = "bash") -> str:
+    """The ```bash (or `language`) block that follows `<!-- example: NAME ...-->` in the README or a
+    page of docs/ (each example is written once)."""
+    pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    found = [
+        m.group(1)
+        for page in pages
+        for m in re.finditer(
+            rf"<!-- example: {name}\b[^>]*-->\n```{language}\n(.*?)\n```", page.read_text(), re.S
+        )
+    ]
+    assert len(found) == 1, f"the README and docs/ hold {len(found)} examples '{name}', not one"
+    return found[0]
 
 
 def run_example(script: str, folder: Path) -> subprocess.CompletedProcess:
@@ -98,9 +106,7 @@ def test_csv_text_example(tmp_path: Path) -> None:
     (run,) = summaries(work).values()
     assert run["teacher"] == "reviews-bert" and run["student_test_accuracy"] is not None
     # "Your own training loop": the Hugging Face Trainer snippet, on the cache the example just made
-    from tests.test_own_loop import python_example
-
-    trainer_script = python_example("hf-trainer").replace(
+    trainer_script = example("hf-trainer", "python").replace(
         '"distilbert-base-uncased"', f'"{tmp_path / "models" / "student"}"'
     )
     assert "base-uncased" not in trainer_script
