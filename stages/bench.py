@@ -2,6 +2,7 @@
 
     make bench                    # = kd bench  -> data/bench/bench.json, data/bench/bench.md
     kd bench --quick              # small sizes and 2 repetitions: a smoke run in seconds
+    kd bench --docs               # also docs/bench.json and the table of docs/performance.md
 
 Two workloads: the default preset (MNIST-1D, 1D-CNN teacher, MLP student) and a CIFAR-shaped synthetic
 one (3x32x32 inputs, 100 classes, ResNet-56 teacher, ResNet-8 student), so the ratios reflect a real
@@ -38,6 +39,7 @@ from pipeline import strict_json
 from pipeline.batches import InMemoryBatches
 from pipeline.config import CacheConfig, DatasetConfig, ModelConfig, OptimConfig, Paths, load_preset
 from pipeline.datasets import Split, load_split
+from pipeline.errors import KDError
 from pipeline.losses import cross_entropy, hinton_kd
 from pipeline.models import CONFIG_FILE, build_model, load_checkpoint, prefers_channels_last
 from pipeline.store import (
@@ -84,7 +86,10 @@ def run(
     reps: int | None = None,
     device_name: str = "auto",
     only: list[str] | None = None,
+    docs: Path | None = None,
 ) -> Path:
+    """Run the workloads; write data/bench/; with `docs` (the docs folder), its bench.json and the table
+    between the markers of its performance.md too (the docs' figures are the benchmark's, never typed)."""
     device = pick_device(device_name)
     reps = reps or (2 if quick else 5)
     workloads = _workloads(paths, quick)
@@ -106,6 +111,9 @@ def run(
     (out / "bench.json").write_text(strict_json.dumps(report, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(report))
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    if docs is not None:
+        write_docs(report, docs)
+        console.print(f"wrote {docs / 'bench.json'} and the table of {docs / 'performance.md'}")
     from rich.markdown import Markdown
 
     Console(width=None if Console().is_terminal else 120).print(Markdown((out / "bench.md").read_text()))
@@ -487,3 +495,83 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+DOCS_BEGIN, DOCS_END = "<!-- bench:begin (written by `kd bench --docs`) -->", "<!-- bench:end -->"
+
+
+def docs_table(report: dict[str, Any]) -> str:
+    """The summary table of docs/performance.md: each figure per workload, in bold where its goal is met."""
+    names = list(report["workloads"])
+    g = report["goals"]
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = []
+
+    def ratio(value: float, ok: bool | None, digits: int = 2) -> str:
+        text = f"{value:.{digits}f}"
+        return f"**{text}**" if ok else text
+
+    rows = [
+        (
+            f"1. stage 1 / bare teacher loop (≤ {g['dump_overhead']:.2f})",
+            lambda w: ratio(w["dump"]["ratio"]["median"], w["dump"]["ratio"]["median"] <= g["dump_overhead"]),
+        ),
+        (
+            f"2. cached KD epoch / CE epoch (≤ {g['cached_kd_overhead']:.2f})",
+            lambda w: ratio(
+                w["distill"]["cached_kd_overhead"]["median"],
+                w["distill"]["cached_kd_overhead"]["median"] <= g["cached_kd_overhead"],
+            ),
+        ),
+        (
+            "3. online KD epoch / cached KD epoch (ideal)",
+            lambda w: (
+                f"{w['distill']['online_over_cached']['median']:.2f} "
+                f"({w['distill']['ideal_online_over_cached']:.2f})"
+            ),
+        ),
+        (
+            f"4. bytes per logit, float16 + zstd (≤ {g['bytes_per_logit_float16_zstd']:.1f})",
+            lambda w: ratio(
+                w["storage"]["bytes_per_logit"]["float16+zstd"],
+                w["storage"]["bytes_per_logit"]["float16+zstd"] <= g["bytes_per_logit_float16_zstd"],
+            ),
+        ),
+        (
+            f"5. streamed cache read / numpy memmap (≥ {g['streamed_read_vs_memmap']:.1f})",
+            lambda w: ratio(
+                w["read"]["streamed_over_memmap"],
+                w["read"]["streamed_over_memmap"] >= g["streamed_read_vs_memmap"],
+            ),
+        ),
+        ("in-RAM cache load + epoch / numpy memmap", lambda w: f"{w['read']['in_ram_over_memmap']:.2f}"),
+    ]
+    m = report["machine"]
+    lines = [
+        f"Measured by `kd bench --docs` on {m['cpu_threads']} CPU threads ({m['platform']}, "
+        f"torch {m['torch']}, "
+        f"device {m.get('gpu', m['device'])}), median of {report['reps']} repetitions"
+        + (" (a --quick run: small sizes)" if report["quick"] else "")
+        + "; bold: the goal is met.",
+        "",
+        "| figure (goal) | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    lines += [
+        f"| {label} | " + " | ".join(cell(report["workloads"][n]) for n in names) + " |"
+        for label, cell in rows
+    ]
+    return "\n".join(lines)
+
+
+def write_docs(report: dict[str, Any], docs: Path) -> None:
+    """docs/bench.json (the report) and the table between the markers of docs/performance.md."""
+    page = docs / "performance.md"
+    text = page.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise KDError(
+            f"{page} has no bench markers ({DOCS_BEGIN} ... {DOCS_END}): put them where the table goes"
+        )
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    (docs / "bench.json").write_text(strict_json.dumps(report, indent=2) + "\n")
+    page.write_text(f"{head}{DOCS_BEGIN}\n{docs_table(report)}\n{DOCS_END}{tail}")

@@ -382,6 +382,9 @@ def bench(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    docs: Annotated[
+        bool, typer.Option("--docs", help="Also write docs/bench.json and the table of docs/performance.md.")
+    ] = False,
 ) -> None:
     """Measure dump overhead, cached-KD overhead, online-KD speed-up, storage and read throughput."""
     if only and "scale" in only:
@@ -393,7 +396,14 @@ def bench(
             return
     from stages import bench as stage
 
-    stage.run(_state["paths"], quick=quick, reps=reps, device_name=device, only=only)
+    stage.run(
+        _state["paths"],
+        quick=quick,
+        reps=reps,
+        device_name=device,
+        only=only,
+        docs=Path("docs") if docs else None,
+    )
 
 
 @cache_app.command("info")

@@ -32,3 +32,27 @@ def test_the_site_builds_strict(tmp_path: Path) -> None:
     assert (tmp_path / "site" / "index.html").is_file() and (
         tmp_path / "site" / "sharing" / "index.html"
     ).is_file()
+
+
+def test_the_performance_table_is_the_benchmarks(tmp_path: Path) -> None:
+    """docs/performance.md's table is what `kd bench --docs` wrote from its report (docs/bench.json): a
+    figure typed by hand, or a report without its table, fails here."""
+    import json
+    import shutil
+
+    from stages.bench import DOCS_BEGIN, DOCS_END, docs_table, write_docs
+
+    report = json.loads((ROOT / "docs" / "bench.json").read_text())
+    page = (ROOT / "docs" / "performance.md").read_text()
+    block = page.split(DOCS_BEGIN, 1)[1].split(DOCS_END, 1)[0].strip()
+    assert block == docs_table(report)
+    assert not report["quick"] and report["reps"] >= 3  # a real run, not a smoke run
+    # write_docs replaces the block and nothing else
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(ROOT / "docs" / "performance.md", docs / "performance.md")
+    stale = page.replace(block, "| typed | by hand |")
+    (docs / "performance.md").write_text(stale)
+    write_docs(report, docs)
+    assert (docs / "performance.md").read_text() == page
+    assert json.loads((docs / "bench.json").read_text()) == report
