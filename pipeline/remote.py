@@ -92,8 +92,12 @@ def copy_cache(src: str | Path, dst: str | Path, *, overwrite: bool = False) -> 
     interrupted upload of this same cache, which a copy finishes without `overwrite`; the copy becomes
     visible when complete."""
     src, dst = local_path(src), local_path(dst)
-    remains = upload_remains(dst) if is_url(dst) else None
-    taken = remains is None and occupied(dst)
+    if is_url(dst):  # one listing decides (a push of the same cache beside this one may be adding objects)
+        objects = _objects(dst)
+        remains = _remains(dst, objects)
+        taken = bool(objects) and remains is None
+    else:
+        remains, taken = None, occupied(dst)
     if taken:
         if not _is_kd_cache(dst):
             raise KDError(
@@ -136,22 +140,30 @@ class Remains:
 def upload_remains(url: str | Path) -> Remains | None:
     """The remains of an interrupted upload at `url` (objects of a kd cache, no group metadata), else
     None: nothing there, a cache, or objects that are not a cache's (someone else's: never touched)."""
-    from pipeline.store.dense import MEMBERS
+    return _remains(url, _objects(url)) if is_url(url) else None
 
-    if not is_url(url):
-        return None
+
+def _objects(url: str | Path) -> dict[str, dict[str, Any]]:
+    """Every object under a URL, by path relative to it, with fsspec's details: one listing."""
     fs, root = filesystem(str(url))
     try:
         found = fs.find(root, detail=True)
     except FileNotFoundError:
-        return None
-    objects = {p[len(root) + 1 :]: info for p, info in found.items() if p.startswith(root + "/")}
+        return {}
+    return {p[len(root) + 1 :]: info for p, info in found.items() if p.startswith(root + "/")}
+
+
+def _remains(url: str | Path, objects: dict[str, dict[str, Any]]) -> Remains | None:
+    """Remains when `objects` (one listing of `url`) are a cache's members without its group metadata."""
+    from pipeline.store.dense import MEMBERS
+
     if not objects or ROOT_METADATA in objects:
         return None
     if not {name.split("/", 1)[0] for name in objects} <= {*MEMBERS, UPLOAD_RECORD}:
         return None
     record = None
     if UPLOAD_RECORD in objects:
+        fs, root = filesystem(str(url))
         try:
             record = json.loads(fs.cat_file(f"{root}/{UPLOAD_RECORD}"))
         except (OSError, ValueError):
