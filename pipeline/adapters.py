@@ -86,9 +86,8 @@ def kd_trainer_class() -> type:
     """KDTrainer, built on first use (transformers is imported only then)."""
     from transformers import Trainer
 
-    from pipeline.lm import SparseTargets, lm_loss
-    from pipeline.losses import hinton_kd
-    from pipeline.store.sparse import PAD_LABEL
+    from pipeline.losses import IGNORE, hinton_kd
+    from pipeline.targets import SparseTargets
 
     class KDTrainer(Trainer):
         """`transformers.Trainer` whose loss is Hinton KD from the cached teacher side that
@@ -130,19 +129,12 @@ def kd_trainer_class() -> type:
             if isinstance(teacher, SparseTargets):  # a causal LM: position i predicts token i + 1
                 next_tokens = labels[:, 1:]
                 if "attention_mask" in inputs:
-                    next_tokens = next_tokens.masked_fill(inputs["attention_mask"][:, 1:] == 0, PAD_LABEL)
-                loss = lm_loss(
-                    logits[:, :-1],
-                    next_tokens,
-                    _shifted(teacher, logits.device),
-                    temperature=self.temperature,
-                    alpha=self.alpha,
-                    target=self.sparse_target,
-                )
+                    next_tokens = next_tokens.masked_fill(inputs["attention_mask"][:, 1:] == 0, IGNORE)
+                logits, teacher, labels = logits[:, :-1], _shifted(teacher, logits.device), next_tokens
             else:
-                loss = hinton_kd(
-                    logits, teacher.to(logits.device), labels, temperature=self.temperature, alpha=self.alpha
-                )
+                teacher = teacher.to(logits.device)
+            settings = {"temperature": self.temperature, "alpha": self.alpha, "target": self.sparse_target}
+            loss = hinton_kd(logits, teacher, labels, **settings)
             return (loss, outputs) if return_outputs else loss
 
     return KDTrainer
@@ -150,7 +142,7 @@ def kd_trainer_class() -> type:
 
 def _shifted(teacher: Any, device: torch.device) -> Any:
     """A sequence's cached targets for positions 0..L-2 (those of an HF causal LM's shifted logits)."""
-    from pipeline.lm import SparseTargets
+    from pipeline.targets import SparseTargets
 
     def cut(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[:, :-1].to(device)

@@ -15,7 +15,7 @@ shuffled shard order without scattered reads.
 
 What `targets` gives, by layout: dense, (n, C) float32 raw logits; views, `ViewTargets` (the logits and
 replay parameters of every view, or of the view asked for of each row); sparse token sequences,
-`pipeline.lm.SparseTargets` (top-k values and ids, logsumexps, samples); a top-k cache of classes, the
+`pipeline.SparseTargets` (top-k values and ids, logsumexps, samples); a top-k cache of classes, the
 (n, C) logits rebuilt as `kd distill` rebuilds them (the uniform tail).
 """
 
@@ -250,6 +250,29 @@ class Cache:
         and `world_size` (of the same seed and epoch): the shards are dealt round-robin, each rank reads
         only its own, and every rank yields the same number of batches of batch_size / world_size rows
         (`kd distill`'s streaming; rows past the smallest share sit the epoch out)."""
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise KDError(f"cache.stream: batch_size must be a whole number of rows >= 1, not {batch_size!r}")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int)):
+            raise KDError(
+                f"cache.stream: world_size must be >= 1 and rank a whole number, not {world_size!r}, {rank!r}"
+            )
+        if not 0 <= rank < world_size:
+            raise KDError(
+                f"cache.stream: rank {rank} is not one of the {world_size} processes (0..{world_size - 1})"
+            )
+        if world_size > 1 and batch_size % world_size:
+            raise KDError(
+                f"cache.stream: batch_size ({batch_size}) must be a multiple of world_size ({world_size}): "
+                "each process takes an equal share of the global batch"
+            )
+        shards = self.store.num_shards
+        if world_size > 1 and shards < world_size:
+            raise KDError(
+                f"cache.stream: this cache has {shards} shard(s), fewer than the {world_size} processes, and "
+                "streaming deals whole shards to processes, so some would get no rows: read it with "
+                "cache.targets(ids) for the ids of a DistributedSampler, or write it with more shards "
+                "(a smaller cache.shard_rows)"
+            )
         stream = _IdStream(self, batch_size)
         if world_size > 1:
             stream.shard(rank, world_size)
@@ -292,7 +315,7 @@ class Cache:
         """Stored rows as this layout's targets."""
         m = self.manifest
         if m.sparse and m.sparse["seq_len"]:  # token sequences
-            from pipeline.lm import SparseTargets
+            from pipeline.targets import SparseTargets
 
             return SparseTargets.from_arrays(logits, extras, m.sparse, m.storage.dtype)
         if m.sparse:  # a top-k cache of classes: every logit, as kd distill rebuilds them

@@ -24,7 +24,7 @@ import copy
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,75 +35,12 @@ from torch import nn
 
 from pipeline.batches import ShardStream, cut_batches, positions_of
 from pipeline.config import OptimConfig
-from pipeline.errors import DivergedError, KDError
+from pipeline.errors import DivergedError
 from pipeline.schedules import lr_at
 from pipeline.store.dense import Buffer
-from pipeline.store.encoding import decode_logits
-from pipeline.store.sparse import PAD_LABEL, stored_at, uniform_tail_logit
+from pipeline.store.sparse import PAD_LABEL
+from pipeline.targets import SparseTargets
 from pipeline.train import make_optimizer
-
-SPARSE_TARGETS = ("topk-tail", "topk", "sampled")
-
-
-@dataclass(frozen=True)
-class SparseTargets:
-    """The teacher side of a batch of token sequences, as a sparse cache stores it (float32 on device)."""
-
-    values: torch.Tensor  # (B, L, k) raw top-k logits
-    ids: torch.Tensor  # (B, L, k) int64
-    lse: torch.Tensor  # (B, L, T) logsumexp of the full row at each stored temperature
-    temperatures: tuple[float, ...]
-    vocab: int
-    sampled_ids: torch.Tensor | None = None  # (B, L, S) int64
-    sampled_logits: torch.Tensor | None = None  # (B, L, S)
-
-    @classmethod
-    def from_arrays(
-        cls, values: torch.Tensor, extras: Mapping[str, np.ndarray], entry: Mapping, storage: str = "float16"
-    ) -> SparseTargets:
-        """From a sparse cache's arrays as read (LogitStore.read_everything): ids widened to int64, the
-        sampled logits decoded from the storage dtype."""
-
-        def ids(name: str) -> torch.Tensor | None:
-            return torch.from_numpy(extras[name].astype(np.int64)) if name in extras else None
-
-        sampled = extras.get("sampled_logits")
-        return cls(
-            values=values.float(),
-            ids=ids("topk_ids"),
-            lse=torch.from_numpy(np.asarray(extras["lse"], dtype=np.float32)),
-            temperatures=tuple(float(t) for t in entry["lse_temperatures"]),
-            vocab=int(entry["vocab"]),
-            sampled_ids=ids("sampled_ids"),
-            sampled_logits=None if sampled is None else decode_logits(sampled, storage).float(),
-        )
-
-    def rows(self, index: torch.Tensor, device: torch.device) -> SparseTargets:
-        def take(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[index].to(device, non_blocking=True)
-
-        return SparseTargets(
-            take(self.values), take(self.ids), take(self.lse), self.temperatures, self.vocab,
-            take(self.sampled_ids), take(self.sampled_logits),
-        )  # fmt: skip
-
-    def to(self, device: torch.device) -> SparseTargets:
-        return self.rows(slice(None), device)  # type: ignore[arg-type]
-
-    def has_temperature(self, t: float) -> bool:
-        return stored_at(self.temperatures, t) is not None
-
-    def lse_at(self, t: float) -> torch.Tensor:
-        """logsumexp(z / t) of the full rows (B, L): stored, or the uniform-tail approximation."""
-        i = stored_at(self.temperatures, t)
-        if i is not None:
-            return self.lse[..., i]
-        kept = torch.logsumexp(self.values / t, -1)
-        missing = self.vocab - self.values.shape[-1]
-        if missing == 0:
-            return kept
-        u = uniform_tail_logit(self.values, self.lse[..., 0], self.temperatures[0], self.vocab)
-        return torch.logaddexp(kept, math.log(missing) + u / t)
 
 
 class StreamedSequences(ShardStream):
@@ -136,75 +73,6 @@ def _rows_of(buffer: Buffer, rows: torch.Tensor, a: int, b: int) -> Held:
     """Rows rows[a:b] of a streamed buffer: its top-k values and its other arrays."""
     at = rows[a:b]
     return buffer.values[at], {name: array[at.numpy()] for name, array in buffer.extras.items()}
-
-
-def kd_per_token(
-    student: torch.Tensor,
-    teacher: SparseTargets | torch.Tensor,
-    t: float,
-    target: str = "topk-tail",
-    log_q: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(B, L) KD terms, times T^2: dense teacher logits (B, L, V), or a sparse target of kind `target`.
-    `log_q`: the student's log_softmax(s / t), when the caller has it already."""
-    if log_q is None:
-        log_q = F.log_softmax(student.float() / t, dim=-1)
-    if isinstance(teacher, torch.Tensor):  # dense
-        log_p = F.log_softmax(teacher.float() / t, dim=-1)
-        return (log_p.exp() * (log_p - log_q)).sum(-1) * t * t
-    if target == "topk":
-        log_p = F.log_softmax(teacher.values / t, dim=-1)
-        return (log_p.exp() * (log_p - log_q.gather(-1, teacher.ids))).sum(-1) * t * t
-    if target == "topk-tail":
-        log_p = teacher.values / t - teacher.lse_at(t)[..., None]
-        p = log_p.exp()
-        kept_q = log_q.gather(-1, teacher.ids)
-        kept_kl = (p * (log_p - kept_q)).sum(-1)
-        if teacher.ids.shape[-1] >= teacher.vocab:  # k = V: no tail, the dense KL
-            return kept_kl * t * t
-        p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
-        # the student's mass outside the kept ids: 1 - its kept mass (no second pass over the vocabulary;
-        # clamped where the student puts all but 1e-6 of its mass on the kept tokens)
-        log_q_tail = torch.log1p(-kept_q.exp().sum(-1).clamp(max=1.0 - 1e-6))
-        tail = torch.xlogy(p_tail, p_tail) - p_tail * torch.where(p_tail > 0, log_q_tail, 0.0)
-        return (kept_kl + tail) * t * t
-    if target == "sampled":
-        if teacher.sampled_ids is None or teacher.sampled_logits is None:
-            raise KDError("distill.sparse_target = sampled needs a cache with samples (cache.samples > 0)")
-        z = teacher.sampled_logits
-        log_p_t = z / t - teacher.lse_at(t)[..., None]
-        log_p_1 = z - teacher.lse_at(1.0)[..., None]
-        weights = (log_p_t - log_p_1).exp()
-        if not (teacher.has_temperature(t) and teacher.has_temperature(1.0)):
-            weights = weights / weights.mean(-1, keepdim=True)  # self-normalised
-        terms = weights * (log_p_t - log_q.gather(-1, teacher.sampled_ids))
-        return terms.mean(-1) * t * t
-    raise KDError(f"unknown sparse target '{target}': use {', '.join(SPARSE_TARGETS)}")
-
-
-def lm_loss(
-    student: torch.Tensor,
-    labels: torch.Tensor,
-    teacher: SparseTargets | torch.Tensor | None,
-    *,
-    temperature: float = 1.0,
-    alpha: float = 0.0,
-    label_smoothing: float = 0.0,
-    target: str = "topk-tail",
-) -> torch.Tensor:
-    """(1 - alpha) * CE(next token) + alpha * KD, each a mean over the real tokens of the batch."""
-    real = labels != PAD_LABEL
-    count = real.sum().clamp(min=1)
-    log_q = F.log_softmax(student.float(), dim=-1)  # one pass over the vocabulary for CE (and KD at T = 1)
-    nll = -log_q.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * log_q.mean(-1)
-    ce = torch.where(real, nll, 0.0).sum() / count
-    if teacher is None or alpha == 0.0:
-        return ce
-    shared = log_q if temperature == 1.0 else None
-    kd = torch.where(real, kd_per_token(student, teacher, temperature, target, shared), 0.0).sum() / count
-    return (1.0 - alpha) * ce + alpha * kd
 
 
 @torch.no_grad()

@@ -1,9 +1,29 @@
-"""Distillation losses: pure functions of (student_logits, teacher_logits, labels) and their settings.
+"""Distillation losses: pure functions of (student_logits, teacher, labels) and their settings.
 
-Shapes: student_logits, teacher_logits (B, C) raw logits; labels (B,) int64. Temperatures and transforms
-are applied here to the raw cached logits, so one cache serves every setting. The T^2 factor lives here
-only. Epoch-dependent settings (T, alpha, phi, psi, warm-up) come from `pipeline.schedules`, computed by
-the loop and passed in: no loss hides a schedule.
+One signature for every shape: student_logits (B, C) raw logits of a batch of rows with labels (B,) int64;
+(B, L, V) of token sequences with labels (B, L), -100 at positions that are not scored (padding); and, for
+`hinton_kd` and `cross_entropy`, (N, B, C) of N students trained at once with per-student settings given
+as (N,) tensors (one-pass sweeps), which return (N,) losses. The teacher is raw logits of the rows'
+(or tokens') shape, or a sparse cache's `SparseTargets`. Temperatures and transforms are applied here to
+the raw cached logits, so one cache serves every setting; the T^2 factor lives here only. Epoch-dependent
+settings (T, alpha, phi, psi, warm-up) come from `pipeline.schedules`, computed by the loop and passed in:
+no loss hides a schedule.
+
+Per position (a row, or a real token), with s the student's logits, z the teacher's, T the temperature and
+q = softmax(s / T), the KD term (`kl_terms`) is T^2 times
+
+    dense      KL(softmax(z / T) || q) over all classes
+    topk       sum_i p~_i (log p~_i - log q_i),  p~ = softmax(z_topk / T) renormalised over the k kept
+               tokens: the common baseline, biased (the missing mass is given to the kept tokens)
+    topk-tail  the KL over k + 1 buckets, the kept tokens and the tail: p_i = exp(z_i / T - lse_T), exact
+               when T is one of the cache's lse_temperatures; p_tail = 1 - sum p_i, and the student's
+               tail is its own mass outside the kept ids. With k = V it is the dense KL.
+    sampled    mean over S tokens x drawn from softmax(z) of w(x) (log p_T(x) - log q(x)), w = p_T / p_1
+               (1 at T = 1): unbiased for the dense KL's value and gradient
+
+At a temperature the cache has no logsumexp for, lse_T is approximated from the first stored one by a
+uniform tail (the V - k missing logits taken equal, which keeps their total mass exact at the stored
+temperature); with distill.sparse_exact such a temperature is refused instead.
 """
 
 from __future__ import annotations
@@ -15,37 +35,137 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import KDError
 from pipeline.methods import TABLE
+from pipeline.targets import SPARSE_TARGETS, SparseTargets
 from pipeline.targets import standardize as zscore
 
 LossFn = Callable[..., torch.Tensor]
+Teacher = torch.Tensor | SparseTargets
+IGNORE = -100  # the label of a position that is not scored
+
+
+def per_student(value: Any, dims: int) -> Any:
+    """A per-student setting, an (N,) tensor, shaped (N, 1, ...) to broadcast over `dims` axes; a number
+    as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value.view(-1, *([1] * (dims - 1)))
+    return value
+
+
+def wide(logits: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 logits (a mixed-precision forward pass) as float32; wider ones as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def real_mean(terms: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean of per-position terms (..., *labels.shape) over the scored positions: every row of a (B,)
+    batch, the tokens of a (B, L) one whose label is not -100. A leading students axis stays."""
+    if labels.dim() == 1:
+        return terms.mean(-1)
+    real = labels != IGNORE
+    axes = tuple(range(-labels.dim(), 0))
+    return torch.where(real, terms, 0.0).sum(axes) / real.sum().clamp(min=1)
+
+
+def hard_terms(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: Any = 0.0,
+    log_p: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per position, CE against y_eps = (1 - eps)*onehot + eps/C: (1 - eps)*nll - eps*mean_c log p_c.
+    `log_p`: log_softmax of the student's logits, when the caller has it already."""
+    if log_p is None:
+        log_p = F.log_softmax(wide(student_logits), dim=-1)
+    index = labels.clamp(min=0).expand(log_p.shape[:-1]).unsqueeze(-1)
+    nll = -log_p.gather(-1, index).squeeze(-1)
+    eps = per_student(label_smoothing, nll.dim())
+    if isinstance(eps, torch.Tensor) or eps:
+        nll = (1.0 - eps) * nll - eps * log_p.mean(-1)
+    return nll
 
 
 def cross_entropy(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher: Teacher | None,
     labels: torch.Tensor,
     *,
-    label_smoothing: float = 0.0,
+    label_smoothing: Any = 0.0,
 ) -> torch.Tensor:
-    """Hard-label CE with optional label smoothing y_eps = (1 - eps)*onehot + eps/C; ignores the teacher."""
-    return F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    """Hard-label CE with optional label smoothing y_eps = (1 - eps)*onehot + eps/C, a mean over the
+    scored positions; ignores the teacher."""
+    if student_logits.dim() == 2 and not isinstance(label_smoothing, torch.Tensor):  # rows: the fused op
+        return F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    return real_mean(hard_terms(student_logits, labels, label_smoothing), labels)
+
+
+def kl_terms(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    temperature: Any,
+    *,
+    target: str = "topk-tail",
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per position, T^2 * KL(p_t^T || p_s^T): a dense teacher of the student's shape (or (B, C) against
+    (N, B, C) students, T then (N,)), or a sparse one read as `target` (see the module's table).
+    `log_q`: the student's log_softmax(s / T), when the caller has it already."""
+    t = per_student(temperature, student_logits.dim())
+    scale = per_student(temperature, student_logits.dim() - 1) ** 2
+    if log_q is None:
+        log_q = F.log_softmax(wide(student_logits) / t, dim=-1)
+    if isinstance(teacher, torch.Tensor):  # dense
+        log_p = F.log_softmax(wide(teacher) / t, dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1) * scale
+    if isinstance(temperature, torch.Tensor):
+        raise KDError("a sparse teacher takes one temperature (a number), not one per student")
+    if target == "topk":
+        log_p = F.log_softmax(teacher.values / t, dim=-1)
+        return (log_p.exp() * (log_p - log_q.gather(-1, teacher.ids))).sum(-1) * scale
+    if target == "topk-tail":
+        log_p = teacher.values / t - teacher.lse_at(t)[..., None]
+        p = log_p.exp()
+        kept_q = log_q.gather(-1, teacher.ids)
+        kept_kl = (p * (log_p - kept_q)).sum(-1)
+        if teacher.ids.shape[-1] >= teacher.vocab:  # k = V: no tail, the dense KL
+            return kept_kl * scale
+        p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
+        # the student's mass outside the kept ids: 1 - its kept mass (no second pass over the vocabulary;
+        # clamped where the student puts all but 1e-6 of its mass on the kept tokens)
+        log_q_tail = torch.log1p(-kept_q.exp().sum(-1).clamp(max=1.0 - 1e-6))
+        tail = torch.xlogy(p_tail, p_tail) - p_tail * torch.where(p_tail > 0, log_q_tail, 0.0)
+        return (kept_kl + tail) * scale
+    if target == "sampled":
+        if teacher.sampled_ids is None or teacher.sampled_logits is None:
+            raise KDError("distill.sparse_target = sampled needs a cache with samples (cache.samples > 0)")
+        z = teacher.sampled_logits
+        log_p_t = z / t - teacher.lse_at(t)[..., None]
+        log_p_1 = z - teacher.lse_at(1.0)[..., None]
+        weights = (log_p_t - log_p_1).exp()
+        if not (teacher.has_temperature(t) and teacher.has_temperature(1.0)):
+            weights = weights / weights.mean(-1, keepdim=True)  # self-normalised
+        terms = weights * (log_p_t - log_q.gather(-1, teacher.sampled_ids))
+        return terms.mean(-1) * scale
+    raise KDError(f"unknown sparse target '{target}': use {', '.join(SPARSE_TARGETS)}")
 
 
 def soft_kl(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher: Teacher,
     *,
-    temperature: float,
+    temperature: Any,
+    labels: torch.Tensor | None = None,
     standardize: bool = False,
+    target: str = "topk-tail",
 ) -> torch.Tensor:
-    """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), summed over classes, mean over the batch."""
+    """T^2 * KL(p_t^T || p_s^T), a mean over the scored positions (every row when labels is None)."""
     if standardize:
-        student_logits, teacher_logits = zscore(student_logits), zscore(teacher_logits)
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)  # (B, C)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    # batchmean = sum over classes, mean over rows, in one op (this runs every batch: fewer ops, less time)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+        if not isinstance(teacher, torch.Tensor):
+            raise KDError("logit standardization needs dense teacher logits, not a sparse cache")
+        student_logits, teacher = zscore(student_logits), zscore(teacher)
+    terms = kl_terms(student_logits, teacher, temperature, target=target)
+    return terms.mean(-1) if labels is None else real_mean(terms, labels)
 
 
 def kd_weights(alpha: Any, ce_weight: Any = None, kd_weight: Any = None) -> tuple[Any, Any]:
@@ -59,21 +179,45 @@ def kd_weights(alpha: Any, ce_weight: Any = None, kd_weight: Any = None) -> tupl
 
 def hinton_kd(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher: Teacher | None,
     labels: torch.Tensor,
     *,
-    temperature: float,
-    alpha: float = 0.9,
-    ce_weight: float | None = None,
-    kd_weight: float | None = None,
-    label_smoothing: float = 0.0,
+    temperature: Any,
+    alpha: Any = 0.9,
+    ce_weight: Any = None,
+    kd_weight: Any = None,
+    label_smoothing: Any = 0.0,
     standardize: bool = False,
+    target: str = "topk-tail",
 ) -> torch.Tensor:
     """(1 - alpha) * CE(y) + alpha * T^2 * KL(p_t^T || p_s^T)  (Hinton, Vinyals, Dean 2015), or
-    ce_weight * CE(y) + kd_weight * T^2 * KL when both weights are given (they replace alpha)."""
+    ce_weight * CE(y) + kd_weight * T^2 * KL when both weights are given (they replace alpha); each a
+    mean over the scored positions. Rows, token sequences (a dense or a sparse teacher, `target` its
+    reading) and N students at once (student_logits (N, B, C), the settings (N,) tensors, (N,) losses)
+    alike. With a KD weight of 0 (a number) the teacher is not read and may be None."""
     ce_weight, kd_weight = kd_weights(alpha, ce_weight, kd_weight)
-    hard = cross_entropy(student_logits, None, labels, label_smoothing=label_smoothing)
-    soft = soft_kl(student_logits, teacher_logits, temperature=temperature, standardize=standardize)
+    students = isinstance(temperature, torch.Tensor) and temperature.dim() == 1
+    rows = student_logits.dim() == 2 and not students
+    if rows and not isinstance(label_smoothing, torch.Tensor):  # the fused op, as cross_entropy
+        log_p = None
+        hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    else:
+        log_p = F.log_softmax(wide(student_logits), dim=-1)
+        hard = real_mean(hard_terms(student_logits, labels, label_smoothing, log_p), labels)
+    if not isinstance(kd_weight, torch.Tensor) and kd_weight == 0:
+        return ce_weight * hard
+    if teacher is None:
+        if not students:
+            raise KDError("a KD loss needs the teacher's side: pass the cached logits (or alpha = 0)")
+        teacher = torch.zeros_like(student_logits[0])  # every student's KD weight is 0 (cross_entropy)
+    zs = student_logits
+    if standardize:
+        if not isinstance(teacher, torch.Tensor):
+            raise KDError("logit standardization needs dense teacher logits, not a sparse cache")
+        zs, teacher = zscore(zs), zscore(teacher)
+    reuse = log_p is not None and not standardize and not students and temperature == 1.0
+    shared = log_p if reuse else None  # log_softmax(s / T) is the hard term's at T = 1
+    soft = real_mean(kl_terms(zs, teacher, temperature, target=target, log_q=shared), labels)
     return ce_weight * hard + kd_weight * soft
 
 
@@ -184,41 +328,6 @@ def dist(
     inter = _pearson_distance(ys, yt)
     intra = _pearson_distance(ys.t(), yt.t())
     return ce_weight * hard + weight * temperature**2 * (beta * inter + gamma * intra)
-
-
-def hinton_kd_stacked(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    labels: torch.Tensor,
-    *,
-    temperature: torch.Tensor,
-    label_smoothing: torch.Tensor,
-    alpha: torch.Tensor | None = None,
-    ce_weight: torch.Tensor | None = None,
-    kd_weight: torch.Tensor | None = None,
-    standardize: bool = False,
-) -> torch.Tensor:
-    """`hinton_kd` for N students at once, in the ops of one: student_logits (N, B, C); temperature,
-    label_smoothing and alpha, or ce_weight and kd_weight, (N,); returns (N,) losses, loss i equal to
-    hinton_kd (or cross_entropy when its KD weight is 0) of slice i up to rounding. Used by one-pass
-    sweeps, where a loss per student would cost N times the per-batch Python overhead."""
-    n, b, _ = student_logits.shape
-    zs = student_logits
-    zt = (
-        torch.zeros_like(zs[0]) if teacher_logits is None else teacher_logits
-    )  # (B, C); unused when alpha = 0
-    if standardize:
-        zs, zt = zscore(zs.flatten(0, 1)).view_as(zs), zscore(zt)
-    t = temperature.view(n, 1, 1)
-    log_p_s = F.log_softmax(zs / t, dim=-1)  # (N, B, C)
-    log_p_t = F.log_softmax(zt.unsqueeze(0) / t, dim=-1)
-    soft = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean(-1) * temperature**2  # (N,)
-    log_p = F.log_softmax(student_logits, dim=-1)  # the hard term sees raw logits
-    nll = -log_p.gather(-1, labels.expand(n, b).unsqueeze(-1)).squeeze(-1).mean(-1)
-    uniform = -log_p.mean(-1).mean(-1)  # CE against the uniform distribution: the smoothing part
-    hard = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-    ce_weight, kd_weight = kd_weights(alpha, ce_weight, kd_weight)
-    return ce_weight * hard + kd_weight * soft
 
 
 def _real_rows(

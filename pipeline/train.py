@@ -18,7 +18,7 @@ from torch import nn
 from pipeline.batches import Batch
 from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
-from pipeline.losses import cross_entropy, hinton_kd, hinton_kd_stacked, kd_weights
+from pipeline.losses import cross_entropy, hinton_kd, kd_weights
 from pipeline.progress import Progress
 from pipeline.schedules import lr_at
 
@@ -252,7 +252,7 @@ def fit_many(
         for batch in batches(epoch):
             logits = stacked(params, batch.inputs)  # (N, B, C), one view for all
             if vectorized is not None:  # kd / ce students: all N losses in the ops of one
-                per_model = hinton_kd_stacked(logits, batch.teacher_logits, batch.labels, **vectorized)
+                per_model = hinton_kd(logits, batch.teacher_logits, batch.labels, **vectorized)
             else:
                 per_model = torch.stack(
                     [losses[i](logits[i], batch.teacher_logits, batch.labels) for i in range(n)]

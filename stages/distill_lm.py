@@ -20,7 +20,8 @@ from pipeline.config import Paths, Preset
 from pipeline.datasets import load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import KDError
-from pipeline.lm import LMEpoch, SparseTargets, StreamedSequences, evaluate, fit_lm, lm_loss
+from pipeline.lm import LMEpoch, StreamedSequences, evaluate, fit_lm
+from pipeline.losses import cross_entropy, hinton_kd
 from pipeline.methods import TABLE
 from pipeline.models import (
     architecture_record,
@@ -33,6 +34,7 @@ from pipeline.runs import check_run_folder, describe
 from pipeline.schedules import alpha_at, temperature_at
 from pipeline.store import LogitStore
 from pipeline.store.sparse import PAD_LABEL, stored_at
+from pipeline.targets import SparseTargets
 from pipeline.train import pick_device, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)
@@ -158,15 +160,15 @@ def run(
     def loss_at(epoch: int) -> tuple[Any, dict[str, float]]:
         if cfg.method == "ce":
             settings: dict[str, float] = {}
-            return lambda s, y, _: lm_loss(s, y, None, label_smoothing=cfg.label_smoothing), settings
+            return lambda s, y, _: cross_entropy(s, None, y, label_smoothing=cfg.label_smoothing), settings
         t, a = temperature_at(epoch, cfg), alpha_at(epoch, cfg)
         settings = {"temperature": t, "alpha": a}
 
         def loss(s: torch.Tensor, y: torch.Tensor, side: Any) -> torch.Tensor:
-            return lm_loss(
+            return hinton_kd(
                 s,
-                y,
                 side,
+                y,
                 temperature=t,
                 alpha=a,
                 label_smoothing=cfg.label_smoothing,

@@ -17,7 +17,7 @@ from pipeline.augment import AugmentSpec, check_augment
 from pipeline.batches import InMemoryBatches, Views
 from pipeline.config import Paths, Preset
 from pipeline.datasets import Split, load_split, tokenizer_of, validation_rows
-from pipeline.lm import LMEpoch, fit_lm, lm_loss
+from pipeline.lm import LMEpoch, fit_lm
 from pipeline.losses import cross_entropy
 from pipeline.models import (
     CONFIG_FILE,
@@ -133,7 +133,7 @@ def _train_lm(
         model,
         cfg.train,
         batches,
-        lambda epoch: (lambda s, y, _: lm_loss(s, y, None), {}),
+        lambda epoch: (lambda s, y, _: cross_entropy(s, None, y), {}),
         (train.inputs[val_rows], train.labels[val_rows]),
         (test.inputs, test.labels),
         device,

@@ -15,7 +15,7 @@ from pipeline.batches import InMemoryBatches, positions_of
 from pipeline.config import OptimConfig
 from pipeline.datasets import Split
 from pipeline.errors import KDError
-from pipeline.losses import annealing, continuation, cross_entropy, dist, dkd, hinton_kd_stacked
+from pipeline.losses import annealing, continuation, cross_entropy, dist, dkd, hinton_kd
 from pipeline.schedules import interpolate, lr_at, step_temperature
 from pipeline.store import LogitStore, ShardWriter, shard_digest
 from pipeline.store.integrity import summarize
@@ -58,8 +58,8 @@ def test_stacked_kd_defaults_to_raw_logits(batch) -> None:  # noqa: ANN001
     zs, zt, y = batch
     stacked = zs.unsqueeze(0).repeat(2, 1, 1)
     ones = torch.ones(2)
-    raw = hinton_kd_stacked(stacked, zt, y, temperature=ones, alpha=ones, label_smoothing=0 * ones)
-    standardized = hinton_kd_stacked(
+    raw = hinton_kd(stacked, zt, y, temperature=ones, alpha=ones, label_smoothing=0 * ones)
+    standardized = hinton_kd(
         stacked, zt, y, temperature=ones, alpha=ones, label_smoothing=0 * ones, standardize=True
     )
     assert not torch.allclose(raw, standardized)

@@ -15,10 +15,11 @@ import torch
 
 from pipeline.config import Paths, load_preset
 from pipeline.datasets import load_split
-from pipeline.lm import SparseTargets, kd_per_token, lm_loss
+from pipeline.losses import cross_entropy, hinton_kd, kl_terms
 from pipeline.models import load_checkpoint
 from pipeline.store import LogitStore
 from pipeline.store.sparse import reduce_logits, sparse_record
+from pipeline.targets import SparseTargets
 from tests import cli_process
 from tests.conftest import cache_paths, lm_cache
 from tests.test_bad_inputs import assert_refused, run_kd, snapshot
@@ -40,12 +41,12 @@ def test_top_k_with_k_equal_to_the_vocabulary_is_the_dense_loss(t: float) -> Non
     g = torch.Generator().manual_seed(0)
     z, s = 3 * torch.randn(3, 5, 40, generator=g), 3 * torch.randn(3, 5, 40, generator=g)
     labels = torch.randint(0, 40, (3, 5), generator=g)
-    dense = kd_per_token(s, z, t)
+    dense = kl_terms(s, z, t)
     full = sparse(z, labels, k=40)
     for target in ("topk-tail", "topk"):
-        torch.testing.assert_close(kd_per_token(s, full, t, target), dense, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(kl_terms(s, full, t, target=target), dense, atol=1e-4, rtol=1e-4)
     some = sparse(z, labels, k=8)
-    assert not torch.allclose(kd_per_token(s, some, t, "topk"), dense, atol=1e-3)  # the biased baseline
+    assert not torch.allclose(kl_terms(s, some, t, target="topk"), dense, atol=1e-3)  # the biased baseline
 
 
 @pytest.mark.parametrize("t", [1.0, 2.0])
@@ -80,18 +81,18 @@ def test_the_sampled_estimators_gradient_averages_to_the_dense_gradient(t: float
     z = 2 * torch.randn(1, 1, 20, generator=g)
     s = torch.randn(1, 1, 20, generator=g)
     student = s.clone().requires_grad_(True)
-    kd_per_token(student, z, t).sum().backward()
+    kl_terms(student, z, t).sum().backward()
     dense = student.grad.clone()
     many = z.expand(4000, 1, 20).contiguous()
     targets = sparse(many, torch.zeros(4000, 1, dtype=torch.long), k=3, samples=4, seed=7)
     assert len({tuple(r) for r in targets.sampled_ids[:, 0].tolist()}) > 100  # the draws differ
     students = s.expand(4000, 1, 20).clone().requires_grad_(True)
-    kd_per_token(students, targets, t, "sampled").sum().backward()
+    kl_terms(students, targets, t, target="sampled").sum().backward()
     sampled = students.grad.mean(0, keepdim=True)
     torch.testing.assert_close(sampled, dense, atol=0.02, rtol=0)
     biased = students.grad.clone().zero_()  # and the top-k baseline's gradient is off by much more
     students.grad = None
-    kd_per_token(students, targets, t, "topk").sum().backward()
+    kl_terms(students, targets, t, target="topk").sum().backward()
     biased = students.grad.mean(0, keepdim=True)
     assert (biased - dense).abs().max() > 0.05
 
@@ -104,7 +105,7 @@ def test_the_hard_label_term_is_torchs_cross_entropy(smoothing: float) -> None:
     expected = torch.nn.functional.cross_entropy(
         s.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=smoothing
     )
-    torch.testing.assert_close(lm_loss(s, labels, None, label_smoothing=smoothing), expected)
+    torch.testing.assert_close(cross_entropy(s, None, labels, label_smoothing=smoothing), expected)
 
 
 def test_padding_never_contributes() -> None:
@@ -114,21 +115,21 @@ def test_padding_never_contributes() -> None:
     labels[1, 3:] = -100
     targets = sparse(z, labels, k=6, samples=4)
     for target in ("topk-tail", "topk", "sampled"):
-        base = lm_loss(s, labels, targets, temperature=2.0, alpha=0.5, target=target)
+        base = hinton_kd(s, targets, labels, temperature=2.0, alpha=0.5, target=target)
         noisy = s.clone()
         noisy[1, 3:] += 100 * torch.randn(3, 30, generator=g)  # anything at padding positions
-        assert torch.equal(lm_loss(noisy, labels, targets, temperature=2.0, alpha=0.5, target=target), base)
+        assert torch.equal(hinton_kd(noisy, targets, labels, temperature=2.0, alpha=0.5, target=target), base)
         # the mean over real tokens only: the padded rows dropped give the same per-token loss
-        real = lm_loss(
+        real = hinton_kd(
             s[:1],
-            labels[:1],
             targets.rows(torch.tensor([0]), torch.device("cpu")),
+            labels[:1],
             temperature=2.0,
             alpha=0.5,
             target=target,
         )
-        part = lm_loss(
-            s[1:, :3], labels[1:, :3], _cut(targets, 1, 3), temperature=2.0, alpha=0.5, target=target
+        part = hinton_kd(
+            s[1:, :3], _cut(targets, 1, 3), labels[1:, :3], temperature=2.0, alpha=0.5, target=target
         )
         torch.testing.assert_close(base, (6 * real + 3 * part) / 9)
 

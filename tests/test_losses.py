@@ -15,7 +15,6 @@ from pipeline.losses import (
     dist,
     dkd,
     hinton_kd,
-    hinton_kd_stacked,
     soft_kl,
 )
 from pipeline.methods import LABEL_ONLY
@@ -57,7 +56,7 @@ def test_explicit_ce_and_kd_weights_replace_alpha() -> None:
     got = hinton_kd(zs, zt, y, temperature=2.0, alpha=0.5, ce_weight=0.1, kd_weight=9.0)
     expected = 0.1 * reference_kd(zs, zt, y, 2.0, 0.0) + 9.0 * reference_kd(zs, zt, y, 2.0, 1.0)
     assert got.item() == pytest.approx(expected, rel=1e-5)
-    stacked = hinton_kd_stacked(
+    stacked = hinton_kd(
         torch.stack([zs, zs]),
         zt,
         y,

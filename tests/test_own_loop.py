@@ -17,10 +17,10 @@ import pipeline
 from pipeline.config import Paths, load_preset
 from pipeline.datasets import load_split
 from pipeline.errors import KDError
-from pipeline.lm import SparseTargets, lm_loss
 from pipeline.losses import hinton_kd
 from pipeline.store import LogitStore, ShardWriter
 from pipeline.store.encoding import decode_logits
+from pipeline.targets import SparseTargets
 from tests import cli_process
 from tests.conftest import cache_paths, lm_cache, view_cache
 from tests.test_readme_examples import example
@@ -67,6 +67,24 @@ def test_stream_serves_every_row_once_and_ranks_share_the_shards(tiny_data: Path
     assert len(shares[0]) == len(shares[1]) and all(len(b) == 50 for share in shares for b in share)
     seen = [set(torch.cat(share).tolist()) for share in shares]
     assert not seen[0] & seen[1]  # each rank reads its own shards
+
+
+def test_stream_refuses_what_would_serve_nothing(tiny_data: Paths) -> None:
+    """Arguments a loop could get wrong are one KDError each, not an empty epoch or an IndexError: more
+    processes than shards (a rank would get no rows), a rank outside the world, a batch of 0 rows, a
+    batch that does not split evenly across the processes."""
+    (train,) = cache_paths(tiny_data, "train")
+    cache = pipeline.open_cache(train)
+    shards = LogitStore.open(train).num_shards
+    cases = {
+        "fewer than the": dict(batch_size=100, rank=0, world_size=shards + 1),
+        "is not one of the 2 processes": dict(batch_size=100, rank=2, world_size=2),
+        "batch_size must be a whole number": dict(batch_size=0),
+        "must be a multiple of world_size": dict(batch_size=101, rank=0, world_size=2),
+    }
+    for message, kwargs in cases.items():
+        with pytest.raises(KDError, match=message):
+            list(cache.stream(**kwargs))
 
 
 def test_a_views_cache_gives_every_view_or_the_one_asked_for(views_data: Paths) -> None:
@@ -271,7 +289,7 @@ def test_kd_trainer_takes_the_teacher_side_the_collator_adds(tmp_path: Path) -> 
 
 def test_kd_trainer_distils_a_causal_lm_from_a_sparse_cache(lm_data: Paths) -> None:
     """Position i of an HF causal LM predicts token i + 1, as the cache's position i does: the loss is
-    lm_loss over positions 0..L-2 against the cached next tokens."""
+    hinton_kd over positions 0..L-2 against the cached next tokens."""
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
     path = lm_cache(lm_data)
@@ -301,7 +319,8 @@ def test_kd_trainer_distils_a_causal_lm_from_a_sparse_cache(lm_data: Paths) -> N
             teacher.values[:, :-1], teacher.ids[:, :-1], teacher.lse[:, :-1], teacher.temperatures,
             teacher.vocab, teacher.sampled_ids[:, :-1], teacher.sampled_logits[:, :-1],
         )  # fmt: skip
-        want = lm_loss(logits[:, :-1], cached_labels[:, :-1], cut, temperature=2.0, alpha=0.5, target=target)
+        settings = {"temperature": 2.0, "alpha": 0.5, "target": target}
+        want = hinton_kd(logits[:, :-1], cut, cached_labels[:, :-1], **settings)
         assert torch.allclose(loss, want), target
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.config import OptimConfig, Paths
 from pipeline.errors import KDError
-from pipeline.losses import cross_entropy, hinton_kd, hinton_kd_stacked
+from pipeline.losses import cross_entropy, hinton_kd
 from pipeline.models import load_checkpoint
 from pipeline.train import fit_many
 from tests.test_cli import kd
@@ -172,7 +172,7 @@ def test_stacked_kd_equals_per_student_losses() -> None:
     )
     temps, alphas, eps = [1.0, 2.0, 4.0, 1.0], [0.9, 0.5, 1.0, 0.0], [0.0, 0.1, 0.0, 0.2]
     for standardize in (False, True):
-        got = hinton_kd_stacked(
+        got = hinton_kd(
             zs,
             zt,
             y,
