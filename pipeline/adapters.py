@@ -27,7 +27,7 @@ class TeacherDataset(torch.utils.data.Dataset):
     appended, a dict item gets it under "teacher_logits". Checked on creation: every id is cached."""
 
     def __init__(self, dataset: Any, cache: Cache, ids: Sequence[int] | torch.Tensor | None = None) -> None:
-        self.dataset, self.cache = dataset, cache
+        self.dataset, self.cache = dataset, _a_cache(cache, "TeacherDataset")
         self.ids = torch.arange(len(dataset)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
         if len(self.ids) != len(dataset):
             raise KDError(f"TeacherDataset: {len(self.ids)} ids for a dataset of {len(dataset)} items")
@@ -50,25 +50,46 @@ class TeacherDataset(torch.utils.data.Dataset):
 class TeacherCollator:
     """A Hugging Face data collator: takes each feature's sample id (`kd_id`), collates the rest with
     `collator` (default: transformers' default_data_collator), and adds the batch's teacher side under
-    "teacher_logits": (B, C) float32 logits, or a SparseTargets for a sparse language-model cache."""
+    "teacher_logits": (B, C) float32 logits, or a SparseTargets for a sparse language-model cache.
+    With `teacher=False` it only drops the ids: KDTrainer collates its evaluation batches so (the cache
+    holds the training split, where an evaluation row number would name another sample)."""
 
-    def __init__(self, cache: Cache, collator: Callable[[list[dict[str, Any]]], Any] | None = None) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        collator: Callable[[list[dict[str, Any]]], Any] | None = None,
+        *,
+        teacher: bool = True,
+    ) -> None:
         if collator is None:
             from transformers import default_data_collator
 
             collator = default_data_collator
-        self.cache, self.collator = cache, collator
+        self.cache, self.collator, self.teacher = _a_cache(cache, "TeacherCollator"), collator, teacher
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        if any(ID_KEY not in f for f in features):
+        if self.teacher and any(ID_KEY not in f for f in features):
             raise KDError(
                 f"TeacherCollator: each example needs its sample id in a '{ID_KEY}' column "
                 f"(dataset.add_column('{ID_KEY}', ids)); with KDTrainer it is kept for the collator"
             )
-        ids = [int(f[ID_KEY]) for f in features]
         batch = dict(self.collator([{k: v for k, v in f.items() if k != ID_KEY} for f in features]))
-        batch[TEACHER_KEY] = self.cache.targets(ids)
+        if self.teacher:
+            batch[TEACHER_KEY] = self.cache.targets([int(f[ID_KEY]) for f in features])
         return batch
+
+    def without_teacher(self) -> TeacherCollator:
+        """The same collation, with no teacher side (for evaluation)."""
+        return TeacherCollator(self.cache, self.collator, teacher=False)
+
+
+def _a_cache(cache: Any, who: str) -> Cache:
+    if not isinstance(cache, Cache):
+        raise KDError(
+            f"{who}: expected a Cache, not {type(cache).__name__} {cache!r}: open it first "
+            "(cache = pipeline.open_cache(location))"
+        )
+    return cache
 
 
 def _first(targets: Any) -> Any:
@@ -86,7 +107,7 @@ def kd_trainer_class() -> type:
     """KDTrainer, built on first use (transformers is imported only then)."""
     from transformers import Trainer
 
-    from pipeline.losses import IGNORE, hinton_kd
+    from pipeline.losses import IGNORE, check_inputs, hinton_kd
     from pipeline.targets import SparseTargets
 
     class KDTrainer(Trainer):
@@ -103,8 +124,33 @@ def kd_trainer_class() -> type:
             sparse_target: str = "topk-tail",
             **kwargs: Any,
         ) -> None:
+            from pipeline.targets import SPARSE_TARGETS
+
+            probe = torch.zeros(1, 2)
+            check_inputs(probe, probe, torch.zeros(1, dtype=torch.int64), temperature=temperature,
+                         alpha=alpha, loss="KDTrainer")  # fmt: skip
+            if sparse_target not in SPARSE_TARGETS:
+                known = ", ".join(SPARSE_TARGETS)
+                raise KDError(f"KDTrainer: sparse_target must be one of {known}, not {sparse_target!r}")
             super().__init__(*args, **kwargs)
             self.temperature, self.alpha, self.sparse_target = temperature, alpha, sparse_target
+
+        def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+            return self._without_teacher(super().get_eval_dataloader, eval_dataset)
+
+        def get_test_dataloader(self, test_dataset: Any) -> Any:
+            return self._without_teacher(super().get_test_dataloader, test_dataset)
+
+        def _without_teacher(self, make: Callable[[Any], Any], dataset: Any) -> Any:
+            """Evaluation batches carry no teacher side: the cache holds the training split, and a row
+            number of the evaluation set would name another sample in it."""
+            collator = self.data_collator
+            if isinstance(collator, TeacherCollator):
+                self.data_collator = collator.without_teacher()
+            try:
+                return make(dataset)
+            finally:
+                self.data_collator = collator
 
         def _set_signature_columns_if_needed(self) -> None:
             super()._set_signature_columns_if_needed()
@@ -119,6 +165,9 @@ def kd_trainer_class() -> type:
             num_items_in_batch: Any = None,
         ) -> Any:
             if TEACHER_KEY not in inputs:
+                if not model.training:  # evaluation: the model's own loss (CE) on the evaluation set
+                    outputs = model(**inputs)
+                    return (outputs.loss, outputs) if return_outputs else outputs.loss
                 raise KDError(
                     "KDTrainer: the batch has no teacher side: pass data_collator=TeacherCollator(cache)"
                 )

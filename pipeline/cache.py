@@ -95,6 +95,11 @@ class Cache:
         self._whole: Any = None  # every row's targets, in the store's order, once read
         self._shards: OrderedDict[int, Any] = OrderedDict()  # decoded shards (a cache bigger than memory)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable, so DataLoader workers can read it under spawn or forkserver as under fork: what is
+        held whole goes along (torch shares it with the workers), the kept shards do not."""
+        return {**self.__dict__, "_shards": OrderedDict()}
+
     def __repr__(self) -> str:
         m = self.manifest
         return (
@@ -174,7 +179,7 @@ class Cache:
             return
         at = self.positions(ids)
         if labels is not None:
-            theirs = _as_ids(labels)
+            theirs = _as_ids(labels, "labels", flat=False)
             ours = torch.from_numpy(self.store.read("labels"))[at]
             if theirs.shape != ours.shape:
                 raise KDError(
@@ -225,7 +230,7 @@ class Cache:
         if view is not None:
             if not isinstance(held, ViewTargets):
                 raise KDError(f"cache {self.where} has no views (layout {self.layout}): drop view=...")
-            pick = _as_ids(view)
+            pick = _as_ids(view, "view")
             if len(pick) != len(at) or bool(((pick < 0) | (pick >= self.store.num_views)).any()):
                 raise KDError(
                     f"view=...: one view index a row, each in 0..{self.store.num_views - 1} "
@@ -373,10 +378,23 @@ def _join(parts: list[Any]) -> Any:
     )
 
 
-def _as_ids(ids: IdsLike) -> torch.Tensor:
+def _as_ids(ids: IdsLike, what: str = "sample ids", flat: bool = True) -> torch.Tensor:
+    """Whole numbers as an int64 tensor ((n,) when `flat`); a KDError for floats (they would be cut to
+    whole numbers silently) and, when `flat`, for any other shape."""
     if isinstance(ids, torch.Tensor):
-        return ids.detach().to("cpu", torch.int64)
-    return torch.as_tensor(np.asarray(ids), dtype=torch.int64)
+        held: Any = ids.detach().cpu()
+        whole = not (held.is_floating_point() or held.is_complex() or held.dtype == torch.bool)
+    else:
+        held = np.asarray(ids)
+        whole = held.dtype.kind in "iu" or held.size == 0
+    if not whole:
+        kind = str(held.dtype).removeprefix("torch.")
+        raise KDError(f"{what} must be whole numbers (an integer tensor, array or list), not {kind}")
+    if flat and held.ndim != 1:
+        raise KDError(f"{what} must be a 1-D sequence, one a row, not of shape {tuple(held.shape)}")
+    if isinstance(held, torch.Tensor):
+        return held.to(torch.int64)
+    return torch.from_numpy(held.astype(np.int64))
 
 
 def check_matches(store: LogitStore, split: Split) -> None:

@@ -177,6 +177,53 @@ def kd_weights(alpha: Any, ce_weight: Any = None, kd_weight: Any = None) -> tupl
     return 1.0 - alpha, alpha
 
 
+def check_inputs(
+    student_logits: torch.Tensor,
+    teacher: Teacher | None,
+    labels: torch.Tensor,
+    *,
+    temperature: Any = None,
+    alpha: Any = None,
+    loss: str = "hinton_kd",
+) -> None:
+    """One-line KDErrors for what would otherwise be a raw torch error deep in a loss, or a silent NaN:
+    a temperature that is not > 0, an alpha outside [0, 1], a teacher or labels of another shape than the
+    student's logits. Settings given as tensors (the one-pass sweeps', checked when configured) and
+    label values (reading them would wait for the device) are not looked at."""
+    if isinstance(temperature, int | float) and not (math.isfinite(temperature) and temperature > 0):
+        raise KDError(f"{loss}: temperature must be a number > 0, not {temperature!r}")
+    if isinstance(alpha, int | float) and not 0.0 <= alpha <= 1.0:
+        raise KDError(f"{loss}: alpha must be in [0, 1] (the KD term's weight), not {alpha!r}")
+    shape = tuple(student_logits.shape)
+    if student_logits.dim() < 2:
+        raise KDError(
+            f"{loss}: student_logits must be (batch, classes) or (batch, length, vocab), not {shape}"
+        )
+    if isinstance(teacher, torch.Tensor):
+        theirs = tuple(teacher.shape)
+        if theirs[-1:] != shape[-1:]:
+            raise KDError(
+                f"{loss}: the student has {shape[-1]} outputs but the teacher's logits have {theirs[-1]} "
+                "classes: give the student one output per class of the cache (cache.num_classes)"
+            )
+        if theirs != shape[-len(theirs) :]:
+            raise KDError(
+                f"{loss}: teacher logits of shape {theirs} for student logits of shape {shape}: give the "
+                "teacher side of the same samples (cache.targets(ids) of the batch's ids)"
+            )
+    elif isinstance(teacher, SparseTargets) and teacher.vocab > shape[-1]:  # more: padded output rows
+        raise KDError(
+            f"{loss}: the student has {shape[-1]} outputs but the cache's vocabulary is {teacher.vocab}: "
+            "use a student of the teacher's tokenizer"
+        )
+    rows = shape[-1 - labels.dim() : -1] if labels.dim() < len(shape) else None
+    if rows != tuple(labels.shape):
+        raise KDError(
+            f"{loss}: labels of shape {tuple(labels.shape)} for student logits of shape {shape}: give one "
+            "class index a row (batch,), or a token a position (batch, length) with -100 where not scored"
+        )
+
+
 def hinton_kd(
     student_logits: torch.Tensor,
     teacher: Teacher | None,
@@ -195,6 +242,7 @@ def hinton_kd(
     mean over the scored positions. Rows, token sequences (a dense or a sparse teacher, `target` its
     reading) and N students at once (student_logits (N, B, C), the settings (N,) tensors, (N,) losses)
     alike. With a KD weight of 0 (a number) the teacher is not read and may be None."""
+    check_inputs(student_logits, teacher, labels, temperature=temperature, alpha=alpha)
     ce_weight, kd_weight = kd_weights(alpha, ce_weight, kd_weight)
     students = isinstance(temperature, torch.Tensor) and temperature.dim() == 1
     rows = student_logits.dim() == 2 and not students
@@ -276,6 +324,7 @@ def dkd(
 ) -> torch.Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): ce_weight*CE + warmup * T^2 * (alpha*TCKD + beta*NCKD).
     TCKD: KL of the binary [p_target, 1 - p_target]; NCKD: KL of the softmax over non-target classes."""
+    check_inputs(student_logits, teacher_logits, labels, temperature=temperature, loss="dkd")
     hard = cross_entropy(student_logits, None, labels, label_smoothing=label_smoothing)
     zs, zt = (
         (zscore(student_logits), zscore(teacher_logits)) if standardize else (student_logits, teacher_logits)
@@ -322,6 +371,7 @@ def dist(
 ) -> torch.Tensor:
     """DIST (Huang et al., NeurIPS 2022): ce_weight*CE + weight * T^2 * (beta*inter + gamma*intra), where
     inter compares each sample's class distribution and intra each class's column across the batch."""
+    check_inputs(student_logits, teacher_logits, labels, temperature=temperature, loss="dist")
     hard = cross_entropy(student_logits, None, labels, label_smoothing=label_smoothing)
     ys = F.softmax(student_logits / temperature, dim=1)
     yt = F.softmax(teacher_logits / temperature, dim=1)
@@ -367,6 +417,7 @@ def skew_kl(
     """(1 - alpha) * CE + alpha * T^2 * SKL, SKL = KL(p || s*p + (1-s)*q) with p the teacher's and q the
     student's softmax at T (DistiLLM, Ko et al., ICML 2024); `reverse`: SRKL = KL(q || s*q + (1-s)*p).
     Rows (B, C), or token sequences (B, L, V) with labels -100 at padding (a mean over real tokens)."""
+    check_inputs(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha, loss="skew_kl")
     zs, zt, y = _real_rows(student_logits, teacher_logits, labels)
     ce_weight, kd_weight = kd_weights(alpha, ce_weight, kd_weight)
     hard = F.cross_entropy(zs, y, label_smoothing=label_smoothing)

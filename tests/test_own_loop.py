@@ -17,7 +17,7 @@ import pipeline
 from pipeline.config import Paths, load_preset
 from pipeline.datasets import load_split
 from pipeline.errors import KDError
-from pipeline.losses import hinton_kd
+from pipeline.losses import hinton_kd, skew_kl
 from pipeline.store import LogitStore, ShardWriter
 from pipeline.store.encoding import decode_logits
 from pipeline.targets import SparseTargets
@@ -283,6 +283,17 @@ def test_kd_trainer_takes_the_teacher_side_the_collator_adds(tmp_path: Path) -> 
     assert torch.allclose(loss, want)
     result = trainer.train()  # the kd_id column reaches the collator (Trainer would drop it)
     assert result.global_step == 3 and np.isfinite(result.training_loss)
+    # evaluation: the model's own CE on the evaluation set, with or without a kd_id column (its row
+    # numbers 0..7 are not sample ids of this cache: they are not looked up)
+    held_out = [{**row, "kd_id": i} for i, row in enumerate(rows[:8])]
+    model.eval()
+    batch = pipeline.TeacherCollator(cache, teacher=False)(held_out)
+    assert "kd_id" not in batch and "teacher_logits" not in batch
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+    for evaluated in (held_out, [{k: v for k, v in row.items() if k != "kd_id"} for row in held_out]):
+        metrics = trainer.evaluate(Dataset.from_list(evaluated))
+        assert metrics["eval_loss"] == pytest.approx(float(want), rel=1e-5)
     with pytest.raises(KDError, match="needs its sample id in a 'kd_id' column"):
         collator([{"input_ids": [1, 2], "label": 0}])
 
@@ -353,3 +364,101 @@ def test_the_readme_own_loop_runs_as_written(tmp_path: Path) -> None:
     assert [line.split(",")[0] for line in lines] == [
         "epoch 0: T 4", "epoch 1: T 3.25", "epoch 2: T 2.5", "epoch 3: T 1.75", "epoch 4: T 1"
     ]  # fmt: skip
+
+
+def test_a_cache_goes_to_dataloader_workers_under_spawn(tiny_data: Paths, tmp_path: Path, s3: str) -> None:
+    """A Cache pickles (spawn and forkserver workers get a copy): folder, zip and far caches, held whole
+    or read shard by shard, give the same rows after the round trip; a spawned worker reads it."""
+    import pickle
+
+    from pipeline.remote import copy_cache
+
+    (train,) = cache_paths(tiny_data, "train")
+    logits, _, index = stored(train)
+    ids = torch.tensor([3, 700, 256])
+    copy_cache(train, tmp_path / "team.zip")
+    copy_cache(train, f"{s3}/spawn/{train.name}")
+    for location, budget in (
+        (train, 2048),
+        (train, 0),
+        (tmp_path / "team.zip", 0),
+        (f"{s3}/spawn/{train.name}", 2048),
+        (f"{s3}/spawn/{train.name}", 0),  # streamed lazily through a local shard cache
+    ):
+        cache = pipeline.open_cache(location, memory_budget_mb=budget, data_dir=tmp_path / "data")
+        cache.targets(ids[:1])
+        copy = pickle.loads(pickle.dumps(cache))
+        assert torch.equal(copy.targets(ids), logits[rows_of(index, ids)]), (location, budget)
+    cache = pipeline.open_cache(tmp_path / "team.zip", memory_budget_mb=0)
+    split = load_split(load_preset("tiny").dataset, "train")
+    rows = pipeline.TeacherDataset(torch.utils.data.TensorDataset(split.labels), cache, split.ids)
+    loader = torch.utils.data.DataLoader(rows, batch_size=50, num_workers=1, multiprocessing_context="spawn")
+    _, teacher = next(iter(loader))
+    assert torch.equal(teacher, logits[rows_of(index, split.ids[:50])])
+
+
+def test_bad_ids_and_settings_are_one_line_errors(tiny_data: Paths) -> None:
+    """What would be cut silently (float ids), read wrongly (2-D ids) or fail deep in torch (another
+    class count, T = 0, alpha outside [0, 1]) is refused in one line naming it."""
+    (train,) = cache_paths(tiny_data, "train")
+    cache = pipeline.open_cache(train)
+    with pytest.raises(KDError, match="sample ids must be whole numbers .* not float32"):
+        cache.targets(torch.tensor([1.0, 2.7]))
+    with pytest.raises(KDError, match="sample ids must be whole numbers .* not float64"):
+        cache.targets([1.5])
+    with pytest.raises(KDError, match=r"sample ids must be a 1-D sequence, one a row, not of shape \(2, 1\)"):
+        cache.targets(torch.tensor([[1], [2]]))
+    with pytest.raises(KDError, match="TeacherCollator: expected a Cache, not str"):
+        pipeline.TeacherCollator(str(train), collator=list)
+    with pytest.raises(KDError, match="TeacherDataset: expected a Cache"):
+        pipeline.TeacherDataset([1, 2], str(train))
+    student, teacher, labels = torch.randn(4, 10), cache.targets([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])
+    refused = {
+        "the student has 7 outputs but the teacher's logits have 10 classes": (
+            student[:, :7],
+            teacher,
+            labels,
+            {},
+        ),
+        r"teacher logits of shape \(3, 10\) for student logits of shape \(4, 10\)": (
+            student,
+            teacher[:3],
+            labels,
+            {},
+        ),
+        r"labels of shape \(4, 1\) for student logits of shape \(4, 10\)": (
+            student,
+            teacher,
+            labels[:, None],
+            {},
+        ),
+        "temperature must be a number > 0, not 0": (student, teacher, labels, {"temperature": 0}),
+        "temperature must be a number > 0, not nan": (
+            student,
+            teacher,
+            labels,
+            {"temperature": float("nan")},
+        ),
+        r"alpha must be in \[0, 1\] \(the KD term's weight\), not 1.5": (
+            student,
+            teacher,
+            labels,
+            {"alpha": 1.5},
+        ),
+    }
+    for message, (s, t, y, settings) in refused.items():
+        with pytest.raises(KDError, match=f"hinton_kd: {message}"):
+            hinton_kd(s, t, y, **{"temperature": 2.0, **settings})
+    with pytest.raises(KDError, match="skew_kl: temperature must be a number > 0"):
+        skew_kl(student, teacher, labels, temperature=-1.0)
+    from transformers import TrainingArguments
+
+    args = TrainingArguments("unused", report_to=[], use_cpu=True)
+    model = torch.nn.Linear(2, 2)
+    for settings, message in (
+        ({"temperature": 0.0}, "KDTrainer: temperature must be a number > 0"),
+        ({"alpha": 1.5}, r"KDTrainer: alpha must be in \[0, 1\]"),
+        ({"sparse_target": "dense"}, "KDTrainer: sparse_target must be one of topk-tail, topk, sampled"),
+    ):
+        with pytest.raises(KDError, match=message):
+            pipeline.KDTrainer(model=model, args=args, **settings)

@@ -78,6 +78,16 @@ class LogitStore:
         self._held: dict[str, np.ndarray] | None = None  # its ids and done flags, as kept there
         self._preloaded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, np.ndarray]] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (DataLoader workers under spawn or forkserver): the lock is made again there."""
+        state = dict(self.__dict__)
+        del state["_count_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._count_lock = threading.Lock()
+
     def array(self, name: str) -> zarr.Array:
         """logits, labels, index or done; opened once (each group lookup re-reads the array's metadata)."""
         if name not in self._arrays:

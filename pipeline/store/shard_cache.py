@@ -40,6 +40,13 @@ class ShardCache:
         self.hits = self.misses = 0
         self._evict()
 
+    def __getstate__(self) -> tuple[Path, int]:
+        """Picklable (a DataLoader worker under spawn): the worker opens the same folder anew."""
+        return self.folder, self.budget
+
+    def __setstate__(self, state: tuple[Path, int]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
     def path(self, shard: int) -> Path:
         return self.folder / f"shard-{shard}.npz"
 
