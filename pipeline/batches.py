@@ -34,6 +34,7 @@ class Batch:
     labels: torch.Tensor  # (B,)
     teacher_logits: torch.Tensor | None  # (B, C) raw, float32; None for label-only methods
     augmented: bool = False  # inputs are already the student's views (the loop must not augment again)
+    scale: float = 1.0  # on the loss's gradient: under DDP, a rank's share of a token batch (pipeline.lm)
 
 
 @dataclass(frozen=True)

@@ -1,46 +1,24 @@
-"""Language models: token-level KD losses computed on the fly from a sparse cache's raw values (or from a
-dense teacher), and the training loop that reports perplexity.
-
-Per real token (labels != -100; padding never contributes), with s the student's logits, z the teacher's,
-T the temperature and q = softmax(s / T):
-
-    topk       sum_i p~_i (log p~_i - log q_i),  p~ = softmax(z_topk / T) renormalised over the k kept
-               tokens: the common baseline, biased (the missing mass is given to the kept tokens)
-    topk-tail  the KL over k + 1 buckets, the kept tokens and the tail: p_i = exp(z_i / T - lse_T), exact
-               when T is one of the cache's lse_temperatures; p_tail = 1 - sum p_i, and the student's
-               tail is its own mass outside the kept ids. With k = V it is the dense KL.
-    sampled    mean over S tokens x drawn from softmax(z) of w(x) (log p_T(x) - log q(x)), w = p_T / p_1
-               (1 at T = 1): unbiased for the dense KL's value and gradient
-
-each times T^2 (Hinton), mixed as (1 - alpha) * CE + alpha * KD. At a temperature the cache has no
-logsumexp for, lse_T is approximated from the first stored one by a uniform tail (the V - k missing
-logits taken equal, which keeps their total mass exact at the stored temperature); with
-distill.sparse_exact such a temperature is refused instead.
+"""Language models: the batches of token sequences stage 2 trains on (`SequenceBatches`), from a sparse
+cache in memory or streamed (`StreamedSequences`), from the teacher run online, or from labels alone.
+The losses are pipeline.losses' (`hinton_kd` on (B, L, V) logits, its sparse targets described there),
+the loop pipeline.train's (`fit` with `SEQUENCES`: perplexity selects the checkpoint).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import math
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from pipeline.batches import ShardStream, cut_batches, positions_of
-from pipeline.config import OptimConfig
-from pipeline.errors import DivergedError
-from pipeline.schedules import lr_at
+from pipeline.batches import Batch, ShardStream, cut_batches, positions_of
+from pipeline.datasets import Split
+from pipeline.models import teacher_autocast
 from pipeline.store.dense import Buffer
 from pipeline.store.sparse import PAD_LABEL
 from pipeline.targets import SparseTargets
-from pipeline.train import make_optimizer
 
 
 class StreamedSequences(ShardStream):
@@ -75,107 +53,64 @@ def _rows_of(buffer: Buffer, rows: torch.Tensor, a: int, b: int) -> Held:
     return buffer.values[at], {name: array[at.numpy()] for name, array in buffer.extras.items()}
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 64
-) -> tuple[float, float]:
-    """(perplexity, token accuracy) over the real tokens."""
-    model.eval()
-    nll, correct, count = 0.0, 0, 0
-    for i in range(0, len(inputs), batch_size):
-        x, y = inputs[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
-        logits = model(x).float()
-        nll += float(
-            F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=PAD_LABEL, reduction="sum")
-        )
-        real = y != PAD_LABEL
-        correct += int(((logits.argmax(-1) == y) & real).sum())
-        count += int(real.sum())
-    count = max(count, 1)
-    return math.exp(nll / count), correct / count
+class SequenceBatches:
+    """Global batches of the training sequences `rows` of a split, with their teacher side: a sparse
+    cache's targets held in memory (`targets`, indexed by position in the split), a streamed one
+    (`stream`), the teacher run online (`teacher`, dense logits), or nothing (labels alone). Under DDP
+    (`shard`) each rank takes every world-th row of each global batch (a last batch with fewer rows than
+    processes is skipped by all, so all step together), a streamed cache each rank its own shards; each
+    batch's `scale` weights its gradient by this rank's share of the global batch's real tokens, so the
+    averaged gradients are those of one process's mean over the real tokens."""
 
+    def __init__(
+        self,
+        split: Split,
+        rows: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        *,
+        targets: SparseTargets | None = None,
+        stream: StreamedSequences | None = None,
+        teacher: torch.nn.Module | None = None,
+        precision: str = "fp32",
+    ) -> None:
+        self.split, self.rows, self.batch_size, self.device = split, rows, batch_size, device
+        self.targets, self.stream, self.teacher, self.precision = targets, stream, teacher, precision
+        self.rank, self.world = 0, 1
 
-@dataclass
-class LMEpoch:
-    epoch: int  # 1-based
-    lr: float
-    train_loss: float
-    val_perplexity: float
-    val_token_accuracy: float
-    seconds: float
-    settings: dict[str, Any] = field(default_factory=dict)  # temperature, alpha used this epoch
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        if self.stream is not None:
+            self.stream.shard(rank, world)
 
-
-@dataclass
-class LMResult:
-    history: list[LMEpoch]
-    best_epoch: int
-    best_val_perplexity: float
-    test_perplexity: float
-    test_token_accuracy: float
-    seconds: float
-    step_seconds: float  # median seconds of a training step
-
-
-# inputs, labels, teacher side (or None), and the factor on the loss's gradient: 1 in one process; under
-# DDP, world * this rank's real tokens / the global batch's, so the ranks' averaged gradients are those of
-# the global batch's mean over its real tokens (one process with the same global batch)
-Batch = tuple[torch.Tensor, torch.Tensor, Any, float]
-
-
-def fit_lm(
-    model: nn.Module,
-    optim: OptimConfig,
-    batches: Callable[[int], Iterator[Batch]],
-    loss_at: Callable[[int], tuple[Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], dict]],
-    val: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    device: torch.device,
-    on_epoch: Callable[[LMEpoch], None] | None = None,
-) -> LMResult:
-    """Train for optim.epochs (the LR set per epoch by optim.schedule), keep the weights of the best
-    validation perplexity, and report test perplexity with them."""
-    opt = make_optimizer(model, optim)
-    history: list[LMEpoch] = []
-    best: tuple[float, int, dict] | None = None
-    steps: list[float] = []
-    started = time.perf_counter()
-    for epoch in range(optim.epochs):
-        lr = lr_at(epoch, optim)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss_fn, settings = loss_at(epoch)
-        model.train()
-        t0, total, count = time.perf_counter(), 0.0, 0
-        for inputs, labels, teacher, scale in batches(epoch):
-            s0 = time.perf_counter()
-            loss = loss_fn(model(inputs), labels, teacher)
-            if not torch.isfinite(loss):
-                raise DivergedError(epoch + 1, float(loss))
-            opt.zero_grad(set_to_none=True)
-            (loss * scale).backward()
-            opt.step()
-            steps.append(time.perf_counter() - s0)
-            total, count = total + float(loss.detach()), count + 1
-        perplexity, token_accuracy = evaluate(model, *val, device)
-        record = LMEpoch(
-            epoch + 1,
-            lr,
-            total / max(count, 1),
-            perplexity,
-            token_accuracy,
-            time.perf_counter() - t0,
-            settings,
-        )
-        history.append(record)
-        if on_epoch:
-            on_epoch(record)
-        if best is None or perplexity < best[0]:
-            best = (perplexity, epoch + 1, copy.deepcopy(model.state_dict()))
-    assert best is not None
-    model.load_state_dict(best[2])
-    test_perplexity, test_accuracy = evaluate(model, *test, device)
-    return LMResult(
-        history, best[1], best[0], test_perplexity, test_accuracy, time.perf_counter() - started,
-        float(np.median(steps)) if steps else 0.0,
-    )  # fmt: skip
+    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        split, device = self.split, self.device
+        if self.stream is not None:
+            for rows, side in self.stream.epoch(generator):
+                x, y = split.inputs[rows].to(device), split.labels[rows].to(device)
+                scale = 1.0
+                if self.world > 1:  # this rank's share of the global batch's real tokens
+                    real = (y != PAD_LABEL).sum()
+                    both = real.clone()
+                    torch.distributed.all_reduce(both)
+                    scale = self.world * float(real) / max(float(both), 1.0)
+                yield Batch(x, y, side.to(device), scale=scale)
+            return
+        order = self.rows[torch.randperm(len(self.rows), generator=generator)]
+        for i in range(0, len(order), self.batch_size):
+            rows, scale = order[i : i + self.batch_size], 1.0
+            if self.world > 1:
+                if len(rows) < self.world:
+                    continue
+                real = split.labels[rows] != PAD_LABEL
+                mine = torch.arange(len(rows))[self.rank :: self.world]
+                scale = self.world * float(real[mine].sum()) / max(float(real.sum()), 1.0)
+                rows = rows[mine]
+            x, y = split.inputs[rows].to(device), split.labels[rows].to(device)
+            side: Any = None
+            if self.targets is not None:
+                side = self.targets.rows(rows, device)
+            elif self.teacher is not None:
+                with torch.no_grad(), teacher_autocast(device, self.precision):
+                    side = self.teacher(x).float()
+            yield Batch(x, y, side, scale=scale)

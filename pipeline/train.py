@@ -1,4 +1,6 @@
-"""Training-loop parts shared by every stage: device, seeding, optimizer, one epoch, evaluation, fit."""
+"""The training loop of every stage (`fit`, for classifiers and language models alike: `Task`), its
+epoch record, and the parts around it: device, seeding, optimizer, scoring; `fit_many` trains N
+students of one architecture at once (one-pass sweeps)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.batches import Batch
 from pipeline.config import OptimConfig
 from pipeline.errors import DivergedError, KDError
-from pipeline.losses import cross_entropy, hinton_kd, kd_weights
+from pipeline.losses import IGNORE, cross_entropy, hinton_kd, kd_weights
 from pipeline.progress import Progress
 from pipeline.schedules import lr_at
 
@@ -86,25 +89,117 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
 
 
+def score_rows(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device) -> dict:
+    """{"accuracy"} of a classifier on these rows."""
+    return {"accuracy": accuracy(predict(model, inputs, device), labels)}
+
+
+@torch.no_grad()
+def score_sequences(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> dict:
+    """{"perplexity", "token_accuracy"} of a language model over the real tokens (labels != -100)."""
+    model.eval()
+    nll, correct, count = 0.0, 0, 0
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
+        logits = model(x).float()
+        nll += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"))
+        real = y != IGNORE
+        correct += int(((logits.argmax(-1) == y) & real).sum())
+        count += int(real.sum())
+    count = max(count, 1)
+    return {"perplexity": math.exp(nll / count), "token_accuracy": correct / count}
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a model predicts and how its epochs are scored: rows of classes, or token sequences."""
+
+    name: str  # "classification" or "sequence"
+    metric: str  # the validation metric that selects the checkpoint
+    higher_is_better: bool
+    score: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.device], dict[str, float]]
+    test_each_epoch: bool  # the test split scored every epoch (cheap for rows); else once, best weights
+    unit: str  # how the metric is shown: "%" or "ppl"
+
+    def better(self, value: float, best: float | None) -> bool:
+        """Whether `value` beats the best so far (ties keep the earlier epoch)."""
+        return best is None or (value > best if self.higher_is_better else value < best)
+
+    def shown(self, value: float) -> str:
+        return f"{100 * value:.2f}%" if self.unit == "%" else f"{value:.2f} {self.unit}"
+
+
+CLASSES = Task("classification", "accuracy", True, score_rows, True, "%")
+SEQUENCES = Task("sequence", "perplexity", False, score_sequences, False, "ppl")
+
+
 @dataclass(frozen=True)
 class EpochRecord:
+    """One epoch of any run (a teacher, a student, one student of a one-pass sweep)."""
+
     epoch: int  # 1-based
     lr: float
     train_loss: float
-    train_accuracy: float
-    val_accuracy: float
-    test_accuracy: float | None
+    train_accuracy: float | None  # rows; None for token sequences
+    val: dict[str, float]  # the task's metrics: accuracy; or perplexity and token_accuracy
+    test: dict[str, float | None] | None  # the same every epoch (None values: no test split), or None
     seconds: float
+
+    def line(self) -> dict[str, Any]:
+        """The record as a metrics.jsonl line: epoch, lr, train_loss[, train_accuracy], val_<metric>...,
+        [test_<metric>...,] seconds."""
+        out: dict[str, Any] = {"epoch": self.epoch, "lr": self.lr, "train_loss": self.train_loss}
+        if self.train_accuracy is not None:
+            out["train_accuracy"] = self.train_accuracy
+        out.update({f"val_{k}": v for k, v in self.val.items()})
+        out.update({f"test_{k}": v for k, v in (self.test or {}).items()})
+        out["seconds"] = self.seconds
+        return out
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.val["accuracy"]
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return None if self.test is None else self.test.get("accuracy")
+
+    @property
+    def val_perplexity(self) -> float:
+        return self.val["perplexity"]
 
 
 @dataclass
 class FitResult:
-    best_epoch: int
-    best_val_accuracy: float
-    test_accuracy: float | None  # at the best-validation epoch: test is reported, never used to select
-    best_state: dict[str, torch.Tensor]
+    best_epoch: int = 0
+    best_val: dict[str, float] = field(default_factory=dict)  # the task's metrics at the best epoch
+    test: dict[str, float | None] | None = None  # with the best weights: test is reported, never selects
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[EpochRecord] = field(default_factory=list)
     seconds: float = 0.0
+    step_seconds: float = 0.0  # the median training step
+
+    @property
+    def best_val_accuracy(self) -> float:
+        return self.best_val["accuracy"]
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return None if self.test is None else self.test.get("accuracy")
+
+    @property
+    def best_val_perplexity(self) -> float:
+        return self.best_val["perplexity"]
+
+    @property
+    def test_perplexity(self) -> float | None:
+        return None if self.test is None else self.test.get("perplexity")
+
+    @property
+    def test_token_accuracy(self) -> float | None:
+        return None if self.test is None else self.test.get("token_accuracy")
 
 
 def train_epoch(
@@ -112,25 +207,34 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Batch],
     loss_fn: BatchLoss,
-) -> tuple[float, float]:
-    """One pass; returns (mean loss, accuracy) over the samples seen. The batches come augmented (or
-    not) from their source, pipeline.batches: the loop never augments."""
+    *,
+    count_correct: bool = True,
+    steps: list[float] | None = None,
+) -> tuple[float, float | None]:
+    """One pass; returns (mean loss over the rows seen, their accuracy, or None without
+    `count_correct`). The batches come augmented (or not) from their source, pipeline.batches: the loop
+    never augments. A batch's `scale` multiplies its gradient (DDP token weighting); `steps` collects
+    each step's seconds."""
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     seen = 0
     for batch in batches:
-        logits = model(batch.inputs)  # (B, C)
+        started = time.perf_counter()
+        logits = model(batch.inputs)  # (B, C) or (B, L, V)
         loss = loss_fn(logits, batch.teacher_logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if batch.scale == 1.0 else loss * batch.scale).backward()
         optimizer.step()
         # accumulate on device: no host sync per batch
         n = len(batch.labels)
         total_loss = total_loss.to(loss.device) + loss.detach().double() * n
-        correct = correct.to(loss.device) + (logits.detach().argmax(1) == batch.labels).sum()
+        if count_correct:
+            correct = correct.to(loss.device) + (logits.detach().argmax(1) == batch.labels).sum()
         seen += n
-    return float(total_loss) / max(seen, 1), float(correct) / max(seen, 1)
+        if steps is not None:
+            steps.append(time.perf_counter() - started)
+    return float(total_loss) / max(seen, 1), float(correct) / max(seen, 1) if count_correct else None
 
 
 def fit(
@@ -142,14 +246,18 @@ def fit(
     val: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor] | None,
     device: torch.device,
+    task: Task = CLASSES,
     on_epoch: Callable[[EpochRecord, bool], None] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> FitResult:
-    """Train for cfg.epochs; keep the weights of the best validation epoch (ties: the earlier one)."""
+    """The training loop of every stage, for classifiers and language models (`task`): cfg.epochs
+    epochs, the LR set per epoch by cfg.schedule, the weights of the best validation epoch kept (ties:
+    the earlier one) and loaded at the end, the test split scored with them."""
     model.to(device)
     optimizer = make_optimizer(model, cfg)
-    result = FitResult(best_epoch=0, best_val_accuracy=-1.0, test_accuracy=None, best_state={})
+    result, best = FitResult(), None
+    steps: list[float] = []
     start = time.perf_counter()
     bar = Progress(total=cfg.epochs, desc=desc, unit="epoch", enabled=progress)
     for epoch in range(cfg.epochs):
@@ -157,31 +265,44 @@ def fit(
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        train_loss, train_acc = train_epoch(model, optimizer, batches(epoch), loss_at(epoch))
+        train_loss, train_acc = train_epoch(
+            model,
+            optimizer,
+            batches(epoch),
+            loss_at(epoch),
+            count_correct=task.name == "classification",
+            steps=steps,
+        )
         if not math.isfinite(train_loss):
             bar.close()
             raise DivergedError(epoch + 1, train_loss)
-        val_acc = accuracy(predict(model, val[0], device), val[1])
-        test_acc = None if test is None else accuracy(predict(model, test[0], device), test[1])
+        val_scores = task.score(model, val[0], val[1], device)
+        test_scores = None
+        if task.test_each_epoch:
+            test_scores = dict.fromkeys(val_scores) if test is None else task.score(model, *test, device)
         record = EpochRecord(
-            epoch + 1, lr, train_loss, train_acc, val_acc, test_acc, time.perf_counter() - t0
+            epoch + 1, lr, train_loss, train_acc, val_scores, test_scores, time.perf_counter() - t0
         )
         result.history.append(record)
-        improved = val_acc > result.best_val_accuracy
+        improved = task.better(val_scores[task.metric], best)
         if improved:
-            result.best_epoch, result.best_val_accuracy, result.test_accuracy = epoch + 1, val_acc, test_acc
+            best = val_scores[task.metric]
+            result.best_epoch, result.best_val, result.test = epoch + 1, val_scores, test_scores
             result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         bar.update(
             1,
             loss=f"{train_loss:.4f}",
-            val=f"{100 * val_acc:.2f}%",
-            best=f"{100 * result.best_val_accuracy:.2f}% (epoch {result.best_epoch})",
+            val=task.shown(val_scores[task.metric]),
+            best=f"{task.shown(best)} (epoch {result.best_epoch})",  # type: ignore[arg-type]
         )
         if on_epoch is not None:
             on_epoch(record, improved)
     bar.close()
-    result.seconds = time.perf_counter() - start
     model.load_state_dict(result.best_state)
+    if not task.test_each_epoch and test is not None:
+        result.test = task.score(model, *test, device)
+    result.seconds = time.perf_counter() - start
+    result.step_seconds = float(np.median(steps)) if steps else 0.0
     return result
 
 
@@ -233,9 +354,7 @@ def fit_many(
         models[i].load_state_dict({k: v[i].detach() for k, v in params.items()})
         return models[i]
 
-    results = [
-        FitResult(best_epoch=0, best_val_accuracy=-1.0, test_accuracy=None, best_state={}) for _ in range(n)
-    ]
+    results = [FitResult() for _ in range(n)]
     start = time.perf_counter()
     bar = Progress(total=cfg.epochs, desc=f"{desc} ({n} students)", unit="epoch")
     for epoch in range(cfg.epochs):
@@ -278,18 +397,14 @@ def fit_many(
                 lr,
                 float(total_loss[i]) / max(seen, 1),
                 float(correct[i]) / max(seen, 1),
-                val_acc,
-                test_acc,
+                {"accuracy": val_acc},
+                {"accuracy": test_acc},
                 seconds,
             )
             result.history.append(record)
-            improved = val_acc > result.best_val_accuracy
+            improved = CLASSES.better(val_acc, result.best_val.get("accuracy"))
             if improved:
-                result.best_epoch, result.best_val_accuracy, result.test_accuracy = (
-                    epoch + 1,
-                    val_acc,
-                    test_acc,
-                )
+                result.best_epoch, result.best_val, result.test = epoch + 1, record.val, record.test
                 result.best_state = {k: v[i].detach().cpu().clone() for k, v in params.items()}
             if on_epoch is not None:
                 on_epoch(i, model_of(i) if improved else models[i], record, improved)

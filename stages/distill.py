@@ -365,7 +365,7 @@ class RunRecorder:
             self.phase_starts.append((record.epoch, phase.name))
         self.history.append(record)
         with self.metrics.open("a") as f:
-            f.write(strict_json.dumps({"phase": phase.name, **dataclasses.asdict(record), **settings}) + "\n")
+            f.write(strict_json.dumps({"phase": phase.name, **record.line(), **settings}) + "\n")
         if improved:
             info = {
                 "run_name": self.name,

@@ -7,8 +7,8 @@ checkpoint/, curves.png, summary.json (perplexities of student and teacher).
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from pipeline.config import Paths, Preset
 from pipeline.datasets import load_split, validation_rows
 from pipeline.distributed import barrier, device_for, init
 from pipeline.errors import KDError
-from pipeline.lm import LMEpoch, StreamedSequences, evaluate, fit_lm
+from pipeline.lm import SequenceBatches, StreamedSequences
 from pipeline.losses import cross_entropy, hinton_kd
 from pipeline.methods import TABLE
 from pipeline.models import (
@@ -33,9 +33,9 @@ from pipeline.models import (
 from pipeline.runs import check_run_folder, describe
 from pipeline.schedules import alpha_at, temperature_at
 from pipeline.store import LogitStore
-from pipeline.store.sparse import PAD_LABEL, stored_at
+from pipeline.store.sparse import stored_at
 from pipeline.targets import SparseTargets
-from pipeline.train import pick_device, seed_everything
+from pipeline.train import SEQUENCES, EpochRecord, fit, pick_device, score_sequences, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)
 LM_METHODS = tuple(name for name, m in TABLE.items() if m.sequences)
@@ -74,8 +74,12 @@ def run(
     stream = (
         None if store is None or targets is not None else StreamedSequences(store, train.ids, train_rows, bs)
     )
-    if stream is not None and ranks.active:
-        stream.shard(ranks.rank, ranks.world)
+    batches = SequenceBatches(
+        train, train_rows, bs, device, targets=targets, stream=stream, teacher=teacher,
+        precision=preset.cache.precision,
+    )  # fmt: skip
+    if ranks.active:
+        batches.shard(ranks.rank, ranks.world)
 
     student = build_model(preset.student, train.num_classes, train.input_shape)
     check_fits_data(student, train, "student", preset.student.arch)
@@ -123,83 +127,28 @@ def run(
                 highlight=False,
             )
 
-    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any, float]]:
-        """Global batches of the shuffled training rows; under DDP each rank takes every world-th row
-        of each (a last batch with fewer rows than processes is skipped by all, so all step together).
-        A streamed cache brings its own batches (StreamedSequences; under DDP each rank its shards)."""
-        if stream is not None:
-            for rows, side in stream.epoch(generator):
-                x, y = train.inputs[rows].to(device), train.labels[rows].to(device)
-                scale = 1.0
-                if ranks.active:  # weighted by this rank's share of the global batch's real tokens
-                    real = (y != PAD_LABEL).sum()
-                    both = real.clone()
-                    torch.distributed.all_reduce(both)
-                    scale = ranks.world * float(real) / max(float(both), 1.0)
-                yield x, y, side.to(device), scale
-            return
-        order = train_rows[torch.randperm(len(train_rows), generator=generator)]
-        for i in range(0, len(order), bs):
-            rows, scale = order[i : i + bs], 1.0
-            if ranks.active:
-                if len(rows) < ranks.world:
-                    continue
-                real = train.labels[rows] != PAD_LABEL
-                mine = torch.arange(len(rows))[ranks.rank :: ranks.world]
-                scale = ranks.world * float(real[mine].sum()) / max(float(real.sum()), 1.0)
-                rows = rows[mine]
-            x, y = train.inputs[rows].to(device), train.labels[rows].to(device)
-            side: Any = None
-            if targets is not None:
-                side = targets.rows(rows, device)
-            elif teacher is not None:
-                with torch.no_grad(), teacher_autocast(device, preset.cache.precision):
-                    side = teacher(x).float()
-            yield x, y, side, scale
-
-    def loss_at(epoch: int) -> tuple[Any, dict[str, float]]:
+    def loss_at(epoch: int) -> Any:
         if cfg.method == "ce":
-            settings: dict[str, float] = {}
-            return lambda s, y, _: cross_entropy(s, None, y, label_smoothing=cfg.label_smoothing), settings
-        t, a = temperature_at(epoch, cfg), alpha_at(epoch, cfg)
-        settings = {"temperature": t, "alpha": a}
+            return functools.partial(cross_entropy, label_smoothing=cfg.label_smoothing)
+        return functools.partial(hinton_kd, target=cfg.sparse_target, **settings_at(epoch))
 
-        def loss(s: torch.Tensor, y: torch.Tensor, side: Any) -> torch.Tensor:
-            return hinton_kd(
-                s,
-                side,
-                y,
-                temperature=t,
-                alpha=a,
-                label_smoothing=cfg.label_smoothing,
-                target=cfg.sparse_target,
-            )
+    def settings_at(epoch: int) -> dict[str, float]:
+        if cfg.method == "ce":
+            return {}
+        return {"temperature": temperature_at(epoch, cfg), "alpha": alpha_at(epoch, cfg),
+                "label_smoothing": cfg.label_smoothing}  # fmt: skip
 
-        return loss, settings
-
-    def log(record: LMEpoch) -> None:
-        line = {
-            "epoch": record.epoch,
-            "lr": record.lr,
-            "train_loss": record.train_loss,
-            "val_perplexity": record.val_perplexity,
-            "val_token_accuracy": record.val_token_accuracy,
-            **record.settings,
-            "seconds": record.seconds,
-        }
+    def log(record: EpochRecord, improved: bool) -> None:
+        used = {k: v for k, v in settings_at(record.epoch - 1).items() if k != "label_smoothing"}
         with metrics.open("a") as f:
-            f.write(strict_json.dumps(line) + "\n")
-        if verbose:
-            console.print(
-                f"epoch {record.epoch}/{cfg.train.epochs}: loss {record.train_loss:.4f}, val perplexity "
-                f"{record.val_perplexity:.2f}",
-                highlight=False,
-            )
+            f.write(strict_json.dumps({**record.line(), **used}) + "\n")
 
     val = (train.inputs[val_rows], train.labels[val_rows])
-    result = fit_lm(
-        model, cfg.train, batches, loss_at, val, (test.inputs, test.labels), device, log if main else None
-    )
+    result = fit(
+        model, cfg.train, batches=lambda epoch: batches.epoch(generator), loss_at=loss_at, val=val,
+        test=(test.inputs, test.labels), device=device, task=SEQUENCES, on_epoch=log if main else None,
+        desc=cfg.method, progress=main and verbose,
+    )  # fmt: skip
     barrier(ranks)
     if not main:
         return {}
@@ -269,7 +218,7 @@ def _teacher_side(
     if cfg.method == "kd" and cfg.teacher_online:
         teacher, _ = online_teacher(preset, paths, train, device)
         with teacher_autocast(device, preset.cache.precision):
-            teacher_test = evaluate(teacher, test.inputs, test.labels, device)[0]
+            teacher_test = score_sequences(teacher, test.inputs, test.labels, device)["perplexity"]
         source = "teacher online (dense KD)"
     elif cfg.method == "kd":
         store = find_train_cache(preset, paths, train, cache, required=True)
@@ -328,7 +277,7 @@ def _teacher_test_perplexity(store: LogitStore, test: Any) -> float | None:
     return None
 
 
-def _plot(history: list[LMEpoch], path: Path, title: str, best_epoch: int, teacher: float | None) -> None:
+def _plot(history: list[EpochRecord], path: Path, title: str, best_epoch: int, teacher: float | None) -> None:
     from pipeline.plots import pyplot
 
     plt = pyplot()

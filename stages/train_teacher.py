@@ -17,7 +17,7 @@ from pipeline.augment import AugmentSpec, check_augment
 from pipeline.batches import InMemoryBatches, Views
 from pipeline.config import Paths, Preset
 from pipeline.datasets import Split, load_split, tokenizer_of, validation_rows
-from pipeline.lm import LMEpoch, fit_lm
+from pipeline.lm import SequenceBatches
 from pipeline.losses import cross_entropy
 from pipeline.models import (
     CONFIG_FILE,
@@ -29,7 +29,7 @@ from pipeline.models import (
     checkpoint_architecture,
     save_checkpoint,
 )
-from pipeline.train import accuracy, fit, pick_device, predict, seed_everything
+from pipeline.train import SEQUENCES, accuracy, fit, pick_device, predict, seed_everything
 from stages.teacher_logits import existing_caches
 
 console = Console(stderr=True, soft_wrap=True)
@@ -116,29 +116,12 @@ def _train_lm(
         highlight=False,
     )
 
-    def batches(epoch: int):
-        order = train_rows[torch.randperm(len(train_rows), generator=generator)]
-        for i in range(0, len(order), cfg.train.batch_size):
-            rows = order[i : i + cfg.train.batch_size]
-            yield train.inputs[rows].to(device), train.labels[rows].to(device), None, 1.0
-
-    def log(record: LMEpoch) -> None:
-        console.print(
-            f"epoch {record.epoch}/{cfg.train.epochs}: loss {record.train_loss:.3f}, val perplexity "
-            f"{record.val_perplexity:.2f}",
-            highlight=False,
-        )
-
-    result = fit_lm(
-        model,
-        cfg.train,
-        batches,
-        lambda epoch: (lambda s, y, _: cross_entropy(s, None, y), {}),
-        (train.inputs[val_rows], train.labels[val_rows]),
-        (test.inputs, test.labels),
-        device,
-        log,
-    )
+    batches = SequenceBatches(train, train_rows, cfg.train.batch_size, device)
+    result = fit(
+        model, cfg.train, batches=lambda epoch: batches.epoch(generator),
+        loss_at=lambda epoch: cross_entropy, val=(train.inputs[val_rows], train.labels[val_rows]),
+        test=(test.inputs, test.labels), device=device, task=SEQUENCES, desc="teacher",
+    )  # fmt: skip
     info = {
         "name": cfg.name,
         "dataset": {
