@@ -81,6 +81,7 @@ def _kd(cfg: DistillConfig, epoch: int) -> dict[str, Any]:
         **_weights(cfg, epoch),
         **_smoothing(cfg),
         "standardize": cfg.standardize,
+        "target": cfg.sparse_target,  # how a language model's sparse cache is read (pipeline.losses)
     }
 
 

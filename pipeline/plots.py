@@ -65,6 +65,28 @@ def plot_curves(
     plt.close(fig)
 
 
+def plot_sequence_curves(
+    history: Sequence[EpochRecord], path: Path, title: str, best_epoch: int, teacher: float | None
+) -> None:
+    """A language model's run: train loss (left) and validation perplexity (right, log scale) per
+    epoch, the selected epoch and the teacher's test perplexity marked."""
+    plt = pyplot()
+    epochs = [r.epoch for r in history]
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [r.train_loss for r in history])
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss")
+    ax_ppl.plot(epochs, [r.val_perplexity for r in history], label="val", color="tab:blue")
+    if teacher is not None:
+        ax_ppl.axhline(teacher, ls="--", color="tab:green", label="teacher test")
+    ax_ppl.axvline(best_epoch, ls=":", color="k", label=f"selected (epoch {best_epoch})")
+    ax_ppl.set(xlabel="epoch", ylabel="perplexity", title="validation perplexity", yscale="log")
+    ax_ppl.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_comparison(
     rows: Sequence[dict[str, Any]], path: Path, *, title: str, teacher_test: float | None
 ) -> None:

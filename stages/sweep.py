@@ -34,8 +34,11 @@ from pipeline.methods import LOSS_ONLY
 from pipeline.methods import phases as method_phases
 from pipeline.metrics import METRICS, metric_of
 from pipeline.models import build_model
+from pipeline.phases import phases
 from pipeline.plots import plot_sweep
+from pipeline.recorder import RunRecorder
 from pipeline.runs import check_run_folder, finished_summary, used_settings
+from pipeline.student_data import prepare
 from pipeline.train import fit_many, pick_device, seed_everything
 from stages import distill
 from stages.compare import (
@@ -210,15 +213,15 @@ def _train_together(
     for i, p in zip(members, presets, strict=True):  # before any work, as distill.run does
         check_run_folder(_run_dir(out, jobs[i][0], p), p)
     device = pick_device(device_name)
-    data = distill.prepare(lead, paths, cache=None, device=device)
+    data = prepare(lead, paths, cache=None, device=device)
     models = []
     for preset in presets:
         torch.manual_seed(preset.distill.seed)  # as distill.run: the same initial weights
         models.append(build_model(preset.student, data.train.num_classes, data.train.input_shape))
     generator = seed_everything(lead.distill.seed)
-    plans = [distill.phases(p.distill)[0] for p in presets]
+    plans = [phases(p.distill)[0] for p in presets]
     recorders = [
-        distill.RunRecorder(
+        RunRecorder(
             _run_dir(out, jobs[i][0], p),
             _run_dir(out, jobs[i][0], p).name,
             p,
@@ -244,9 +247,7 @@ def _train_together(
         ),
     )
     for i, recorder, result in zip(members, recorders, fits, strict=True):
-        results[i] = recorder.finish(
-            result.best_epoch, result.best_val_accuracy, result.test_accuracy, result.seconds
-        )
+        results[i] = recorder.finish(result, result.seconds)
     return results
 
 

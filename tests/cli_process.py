@@ -36,7 +36,6 @@ PRELOAD = (  # what the commands the tests run import; anything else is imported
     "stages.cli",
     "stages.cache_interop",
     "stages.distill",
-    "stages.distill_lm",
     "stages.teacher_logits",
     "stages.train_teacher",
 )

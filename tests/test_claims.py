@@ -22,6 +22,7 @@ from pipeline.datasets import load_split
 from pipeline.errors import KDError
 from pipeline.losses import LOSSES
 from pipeline.models import load_checkpoint
+from pipeline.phases import phases
 from pipeline.runs import default_run_name
 from pipeline.store import LogitStore, ShardWriter
 from stages import distill
@@ -123,7 +124,7 @@ def test_the_loop_calls_the_loss_with_the_logged_settings(method: str) -> None:
         "tiny", {"distill.method": method, "distill.temperature": 3.0, "distill.alpha": 0.6}
     ).distill
     zs, zt, y = torch.randn(8, 10), torch.randn(8, 10) * 3, torch.randint(0, 10, (8,))
-    for phase in distill.phases(cfg):
+    for phase in phases(cfg):
         for epoch in (0, 2, 5):
             settings = phase.settings(epoch)
             expected = LOSSES[phase.loss](zs, zt, y, **settings)

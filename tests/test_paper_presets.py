@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import resolve
-from stages.distill import phases
+from pipeline.phases import phases
 
 VISION = ("cifar10", "cifar100")
 

@@ -172,7 +172,7 @@ def test_continuation_loss_equals_annealing_loss_every_epoch(n: int, tau: int) -
     import torch
 
     from pipeline.config import AnnealingConfig
-    from stages.distill import phases
+    from pipeline.phases import phases
 
     train = OptimConfig(epochs=n + 3)
     annealing = phases(

@@ -22,7 +22,7 @@ import torch
 from pipeline.config import Paths, load_preset, resolve
 from pipeline.errors import KDError
 from pipeline.store import LogitStore, ShardWriter
-from stages import distill
+from pipeline.student_data import prepare
 from stages.cli import app
 from tests.conftest import cache_paths
 from tests.test_cli import kd, runner
@@ -305,7 +305,7 @@ def test_random_damage_is_found_or_harmless(tiny_data: Paths, tmp_path: Path) ->
     preset = resolve("tiny")
     (train,) = cache_paths(tiny_data, "train")
     paths = Paths(data=tmp_path / "d")
-    reference = distill.prepare(preset, tiny_data, cache=train, device=torch.device("cpu"))
+    reference = prepare(preset, tiny_data, cache=train, device=torch.device("cpu"))
     expected = reference.batches.teacher_logits
     rng = random.Random(1234)
     refused = 0
@@ -318,7 +318,7 @@ def test_random_damage_is_found_or_harmless(tiny_data: Paths, tmp_path: Path) ->
         except KDError:
             problems = ["cannot be opened"]
         try:
-            prepared = distill.prepare(preset, paths, cache=copy, device=torch.device("cpu"))
+            prepared = prepare(preset, paths, cache=copy, device=torch.device("cpu"))
         except KDError:
             refused += 1
             assert problems, f"{what}: training refused it but verify found nothing"
@@ -347,5 +347,5 @@ def test_nan_cache_is_refused_before_the_first_batch(tiny_data: Paths, tmp_path:
     for budget in (2048, 0):  # in memory and streamed
         preset = resolve("tiny", {"distill.memory_budget_mb": budget})
         with pytest.raises(KDError, match="holds NaN or Inf logits in 1 rows"):
-            data = distill.prepare(preset, tiny_data, cache=copy, device=torch.device("cpu"))
+            data = prepare(preset, tiny_data, cache=copy, device=torch.device("cpu"))
             next(iter(data.batches.epoch(torch.Generator().manual_seed(0))))

@@ -297,8 +297,8 @@ def test_online_and_cached_students_start_from_the_same_weights(tiny_data: Paths
     """Online and cached KD under one seed are a paired comparison: loading the online teacher (built
     from a random init, then overwritten) draws nothing from the RNG the student is initialised from."""
     from pipeline.batches import OnlineBatches
+    from pipeline.student_data import prepare
     from pipeline.train import seed_everything
-    from stages.distill import prepare
 
     states = []
     for online in (False, True):
