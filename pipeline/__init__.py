@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "pipeline.cache": ("Cache", "ViewTargets", "open_cache"),
     "pipeline.errors": ("KDError",),
-    "pipeline.losses": (
+    "pipeline.distill.losses": (
         "LOSSES",
         "annealing",
         "continuation",
@@ -33,9 +33,9 @@ _HOMES = {
         "skew_rkl",
         "soft_kl",
     ),
-    "pipeline.targets": ("SparseTargets", "standardize"),
-    "pipeline.schedules": ("dkd_warmup", "interpolate", "phi", "step_temperature"),
-    "pipeline.augment": ("replay",),
+    "pipeline.distill.targets": ("SparseTargets", "standardize"),
+    "pipeline.distill.schedules": ("dkd_warmup", "interpolate", "phi", "step_temperature"),
+    "pipeline.data.augment": ("replay",),
     "pipeline.adapters": ("KDTrainer", "TeacherCollator", "TeacherDataset"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}

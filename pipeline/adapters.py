@@ -107,8 +107,8 @@ def kd_trainer_class() -> type:
     """KDTrainer, built on first use (transformers is imported only then)."""
     from transformers import Trainer
 
-    from pipeline.losses import IGNORE, check_inputs, hinton_kd
-    from pipeline.targets import SparseTargets
+    from pipeline.distill.losses import IGNORE, check_inputs, hinton_kd
+    from pipeline.distill.targets import SparseTargets
 
     class KDTrainer(Trainer):
         """`transformers.Trainer` whose loss is Hinton KD from the cached teacher side that
@@ -124,7 +124,7 @@ def kd_trainer_class() -> type:
             sparse_target: str = "topk-tail",
             **kwargs: Any,
         ) -> None:
-            from pipeline.targets import SPARSE_TARGETS
+            from pipeline.distill.targets import SPARSE_TARGETS
 
             probe = torch.zeros(1, 2)
             check_inputs(probe, probe, torch.zeros(1, dtype=torch.int64), temperature=temperature,
@@ -191,7 +191,7 @@ def kd_trainer_class() -> type:
 
 def _shifted(teacher: Any, device: torch.device) -> Any:
     """A sequence's cached targets for positions 0..L-2 (those of an HF causal LM's shifted logits)."""
-    from pipeline.targets import SparseTargets
+    from pipeline.distill.targets import SparseTargets
 
     def cut(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[:, :-1].to(device)

@@ -31,15 +31,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.batches import ShardStream, cut_batches
+from pipeline.distill.batches import ShardStream, cut_batches
 from pipeline.errors import KDError
 from pipeline.store import LogitStore, Manifest
 from pipeline.store.encoding import decode_logits
 from pipeline.store.sparse import dense_from_topk
 
 if TYPE_CHECKING:
-    from pipeline.augment import AugmentSpec
-    from pipeline.datasets import Split
+    from pipeline.data.augment import AugmentSpec
+    from pipeline.data.datasets import Split
 
 IdsLike = torch.Tensor | np.ndarray | Sequence[int]
 MEMORY_BUDGET_MB = 2048  # as `distill.memory_budget_mb`: caches up to this size (float32) are held whole
@@ -49,7 +49,7 @@ KEPT_SHARDS = 4  # shards a cache bigger than memory keeps decoded for `targets`
 @dataclasses.dataclass(frozen=True)
 class ViewTargets:
     """The teacher side of rows of a views cache: raw logits and the parameters that replay each view on
-    the row's input (`pipeline.augment.replay(inputs, params, cache.augment)`)."""
+    the row's input (`pipeline.data.augment.replay(inputs, params, cache.augment)`)."""
 
     logits: torch.Tensor  # (n, K, C) every view, or (n, C) the view asked for of each row
     params: torch.Tensor  # (n, K, P) int16, or (n, P)
@@ -320,7 +320,7 @@ class Cache:
         """Stored rows as this layout's targets."""
         m = self.manifest
         if m.sparse and m.sparse["seq_len"]:  # token sequences
-            from pipeline.targets import SparseTargets
+            from pipeline.distill.targets import SparseTargets
 
             return SparseTargets.from_arrays(logits, extras, m.sparse, m.storage.dtype)
         if m.sparse:  # a top-k cache of classes: every logit, as kd distill rebuilds them

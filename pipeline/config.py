@@ -21,10 +21,10 @@ from typing import Any
 
 import tomllib
 
-from pipeline import methods
-from pipeline.augment import AugmentSpec, views_record
+from pipeline.data.augment import AugmentSpec, views_record
+from pipeline.distill import methods
+from pipeline.distill.methods import METHODS
 from pipeline.errors import KDError
-from pipeline.methods import METHODS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
@@ -115,7 +115,7 @@ class CacheConfig:
     )
     # Views (README "Augmented views"): K augmented views per sample, each with its parameters, so the
     # student can replay the exact input the teacher saw. none: the one fixed, un-augmented view.
-    augment: str = "none"  # none | crop-flip | shift | shift-zero (pipeline/augment.py)
+    augment: str = "none"  # none | crop-flip | shift | shift-zero (pipeline/data/augment.py)
     augment_pad: int = 4  # crop-flip padding, or the largest shift
     # K views per sample, or "all": every view of the augmentation (the default: a few views per sample
     # cut the student's input diversity and were measured to lose to the fixed view, README)
@@ -178,7 +178,7 @@ class CacheConfig:
 
     def sparse_for(self, split: Any) -> dict[str, Any]:
         """The manifest's sparse entry of a language-modelling split's cache ({}: not token sequences).
-        `split`: a pipeline.datasets.Split."""
+        `split`: a pipeline.data.datasets.Split."""
         if split.labels.dim() != 2 and self.layout != "topk":
             return {}
         from pipeline.store.sparse import sparse_record
@@ -371,7 +371,7 @@ class DistillConfig:
             self.ce_weight is None or self.alpha_schedule == "constant",
             "distill.alpha_schedule cannot be used with distill.ce_weight/kd_weight: they replace alpha",
         )
-        methods.check(self)  # the method's own checks (pipeline.methods)
+        methods.check(self)  # the method's own checks (pipeline.distill.methods)
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 from pipeline.backends import is_url
 from pipeline.cache import check_matches
 from pipeline.config import DistillConfig, Paths, Preset, changed_settings
+from pipeline.data.split import Split
 from pipeline.errors import KDError
 from pipeline.far_cache import open_far_cache
 from pipeline.models import check_same_teacher
-from pipeline.split import Split
 from pipeline.store import LogitStore, StorageInfo, find_caches
 
 

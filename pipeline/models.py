@@ -19,8 +19,8 @@ from torch import nn
 
 from pipeline import strict_json
 from pipeline.config import ModelConfig, Paths, Preset
+from pipeline.data.split import Split
 from pipeline.errors import KDError
-from pipeline.split import Split
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -271,7 +271,7 @@ class HFClassifier(nn.Module):
 
 def check_fits_data(model: nn.Module, split: Any, role: str, arch: str) -> None:
     """Before any training: the model reads the split's inputs (text: the same vocabulary) and returns one
-    logit per class. `split`: a pipeline.datasets.Split."""
+    logit per class. `split`: a pipeline.data.datasets.Split."""
     if isinstance(model, CausalLM):
         check_lm_vocabulary(model, split, role, arch)
     else:
@@ -287,7 +287,7 @@ def check_teacher_tokenizer(folder: Path, split: Any) -> None:
     own = folder / "tokenizer.json"
     if not theirs or not own.is_file():
         return
-    from pipeline.lm_data import tokenizer_file_fingerprint
+    from pipeline.data.lm_data import tokenizer_file_fingerprint
 
     mine = tokenizer_file_fingerprint(own)
     if mine != theirs:
@@ -304,7 +304,7 @@ def check_lm_vocabulary(model: CausalLM, split: Any, role: str, arch: str) -> No
     its embedding table must have the tokenizer's size, and a tokenizer.json saved beside it must be the
     very same tokenizer. A table larger than the tokenizer is accepted when that tokenizer.json is the
     data's: the rows past its vocabulary are padding (Qwen-style checkpoints), their logits dropped."""
-    from pipeline.lm_data import tokenizer_file_fingerprint
+    from pipeline.data.lm_data import tokenizer_file_fingerprint
 
     data_tokenizer = split.preprocessing.get("tokenizer") or "the data's tokenizer"
     size = model.model.get_input_embeddings().num_embeddings

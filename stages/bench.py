@@ -36,11 +36,11 @@ import zarr
 from rich.console import Console
 
 from pipeline import strict_json
-from pipeline.batches import InMemoryBatches
 from pipeline.config import CacheConfig, DatasetConfig, ModelConfig, OptimConfig, Paths, load_preset
-from pipeline.datasets import Split, load_split
+from pipeline.data.datasets import Split, load_split
+from pipeline.distill.batches import InMemoryBatches
+from pipeline.distill.losses import cross_entropy, hinton_kd
 from pipeline.errors import KDError
-from pipeline.losses import cross_entropy, hinton_kd
 from pipeline.models import CONFIG_FILE, build_model, load_checkpoint, prefers_channels_last
 from pipeline.store import (
     CODECS,
@@ -55,7 +55,7 @@ from pipeline.store import (
     decode_logits,
     encode_logits,
 )
-from pipeline.train import make_optimizer, pick_device, train_epoch
+from pipeline.training.loop import make_optimizer, pick_device, train_epoch
 from stages.teacher_logits import write_logits
 
 console = Console(stderr=True, soft_wrap=True)

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from pipeline import strict_json
 from pipeline.config import Preset
-from pipeline.datasets import load_split
+from pipeline.data.datasets import load_split
 from pipeline.errors import KDError
 from pipeline.store import (
     DatasetInfo,

@@ -16,8 +16,8 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from pipeline.config import Paths, Preset, preset_names, resolve
+from pipeline.distill.methods import METHODS
 from pipeline.errors import KDError
-from pipeline.methods import METHODS
 
 GLOBAL_OPTIONS = ("--data-dir", "--cache-dir")
 

@@ -25,11 +25,11 @@ from rich.table import Table
 
 from pipeline import strict_json
 from pipeline.config import Paths, Preset, load_preset, resolve
+from pipeline.distill.methods import LABEL_ONLY
 from pipeline.errors import KDError
-from pipeline.methods import LABEL_ONLY
-from pipeline.metrics import ACCURACY, METRICS, Metric, metric_of
-from pipeline.plots import plot_comparison
-from pipeline.runs import finished_summary
+from pipeline.runs.identity import finished_summary
+from pipeline.runs.metrics import ACCURACY, METRICS, Metric, metric_of
+from pipeline.runs.plots import plot_comparison
 from stages import distill, teacher_logits
 
 console = Console(stderr=True, soft_wrap=True)

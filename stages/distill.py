@@ -8,7 +8,7 @@ Temperature, alpha and label smoothing act on the raw cached logits as batches l
 never touches the cache. Checkpoints are selected on a validation split carved from train; the test
 split is only reported. A language model (dataset lm-text) trains on next tokens from a sparse cache
 and is scored by perplexity. Writes data/runs/<run-name>/: config.json, metrics.jsonl, checkpoint/,
-curves.png, summary.json (pipeline.recorder); the data side is pipeline.student_data's.
+curves.png, summary.json (pipeline.runs.recorder); the data side is pipeline.distill.student_data's.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from pipeline.batches import StreamedBatches
 from pipeline.config import Paths, Preset, changed_settings
-from pipeline.distributed import barrier, device_for, init, total
+from pipeline.distill.batches import StreamedBatches
+from pipeline.distill.phases import numbers, phases
+from pipeline.distill.student_data import prepare
 from pipeline.errors import DivergedError
 from pipeline.models import build_model, check_fits_data
-from pipeline.phases import numbers, phases
-from pipeline.recorder import RunRecorder, print_summary
-from pipeline.runs import check_run_folder, default_run_name, describe
-from pipeline.student_data import prepare
-from pipeline.train import fit, pick_device, seed_everything
+from pipeline.runs.identity import check_run_folder, default_run_name, describe
+from pipeline.runs.recorder import RunRecorder, print_summary
+from pipeline.training.distributed import barrier, device_for, init, total
+from pipeline.training.loop import fit, pick_device, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)
 

@@ -29,17 +29,17 @@ from rich.table import Table
 
 from pipeline import strict_json
 from pipeline.config import Paths, Preset, load_preset, parse_literal, resolve
+from pipeline.distill.methods import LOSS_ONLY
+from pipeline.distill.methods import phases as method_phases
+from pipeline.distill.phases import phases
+from pipeline.distill.student_data import prepare
 from pipeline.errors import KDError
-from pipeline.methods import LOSS_ONLY
-from pipeline.methods import phases as method_phases
-from pipeline.metrics import METRICS, metric_of
 from pipeline.models import build_model
-from pipeline.phases import phases
-from pipeline.plots import plot_sweep
-from pipeline.recorder import RunRecorder
-from pipeline.runs import check_run_folder, finished_summary, used_settings
-from pipeline.student_data import prepare
-from pipeline.train import fit_many, pick_device, seed_everything
+from pipeline.runs.identity import check_run_folder, finished_summary, used_settings
+from pipeline.runs.metrics import METRICS, metric_of
+from pipeline.runs.plots import plot_sweep
+from pipeline.runs.recorder import RunRecorder
+from pipeline.training.loop import fit_many, pick_device, seed_everything
 from stages import distill
 from stages.compare import (
     aggregate,

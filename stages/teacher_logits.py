@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from pipeline.augment import check_augment, replay, view_params
 from pipeline.backends import exists as remote_exists
 from pipeline.config import Paths, Preset
-from pipeline.datasets import Split, load_split
-from pipeline.distributed import Ranks, barrier, broadcast, device_for, init
+from pipeline.data.augment import check_augment, replay, view_params
+from pipeline.data.datasets import Split, load_split
 from pipeline.errors import KDError
 from pipeline.models import (
     CONFIG_FILE,
@@ -35,7 +34,6 @@ from pipeline.models import (
     teacher_autocast,
     teacher_precision,
 )
-from pipeline.progress import Progress
 from pipeline.remote import copy_cache
 from pipeline.store import (
     DatasetInfo,
@@ -51,7 +49,9 @@ from pipeline.store import (
     software_versions,
 )
 from pipeline.store.sparse import reduce_logits
-from pipeline.train import pick_device
+from pipeline.training.distributed import Ranks, barrier, broadcast, device_for, init
+from pipeline.training.loop import pick_device
+from pipeline.training.progress import Progress
 
 console = Console(stderr=True, soft_wrap=True)
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from pipeline.augment import AugmentSpec, check_augment
-from pipeline.batches import InMemoryBatches, Views
 from pipeline.config import Paths, Preset
-from pipeline.datasets import Split, load_split, tokenizer_of, validation_rows
-from pipeline.lm import SequenceBatches
-from pipeline.losses import cross_entropy
+from pipeline.data.augment import AugmentSpec, check_augment
+from pipeline.data.datasets import Split, load_split, tokenizer_of, validation_rows
+from pipeline.distill.batches import InMemoryBatches, Views
+from pipeline.distill.lm import SequenceBatches
+from pipeline.distill.losses import cross_entropy
 from pipeline.models import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -29,7 +29,7 @@ from pipeline.models import (
     checkpoint_architecture,
     save_checkpoint,
 )
-from pipeline.train import SEQUENCES, accuracy, fit, pick_device, predict, seed_everything
+from pipeline.training.loop import SEQUENCES, accuracy, fit, pick_device, predict, seed_everything
 from stages.teacher_logits import existing_caches
 
 console = Console(stderr=True, soft_wrap=True)

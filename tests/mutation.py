@@ -30,14 +30,14 @@ CLAIMS = ["tests/test_claims.py", "-m", "not slow"]
 SEEDED = [
     (
         "kd always uses T = 1",
-        "pipeline/methods.py",
+        "pipeline/distill/methods.py",
         '        "temperature": schedules.temperature_at(epoch, cfg),\n        **_weights(cfg, epoch),',
         '        "temperature": 1.0,\n        **_weights(cfg, epoch),',
         CLAIMS,
     ),
     (
         "kd with alpha = 0 (the teacher ignored)",
-        "pipeline/methods.py",
+        "pipeline/distill/methods.py",
         '{"alpha": schedules.alpha_at(epoch, cfg)}',
         '{"alpha": 0.0}',
         CLAIMS,
@@ -51,14 +51,14 @@ SEEDED = [
     ),
     (
         "DKD warm-up fixed at 1",
-        "pipeline/methods.py",
+        "pipeline/distill/methods.py",
         '"warmup": schedules.dkd_warmup(epoch, d.warmup_epochs),',
         '"warmup": 1.0,',
         CLAIMS,
     ),
     (
         "Annealing phase 2 reuses phase 1's optimizer",
-        "pipeline/train.py",
+        "pipeline/training/loop.py",
         "    optimizer = make_optimizer(model, cfg)\n",
         "    optimizer = getattr(model, '_kd_opt', None) or make_optimizer(model, cfg)\n"
         "    model._kd_opt = optimizer\n",
@@ -108,14 +108,14 @@ SEEDED = [
     ),
     (
         "T not clamped at 1 (the Annealing authors' overshoot past Phi = 1)",
-        "pipeline/schedules.py",
+        "pipeline/distill/schedules.py",
         "return max(1, t_max - epoch // k)",
         "return t_max - epoch // k",
         ["tests/test_schedules.py"],
     ),
     (
         "psi ignores its cut-off (no ramp-then-step)",
-        "pipeline/schedules.py",
+        "pipeline/distill/schedules.py",
         "    if epoch > cfg.psi_epochs:\n        return 1.0\n",
         "",
         ["tests/test_schedules.py", "tests/test_paper_presets.py"],
@@ -129,14 +129,14 @@ SEEDED = [
     ),
     (
         "the student's target is view 0 whatever view its input replays",
-        "pipeline/batches.py",
+        "pipeline/distill/batches.py",
         "zt = self.teacher_logits[rows, pick]",
         "zt = self.teacher_logits[rows, 0]",
         ["tests/test_views.py", "-m", "not slow"],
     ),
     (
         "view parameters depend on the batch, not the sample id",
-        "pipeline/augment.py",
+        "pipeline/data/augment.py",
         "+ ids.astype(np.uint64))",
         "+ np.arange(len(ids), dtype=np.uint64))",
         ["tests/test_views.py", "-m", "not slow"],

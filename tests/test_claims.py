@@ -18,12 +18,12 @@ import zarr
 
 from pipeline.cache import check_matches
 from pipeline.config import Paths, changed_settings, load_preset, resolve
-from pipeline.datasets import load_split
+from pipeline.data.datasets import load_split
+from pipeline.distill.losses import LOSSES
+from pipeline.distill.phases import phases
 from pipeline.errors import KDError
-from pipeline.losses import LOSSES
 from pipeline.models import load_checkpoint
-from pipeline.phases import phases
-from pipeline.runs import default_run_name
+from pipeline.runs.identity import default_run_name
 from pipeline.store import LogitStore, ShardWriter
 from stages import distill
 from tests.conftest import cache_paths
@@ -151,7 +151,7 @@ def test_kd_learns_from_the_teacher_at_its_temperature(tiny_data: Paths) -> None
 
 def test_annealing_phase2_gets_a_fresh_optimizer(tiny_data: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
     """ "Phase 2: CE from the best phase-1 checkpoint, fresh optimizer and LR schedule"."""
-    from pipeline import train
+    from pipeline.training import loop as train
 
     made: list[tuple[float, int]] = []
     real = train.make_optimizer

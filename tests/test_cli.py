@@ -11,7 +11,7 @@ import zarr
 from typer.testing import CliRunner
 
 from pipeline.config import Paths, load_preset
-from pipeline.datasets import load_split
+from pipeline.data.datasets import load_split
 from pipeline.models import fingerprint, load_checkpoint
 from pipeline.store import LogitStore
 from stages.cli import app

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import load_preset, preset_names, resolve, with_overrides
+from pipeline.distill.losses import LOSSES
 from pipeline.errors import KDError
-from pipeline.losses import LOSSES
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -4,9 +4,9 @@ import dataclasses
 
 import torch
 
-from pipeline.batches import InMemoryBatches, StreamedBatches, cached_logits_for, positions_of
 from pipeline.config import load_preset
-from pipeline.datasets import _built, load_split, validation_rows
+from pipeline.data.datasets import _built, load_split, validation_rows
+from pipeline.distill.batches import InMemoryBatches, StreamedBatches, cached_logits_for, positions_of
 from pipeline.store import DatasetInfo, LogitStore, Manifest, ShardWriter, StorageInfo, TeacherInfo
 
 

@@ -143,7 +143,7 @@ def test_gpu_processes_need_a_gpu_each(
     monkeypatch: pytest.MonkeyPatch, local_world: str, name: str, message: str
 ) -> None:
     """nccl refuses two processes on one GPU (it showed as a CUDA traceback): refused up front, in words."""
-    from pipeline.distributed import init
+    from pipeline.training.distributed import init
 
     monkeypatch.setenv("WORLD_SIZE", local_world)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
@@ -158,7 +158,7 @@ def test_collectives_use_a_tensor_where_the_backend_reduces(
     monkeypatch: pytest.MonkeyPatch, backend: str, expected: str
 ) -> None:
     """nccl reduces only tensors on the process's GPU (a CPU tensor failed the streamed bytes count)."""
-    from pipeline import distributed
+    from pipeline.training import distributed
 
     monkeypatch.setattr(distributed.dist, "get_backend", lambda: backend)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

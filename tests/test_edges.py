@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline.batches import InMemoryBatches, positions_of
 from pipeline.config import OptimConfig
-from pipeline.datasets import Split
+from pipeline.data.datasets import Split
+from pipeline.distill.batches import InMemoryBatches, positions_of
+from pipeline.distill.losses import annealing, continuation, cross_entropy, dist, dkd, hinton_kd
+from pipeline.distill.schedules import interpolate, lr_at, step_temperature
+from pipeline.distill.targets import standardize
 from pipeline.errors import KDError
-from pipeline.losses import annealing, continuation, cross_entropy, dist, dkd, hinton_kd
-from pipeline.schedules import interpolate, lr_at, step_temperature
 from pipeline.store import LogitStore, ShardWriter, shard_digest
 from pipeline.store.integrity import summarize
-from pipeline.targets import standardize
 from tests.test_store import C, N, make_manifest
 
 
@@ -207,7 +207,7 @@ def test_a_run_folder_of_another_method_names_the_method_first(tmp_path) -> None
     import json
 
     from pipeline.config import resolve
-    from pipeline.runs import check_run_folder
+    from pipeline.runs.identity import check_run_folder
 
     ce = resolve("tiny", {"distill.method": "ce"})
     (tmp_path / "config.json").write_text(json.dumps({"preset": ce.to_dict()}))

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from pipeline.config import Paths, load_preset
-from pipeline.datasets import load_split
-from pipeline.losses import cross_entropy, hinton_kd, kl_terms
+from pipeline.data.datasets import load_split
+from pipeline.distill.losses import cross_entropy, hinton_kd, kl_terms
+from pipeline.distill.targets import SparseTargets
 from pipeline.models import load_checkpoint
 from pipeline.store import LogitStore
 from pipeline.store.sparse import reduce_logits, sparse_record
-from pipeline.targets import SparseTargets
 from tests import cli_process
 from tests.conftest import cache_paths, lm_cache
 from tests.test_bad_inputs import assert_refused, run_kd, snapshot
@@ -511,7 +511,7 @@ def test_a_teacher_never_reads_text_tokenized_otherwise(
 def test_your_own_text_through_a_file_or_datasets(tmp_path: Path, kind: str) -> None:
     """dataset.options.text: a .txt file (documents between blank lines), or hf:<a datasets source>."""
     from pipeline.config import DatasetConfig
-    from pipeline.lm_data import python_docstrings
+    from pipeline.data.lm_data import python_docstrings
 
     docs = python_docstrings()[:400]
     if kind == "txt":
@@ -541,7 +541,7 @@ def test_the_default_text_is_parsed_once_and_kept_until_python_changes(
     next command reads the same list; another Python (or a changed module) parses again."""
     import ast
 
-    from pipeline import lm_data
+    from pipeline.data import lm_data
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     parsed = lm_data.python_docstrings()

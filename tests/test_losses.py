@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.distill.losses import (
     LOSSES,
     annealing,
     continuation,
@@ -17,8 +17,8 @@ from pipeline.losses import (
     hinton_kd,
     soft_kl,
 )
-from pipeline.methods import LABEL_ONLY
-from pipeline.targets import standardize
+from pipeline.distill.methods import LABEL_ONLY
+from pipeline.distill.targets import standardize
 
 
 def reference_kd(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import Paths
-from pipeline.losses import LOSSES
+from pipeline.distill.losses import LOSSES
 from pipeline.models import load_checkpoint
 from stages.cli import app
 from tests.test_cli import assert_one_line_error, kd, runner

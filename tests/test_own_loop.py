@@ -15,12 +15,12 @@ import torch
 
 import pipeline
 from pipeline.config import Paths, load_preset
-from pipeline.datasets import load_split
+from pipeline.data.datasets import load_split
+from pipeline.distill.losses import hinton_kd, skew_kl
+from pipeline.distill.targets import SparseTargets
 from pipeline.errors import KDError
-from pipeline.losses import hinton_kd, skew_kl
 from pipeline.store import LogitStore, ShardWriter
 from pipeline.store.encoding import decode_logits
-from pipeline.targets import SparseTargets
 from tests import cli_process
 from tests.conftest import cache_paths, lm_cache, view_cache
 from tests.test_readme_examples import example

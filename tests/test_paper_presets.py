@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import resolve
-from pipeline.phases import phases
+from pipeline.distill.phases import phases
 
 VISION = ("cifar10", "cifar100")
 
@@ -127,7 +127,7 @@ def test_continuation_psi_and_phi_per_epoch_as_in_the_paper(preset: str, psi: li
 
 
 def test_logit_standardization_recipe_is_expressible() -> None:
-    from pipeline.methods import settings_at
+    from pipeline.distill.methods import settings_at
 
     cfg = resolve(
         "cifar100",

@@ -141,7 +141,7 @@ def test_a_train_cache_shared_alone_still_reports_the_teachers_test_accuracy(
     """A train cache pushed (or pulled) without its test split: the teacher's test accuracy comes from
     the local test cache of the same teacher (it showed "-" in the run's table)."""
     from pipeline.config import load_preset
-    from pipeline.student_data import prepare
+    from pipeline.distill.student_data import prepare
 
     (train,) = cache_paths(tiny_data, "train")
     (test,) = cache_paths(tiny_data, "test")

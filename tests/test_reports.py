@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.metrics import PERPLEXITY
+from pipeline.runs.metrics import PERPLEXITY
 from stages.compare import aggregate, markdown, mean_std, outliers
 
 
@@ -64,7 +64,7 @@ def test_one_seed_has_no_zero_std() -> None:
 
 def test_continuation_without_margin_is_labelled_the_ablation() -> None:
     from pipeline.config import resolve
-    from pipeline.methods import method_label
+    from pipeline.distill.methods import method_label
 
     assert method_label(resolve("tiny", {"distill.method": "continuation"}).distill) == "continuation"
     ablation = resolve("tiny", {"distill.method": "continuation", "distill.continuation.margin": 0})
@@ -73,7 +73,7 @@ def test_continuation_without_margin_is_labelled_the_ablation() -> None:
 
 def test_run_names_show_only_what_the_method_uses() -> None:
     from pipeline.config import resolve
-    from pipeline.runs import default_run_name
+    from pipeline.runs.identity import default_run_name
 
     def name(**overrides: object) -> str:
         return default_run_name(resolve("tiny", {f"distill.{k}": v for k, v in overrides.items()}))
@@ -89,7 +89,7 @@ def test_run_names_show_only_what_the_method_uses() -> None:
 
 def test_settings_a_method_ignores_do_not_make_another_run(tmp_path: Path) -> None:
     from pipeline.config import changed_settings, resolve
-    from pipeline.runs import check_run_folder, default_run_name, used_settings
+    from pipeline.runs.identity import check_run_folder, default_run_name, used_settings
 
     plain = resolve("tiny", {"distill.method": "annealing"})
     hot = resolve("tiny", {"distill.method": "annealing", "distill.temperature": 3, "distill.alpha": 0.5})

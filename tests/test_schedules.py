@@ -5,7 +5,7 @@ import math
 import pytest
 
 from pipeline.config import ContinuationConfig, DistillConfig, OptimConfig
-from pipeline.schedules import (
+from pipeline.distill.schedules import (
     alpha_at,
     dkd_warmup,
     interpolate,
@@ -150,7 +150,7 @@ def test_step_schedule_of_the_papers() -> None:
 def test_crop_flip_keeps_shapes_and_content() -> None:
     import torch
 
-    from pipeline.augment import augment, crop_flip
+    from pipeline.data.augment import augment, crop_flip
 
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     out = crop_flip(x, padding=0)  # no room to move: each image is itself or its mirror
@@ -172,7 +172,7 @@ def test_continuation_loss_equals_annealing_loss_every_epoch(n: int, tau: int) -
     import torch
 
     from pipeline.config import AnnealingConfig
-    from pipeline.phases import phases
+    from pipeline.distill.phases import phases
 
     train = OptimConfig(epochs=n + 3)
     annealing = phases(

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline.config import Paths, resolve
-from pipeline.losses import skew_kl, skew_rkl
-from pipeline.methods import TABLE, soft_settings
-from pipeline.runs import default_run_name, used_settings
+from pipeline.distill.losses import skew_kl, skew_rkl
+from pipeline.distill.methods import TABLE, soft_settings
+from pipeline.runs.identity import default_run_name, used_settings
 from tests.test_cli import kd
 
 
@@ -44,7 +44,7 @@ def test_skew_divergences_match_the_authors_mixtures(reverse: bool, T: float, al
 
 
 def test_skew_zero_is_the_plain_divergence_and_tokens_are_rows() -> None:
-    from pipeline.losses import hinton_kd
+    from pipeline.distill.losses import hinton_kd
 
     zs, zt, y = torch.randn(5, 8), torch.randn(5, 8), torch.randint(0, 8, (5,))
     plain = hinton_kd(zs, zt, y, temperature=2.0, alpha=0.6)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.batches import StreamedBatches
-from pipeline.datasets import Split
+from pipeline.data.datasets import Split
+from pipeline.distill.batches import StreamedBatches
 from pipeline.errors import KDError
 from pipeline.store import LogitStore
 from tests.test_store import fill, make_manifest
@@ -215,7 +215,7 @@ def test_a_corrupted_remote_shard_is_refused_in_one_line(tiny_data, tmp_path: Pa
 def test_batches_are_cut_across_parts_and_gathered_batch_by_batch() -> None:
     """Streamed training cuts each buffer's kept rows into batches, the rows left over going first
     into the next buffer's first batch, and gathers the targets of one batch at a time."""
-    from pipeline.batches import cut_batches
+    from pipeline.distill.batches import cut_batches
 
     asked: list[tuple[int, int, int]] = []
 

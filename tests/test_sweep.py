@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimConfig, Paths
+from pipeline.distill.losses import cross_entropy, hinton_kd
 from pipeline.errors import KDError
-from pipeline.losses import cross_entropy, hinton_kd
 from pipeline.models import load_checkpoint
-from pipeline.train import fit_many
+from pipeline.training.loop import fit_many
 from tests.test_cli import kd
 
 

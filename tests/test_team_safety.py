@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from pipeline.config import Paths, load_preset, resolve
+from pipeline.distill.student_data import prepare
 from pipeline.errors import KDError
 from pipeline.store import LogitStore, ShardWriter
-from pipeline.student_data import prepare
 from stages.cli import app
 from tests.conftest import cache_paths
 from tests.test_cli import kd, runner

@@ -164,7 +164,7 @@ def test_a_student_with_another_vocabulary_is_one_line(text_setup: Path, tmp_pat
 def test_many_unknown_tokens_warn(text_setup: Path, tmp_path: Path) -> None:
     import torch
 
-    from pipeline.datasets import _unknown_fraction
+    from pipeline.data.datasets import _unknown_fraction
 
     ids = torch.tensor([[[5, 1, 1, 0], [1, 1, 1, 0]], [[1, 6, 7, 8], [1, 1, 1, 1]]])  # unk id 1, pad 0
     assert _unknown_fraction(ids, 1) == pytest.approx(3 / 7)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugmentSpec, augment, replay, view_params
-from pipeline.batches import InMemoryBatches, StreamedBatches, Views
 from pipeline.config import Paths, load_preset, with_overrides
-from pipeline.datasets import Split, load_split
+from pipeline.data.augment import AugmentSpec, augment, replay, view_params
+from pipeline.data.datasets import Split, load_split
+from pipeline.distill.batches import InMemoryBatches, StreamedBatches, Views
 from pipeline.errors import KDError
 from pipeline.models import load_checkpoint
 from pipeline.store import LogitStore, cache_key
@@ -296,9 +296,9 @@ def test_every_method_trains_on_replayed_views(views_data: Paths, tmp_path: Path
 def test_online_and_cached_students_start_from_the_same_weights(tiny_data: Paths) -> None:
     """Online and cached KD under one seed are a paired comparison: loading the online teacher (built
     from a random init, then overwritten) draws nothing from the RNG the student is initialised from."""
-    from pipeline.batches import OnlineBatches
-    from pipeline.student_data import prepare
-    from pipeline.train import seed_everything
+    from pipeline.distill.batches import OnlineBatches
+    from pipeline.distill.student_data import prepare
+    from pipeline.training.loop import seed_everything
 
     states = []
     for online in (False, True):
@@ -314,7 +314,7 @@ def test_online_and_cached_students_start_from_the_same_weights(tiny_data: Paths
 def test_online_kd_runs_the_teacher_on_the_students_views(views_data: Paths, tmp_path: Path) -> None:
     import json
 
-    from pipeline.batches import OnlineBatches
+    from pipeline.distill.batches import OnlineBatches
     from tests.test_cli import kd
 
     paths = Paths(data=tmp_path)
@@ -498,7 +498,7 @@ def test_one_pass_sweep_over_views_equals_sequential(views_data: Paths, tmp_path
 def test_runs_saved_before_the_view_settings_existed_are_still_the_same_run() -> None:
     """A run folder written by an older kd (no view settings in its config.json) is recognised as the
     same experiment: rerunning it rewrites that folder instead of refusing it or orphaning the run."""
-    from pipeline.runs import used_settings
+    from pipeline.runs.identity import used_settings
 
     preset = load_preset("mnist1d")
     old = preset.to_dict()

@@ -1,5 +1,5 @@
 """The views layout: K augmented views per sample, the teacher's logits of each and the parameters that
-replay it (pipeline/augment.py). Same group, manifest, shards, checksums and lock as the dense layout:
+replay it (pipeline/data/augment.py). Same group, manifest, shards, checksums and lock as the dense layout:
 
     logits/   (N, K, C) in the storage dtype; chunks (R, K, C), shards (S*R, K, C)
     views/    (N, K, P) int16: view k of row i is augment(input_i, views[i, k]); chunked like labels
@@ -15,7 +15,7 @@ from typing import Any
 
 import zarr
 
-from pipeline.augment import AUGMENT_VERSION, AUGMENTS, AugmentSpec, views_record
+from pipeline.data.augment import AUGMENT_VERSION, AUGMENTS, AugmentSpec, views_record
 from pipeline.errors import KDError
 from pipeline.store.encoding import compressors
 from pipeline.store.manifest import Manifest

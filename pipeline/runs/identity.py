@@ -11,8 +11,8 @@ from typing import Any
 
 from pipeline import strict_json
 from pipeline.config import Preset, flat_settings
+from pipeline.distill.methods import ignored_settings, soft_settings
 from pipeline.errors import KDError
-from pipeline.methods import ignored_settings, soft_settings
 
 
 def finished_summary(run_dir: Path, preset: Preset) -> dict[str, Any] | None:

@@ -1,7 +1,7 @@
 """Language models: the batches of token sequences stage 2 trains on (`SequenceBatches`), from a sparse
 cache in memory or streamed (`StreamedSequences`), from the teacher run online, or from labels alone.
-The losses are pipeline.losses' (`hinton_kd` on (B, L, V) logits, its sparse targets described there),
-the loop pipeline.train's (`fit` with `SEQUENCES`: perplexity selects the checkpoint).
+The losses are pipeline.distill.losses' (`hinton_kd` on (B, L, V) logits, its sparse targets described there),
+the loop pipeline.training.loop's (`fit` with `SEQUENCES`: perplexity selects the checkpoint).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.batches import Batch, ShardStream, cut_batches, positions_of
-from pipeline.datasets import Split
+from pipeline.data.datasets import Split
+from pipeline.distill.batches import Batch, ShardStream, cut_batches, positions_of
+from pipeline.distill.targets import SparseTargets
 from pipeline.models import teacher_autocast
 from pipeline.store.dense import Buffer
 from pipeline.store.sparse import PAD_LABEL
-from pipeline.targets import SparseTargets
 
 
 class StreamedSequences(ShardStream):

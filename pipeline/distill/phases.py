@@ -1,5 +1,5 @@
-"""A method's training phases as the loop runs them: each phase's loss (a `pipeline.losses.LOSSES`
-function) with its keyword arguments at an epoch, from the method's record (pipeline.methods).
+"""A method's training phases as the loop runs them: each phase's loss (a `pipeline.distill.losses.LOSSES`
+function) with its keyword arguments at an epoch, from the method's record (pipeline.distill.methods).
 
     for phase in phases(preset.distill):
         fit(model, phase.optim, loss_at=phase.loss_at, ...)   # a fresh optimizer and LR schedule each
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from pipeline.config import DistillConfig, OptimConfig
-from pipeline.losses import LOSSES
-from pipeline.methods import method, settings_at
-from pipeline.methods import phases as method_phases
+from pipeline.distill.losses import LOSSES
+from pipeline.distill.methods import method, settings_at
+from pipeline.distill.methods import phases as method_phases
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Phase:
     loss: str  # a LOSSES key
     optim: OptimConfig
     settings: Callable[[int], dict[str, Any]]  # epoch in the phase (0-based) -> the loss's keyword arguments
-    method: str = ""  # the method record it trains (pipeline.methods): Annealing-KD's phase 2 is "ce"
+    method: str = ""  # the method record it trains (pipeline.distill.methods): Annealing-KD's phase 2 is "ce"
 
     def loss_at(self, epoch: int) -> Callable[..., torch.Tensor]:
         """The phase's loss with this epoch's settings bound."""
@@ -34,7 +34,8 @@ class Phase:
 
 
 def phases(cfg: DistillConfig) -> list[Phase]:
-    """The training phases of the method (pipeline.methods), each with its loss's settings per epoch."""
+    """The training phases of the method (pipeline.distill.methods), each with its loss's settings per
+    epoch."""
     return [
         Phase(
             plan.name,

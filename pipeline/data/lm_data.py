@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from pipeline.config import DatasetConfig
+from pipeline.data.kept import keep, path_for
+from pipeline.data.split import Split
 from pipeline.errors import KDError
-from pipeline.kept import keep, path_for
-from pipeline.split import Split
 from pipeline.store.sparse import PAD_LABEL
 
 DEFAULT_TEXT = "python-docstrings"
@@ -43,7 +43,7 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 def python_docstrings() -> list[str]:
     """The docstrings of the standard library's top-level modules (module, classes, functions), in sorted
     file order: real English present wherever Python is, no download. Parsing ~200 modules takes seconds,
-    so the list is kept (pipeline/kept.py) under a digest of the Python version and every module's name,
+    so the list is kept (pipeline/data/kept.py) under a digest of the Python version and every module's name,
     size and modification time: any change parses again."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     stats = [(path.name, path.stat()) for path in files]
@@ -155,7 +155,7 @@ def tokenizer_file_fingerprint(path: Path) -> str:
 
 
 def lm_text(cfg: DatasetConfig) -> dict[str, Any]:
-    """The train and test splits (pipeline.datasets.Split) of a language-modelling text."""
+    """The train and test splits (pipeline.data.datasets.Split) of a language-modelling text."""
     options = dict(cfg.options)
     seq_len = int(options.get("seq_len", 64))
     if seq_len < 2:

@@ -6,8 +6,8 @@ One signature for every shape: student_logits (B, C) raw logits of a batch of ro
 as (N,) tensors (one-pass sweeps), which return (N,) losses. The teacher is raw logits of the rows'
 (or tokens') shape, or a sparse cache's `SparseTargets`. Temperatures and transforms are applied here to
 the raw cached logits, so one cache serves every setting; the T^2 factor lives here only. Epoch-dependent
-settings (T, alpha, phi, psi, warm-up) come from `pipeline.schedules`, computed by the loop and passed in:
-no loss hides a schedule.
+settings (T, alpha, phi, psi, warm-up) come from `pipeline.distill.schedules`, computed by the loop and
+passed in: no loss hides a schedule.
 
 Per position (a row, or a real token), with s the student's logits, z the teacher's, T the temperature and
 q = softmax(s / T), the KD term (`kl_terms`) is T^2 times
@@ -35,10 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.distill.methods import TABLE
+from pipeline.distill.targets import SPARSE_TARGETS, SparseTargets
+from pipeline.distill.targets import standardize as zscore
 from pipeline.errors import KDError
-from pipeline.methods import TABLE
-from pipeline.targets import SPARSE_TARGETS, SparseTargets
-from pipeline.targets import standardize as zscore
 
 LossFn = Callable[..., torch.Tensor]
 Teacher = torch.Tensor | SparseTargets

@@ -2,7 +2,7 @@
 
 The sample ids are the join key between a dataset and a logit cache; the fingerprint (sha256 of ids,
 labels and input bytes) is how stage 2 proves a cache was computed on the very data it trains on.
-The builders by name are in pipeline.datasets.
+The builders by name are in pipeline.data.datasets.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from pipeline.config import DatasetConfig
+from pipeline.data.kept import keep, path_for
+from pipeline.data.lm_data import OPTIONS, lm_text
+from pipeline.data.split import Split
 from pipeline.errors import KDError
-from pipeline.kept import keep, path_for
-from pipeline.lm_data import OPTIONS, lm_text
-from pipeline.split import Split
 
 SPLITS = ("train", "test")
 
@@ -96,7 +96,7 @@ MNIST1D_ARRAYS = ("x", "y", "x_test", "y_test")
 
 def _kept_mnist1d(args: dict[str, Any], generate: Callable[[], dict[str, Any]]) -> dict[str, np.ndarray]:
     """make_dataset's arrays, generated once per machine (~3.5 s for the default 5,000 samples, which
-    every command would pay) and kept (pipeline/kept.py) under a digest of the generator's arguments
+    every command would pay) and kept (pipeline/data/kept.py) under a digest of the generator's arguments
     and the mnist1d and numpy versions. A damaged file fails its zip CRC and is generated again."""
     from importlib.metadata import version
 
@@ -415,7 +415,7 @@ DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
     "cifar10": _cifar,
     "cifar100": _cifar,
     "hf-text": _hf_text,
-    "lm-text": lm_text,  # language modelling: token sequences (pipeline/lm_data.py)
+    "lm-text": lm_text,  # language modelling: token sequences (pipeline/data/lm_data.py)
 }
 
 

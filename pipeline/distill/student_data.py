@@ -3,7 +3,7 @@ validation carve, the cache found and checked against them (or the teacher run o
 alone), the batches the loop trains on, and what the run folder records about them.
 
     data = prepare(preset, paths, cache=None, device=device)   # what `kd distill` and the sweeps train on
-    for batch in data.batches.epoch(generator): ...             # pipeline.batches.Batch
+    for batch in data.batches.epoch(generator): ...             # pipeline.distill.batches.Batch
 
 Classifiers: a cache held in memory or streamed shard by shard (`distill.memory_budget_mb`), its stored
 views replayed, a top-k cache rebuilt to every class. Language models: a sparse cache's targets
@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 
-from pipeline.augment import AugmentSpec, check_augment
-from pipeline.batches import (
+from pipeline.config import DistillConfig, Paths, Preset
+from pipeline.data.augment import AugmentSpec, check_augment
+from pipeline.data.datasets import Split, load_split, validation_rows
+from pipeline.discovery import find_train_cache
+from pipeline.distill.batches import (
     InMemoryBatches,
     OnlineBatches,
     StreamedBatches,
@@ -30,19 +33,16 @@ from pipeline.batches import (
     cached_logits_for,
     cached_views_for,
 )
-from pipeline.config import DistillConfig, Paths, Preset
-from pipeline.datasets import Split, load_split, validation_rows
-from pipeline.discovery import find_train_cache
+from pipeline.distill.lm import SequenceBatches, StreamedSequences
+from pipeline.distill.methods import LABEL_ONLY, TABLE
+from pipeline.distill.schedules import temperature_at
+from pipeline.distill.targets import SparseTargets
 from pipeline.errors import KDError
 from pipeline.far_cache import fits_in_memory
-from pipeline.lm import SequenceBatches, StreamedSequences
-from pipeline.methods import LABEL_ONLY, TABLE
 from pipeline.models import online_teacher, teacher_autocast
-from pipeline.schedules import temperature_at
 from pipeline.store import LogitStore, find_caches
 from pipeline.store.sparse import stored_at
-from pipeline.targets import SparseTargets
-from pipeline.train import CLASSES, SEQUENCES, Task, accuracy, predict, score_sequences
+from pipeline.training.loop import CLASSES, SEQUENCES, Task, accuracy, predict, score_sequences
 
 SEQUENCE_METHODS = tuple(name for name, m in TABLE.items() if m.sequences)
 UNIFORM_TAIL = (

@@ -1,10 +1,10 @@
 """The distillation methods: one record each, in one table (`TABLE`). A record says which loss the method
-trains with (a `pipeline.losses.LOSSES` key), the loss's keyword arguments at an epoch (the schedules
+trains with (a `pipeline.distill.losses.LOSSES` key), the loss's keyword arguments at an epoch (the schedules
 evaluated there, explicitly), which shared settings it reads (T, alpha, standardize), its own settings
 table (`[distill.<table>]`), its phases, and the checks across its settings. Run names, the settings that
 identify a run, the sweep's loss-only axes and the configuration checks all derive from it.
 
-Adding a method: its loss in pipeline/losses.py (a function and its LOSSES line), its record here, its
+Adding a method: its loss in pipeline/distill/losses.py (a function and its LOSSES line), its record here, its
 test. No torch here: the CLI and the configuration read the names before any heavy import.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline import schedules
+from pipeline.distill import schedules
 from pipeline.errors import KDError
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def _kd(cfg: DistillConfig, epoch: int) -> dict[str, Any]:
         **_weights(cfg, epoch),
         **_smoothing(cfg),
         "standardize": cfg.standardize,
-        "target": cfg.sparse_target,  # how a language model's sparse cache is read (pipeline.losses)
+        "target": cfg.sparse_target,  # how a language model's sparse cache is read (pipeline.distill.losses)
     }
 
 

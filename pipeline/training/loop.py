@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.batches import Batch
 from pipeline.config import OptimConfig
+from pipeline.distill.batches import Batch
+from pipeline.distill.losses import IGNORE, cross_entropy, hinton_kd, kd_weights
+from pipeline.distill.schedules import lr_at
 from pipeline.errors import DivergedError, KDError
-from pipeline.losses import IGNORE, cross_entropy, hinton_kd, kd_weights
-from pipeline.progress import Progress
-from pipeline.schedules import lr_at
+from pipeline.training.progress import Progress
 
 # (student_logits, teacher_logits or None, labels) -> scalar loss
 BatchLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
@@ -212,8 +212,8 @@ def train_epoch(
     steps: list[float] | None = None,
 ) -> tuple[float, float | None]:
     """One pass; returns (mean loss over the rows seen, their accuracy, or None without
-    `count_correct`). The batches come augmented (or not) from their source, pipeline.batches: the loop
-    never augments. A batch's `scale` multiplies its gradient (DDP token weighting); `steps` collects
+    `count_correct`). The batches come augmented (or not) from their source, pipeline.distill.batches:
+    the loop never augments. A batch's `scale` multiplies its gradient (DDP token weighting); `steps` collects
     each step's seconds."""
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64)

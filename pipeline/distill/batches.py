@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from pipeline.augment import AugmentSpec, replay
-from pipeline.datasets import Split
+from pipeline.data.augment import AugmentSpec, replay
+from pipeline.data.datasets import Split
 from pipeline.errors import KDError
 from pipeline.models import teacher_autocast
 from pipeline.store import LogitStore
@@ -34,7 +34,9 @@ class Batch:
     labels: torch.Tensor  # (B,)
     teacher_logits: torch.Tensor | None  # (B, C) raw, float32; None for label-only methods
     augmented: bool = False  # inputs are already the student's views (the loop must not augment again)
-    scale: float = 1.0  # on the loss's gradient: under DDP, a rank's share of a token batch (pipeline.lm)
+    scale: float = (
+        1.0  # on the loss's gradient: under DDP, a rank's share of a token batch (pipeline.distill.lm)
+    )
 
 
 @dataclass(frozen=True)

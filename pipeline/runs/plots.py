@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.metrics import METRICS
-from pipeline.train import EpochRecord
+from pipeline.runs.metrics import METRICS
+from pipeline.training.loop import EpochRecord
 
 
 def pyplot() -> Any:

@@ -2,7 +2,7 @@
 training, metrics.jsonl and checkpoint/ as it trains, curves.png and summary.json when done (a run is
 finished only once summary.json is back).
 
-    recorder = RunRecorder(folder, name, preset, data)          # data: pipeline.student_data.Prepared
+    recorder = RunRecorder(folder, name, preset, data)          # data: pipeline.distill.student_data.Prepared
     fit(..., on_epoch=functools.partial(recorder.log_epoch, phase, 0, "checkpoint", model))
     summary = recorder.finish(result, seconds)
 """
@@ -19,13 +19,13 @@ from rich.table import Table
 
 from pipeline import strict_json
 from pipeline.config import Preset
-from pipeline.methods import annealed_temperature, method_label, method_settings, soft_settings
+from pipeline.distill.methods import annealed_temperature, method_label, method_settings, soft_settings
+from pipeline.distill.phases import Phase, numbers
+from pipeline.distill.student_data import Prepared
 from pipeline.models import architecture_record, save_checkpoint
-from pipeline.phases import Phase, numbers
-from pipeline.plots import plot_curves, plot_sequence_curves
-from pipeline.runs import check_run_folder
-from pipeline.student_data import Prepared
-from pipeline.train import CLASSES, EpochRecord, FitResult
+from pipeline.runs.identity import check_run_folder
+from pipeline.runs.plots import plot_curves, plot_sequence_curves
+from pipeline.training.loop import CLASSES, EpochRecord, FitResult
 
 
 class RunRecorder:
