@@ -44,7 +44,7 @@ SEEDED = [
     ),
     (
         "the cache stores halved logits",
-        "pipeline/store/dense.py",
+        "pipeline/store/writer.py",
         "encoded = encode_logits(logits, self.dtype)",
         "encoded = encode_logits(logits / 2, self.dtype)",
         CLAIMS,
@@ -66,7 +66,7 @@ SEEDED = [
     ),
     (
         "checksums skipped on streamed reads",
-        "pipeline/store/dense.py",
+        "pipeline/store/reader.py",
         "if block == self.shard_rows:",
         "if False:",
         CLAIMS,

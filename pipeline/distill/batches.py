@@ -24,7 +24,7 @@ from pipeline.data.datasets import Split
 from pipeline.errors import KDError
 from pipeline.models import teacher_autocast
 from pipeline.store import LogitStore
-from pipeline.store.dense import Buffer
+from pipeline.store.reader import Buffer
 from pipeline.store.sparse import dense_from_topk
 
 

@@ -17,7 +17,7 @@ from pipeline.data.datasets import Split
 from pipeline.distill.batches import Batch, ShardStream, cut_batches, positions_of
 from pipeline.distill.targets import SparseTargets
 from pipeline.models import teacher_autocast
-from pipeline.store.dense import Buffer
+from pipeline.store.reader import Buffer
 from pipeline.store.sparse import PAD_LABEL
 
 

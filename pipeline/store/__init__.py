@@ -2,7 +2,9 @@
 
 manifest      the manifest (frozen dataclasses <-> JSON attributes), content keys, names
 encoding      codecs, float logits <-> the on-disk dtype
-dense         LogitStore (open, create, write shards, read) and ShardWriter (background writes)
+dense         LogitStore: create, per-shard records, open, checks (every layout)
+reader        its reads: by rows, whole, by shard, streamed in shuffled buffers
+writer        ShardWriter: shards written from a background thread
 integrity     per-shard CRC32C and statistics, NaN/Inf checks, verify
 lock          one writer per cache (flock)
 housekeeping  finding caches under a root; what rm and gc may delete
@@ -19,7 +21,8 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "dense": ("MEMBERS", "LogitStore", "ShardWriter"),
+    "dense": ("MEMBERS", "LogitStore"),
+    "writer": ("ShardWriter",),
     "encoding": ("CODECS", "compressors", "decode_logits", "encode_logits"),
     "housekeeping": ("cache_like", "find_caches", "stale_entries"),
     "integrity": ("nonfinite_rows", "row_stats", "shard_digest"),

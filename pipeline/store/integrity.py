@@ -153,3 +153,9 @@ def _replayable(views: np.ndarray, store: LogitStore) -> bool:
     table = store.augment.enumerate()  # (space, P)
     lo, hi = table.min(0), table.max(0)
     return bool(((views >= lo) & (views <= hi)).all())
+
+
+def first_ids(ids: torch.Tensor, limit: int = 5) -> str:
+    """The first ids of some rows, for a message: "3, 17, 40, ... 12 more"."""
+    shown = ", ".join(str(int(i)) for i in ids[:limit])
+    return shown + (f", ... {len(ids) - limit} more" if len(ids) > limit else "")
