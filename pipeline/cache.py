@@ -319,7 +319,7 @@ class Cache:
     def _wrap(self, logits: torch.Tensor, extras: dict[str, np.ndarray]) -> Any:
         """Stored rows as this layout's targets."""
         m = self.manifest
-        if m.sparse and m.sparse["seq_len"]:  # token sequences
+        if m.task == "sequence":
             from pipeline.distill.targets import SparseTargets
 
             return SparseTargets.from_arrays(logits, extras, m.sparse, m.storage.dtype)

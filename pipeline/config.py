@@ -179,11 +179,11 @@ class CacheConfig:
     def sparse_for(self, split: Any) -> dict[str, Any]:
         """The manifest's sparse entry of a language-modelling split's cache ({}: not token sequences).
         `split`: a pipeline.data.datasets.Split."""
-        if split.labels.dim() != 2 and self.layout != "topk":
+        if split.task != "sequence" and self.layout != "topk":
             return {}
         from pipeline.store.sparse import sparse_record
 
-        length = int(split.labels.shape[1]) if split.labels.dim() == 2 else 0  # 0: one label a row
+        length = int(split.labels.shape[1]) if split.task == "sequence" else 0  # 0: one label a row
         temps = self.lse_temperatures
         return sparse_record(self.topk, temps, self.samples, self.sample_seed, length, split.num_classes)
 

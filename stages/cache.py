@@ -353,7 +353,7 @@ def _cells(r: dict[str, Any], extra: list[str]) -> list[str]:
 
 def _teacher_accuracy(m: Manifest) -> str:
     """On this split, and on the rows it was trained on when known; of tokens for a language model."""
-    what = "of the next tokens" if m.sparse and m.sparse["seq_len"] else ""
+    what = "of the next tokens" if m.task == "sequence" else ""
     text = f"{_pct(m.teacher_accuracy)}{' ' + what if what else ''} on this {m.dataset.split} split"
     if m.teacher.train_accuracy is not None:
         text += f"; {_pct(m.teacher.train_accuracy)} on the rows it was trained on"

@@ -257,7 +257,7 @@ def _import_sparse(
         raise KDError(
             f"{source}: a sparse export needs its manifest's sparse entry (as `kd cache export` writes it)"
         )
-    n, seq = len(data), int(data.labels.shape[1]) if data.labels.dim() == 2 else 0
+    n, seq = len(data), int(data.labels.shape[1]) if data.task == "sequence" else 0
     if (entry.get("seq_len"), entry.get("vocab")) != (seq, data.num_classes):
         held, wanted = _rows_text(entry.get("seq_len"), entry.get("vocab")), _rows_text(seq, data.num_classes)
         raise KDError(

@@ -244,7 +244,7 @@ def _dump(
         return path
     n, seconds = len(split), time.perf_counter() - started
     processes = f", {ranks.world} processes" if ranks.active else ""
-    if sparse and sparse["seq_len"]:
+    if split.task == "sequence":
         tokens = store.manifest.logit_stats["tokens"]
         samples = f" + {sparse['samples']} samples" if sparse["samples"] else ""
         console.print(
@@ -337,7 +337,7 @@ def write_logits(
                     ids = split.ids[start:stop]
                     if sparse and not views:  # tokens (B, L, V) or rows (B, C) raw, reduced on the device
                         labels = split.labels[start:stop]
-                        z = teacher(x) if labels.dim() == 2 else _forward(teacher, x, channels_last)
+                        z = teacher(x) if split.task == "sequence" else _forward(teacher, x, channels_last)
                         values, extras, stats = reduce_logits(z, labels, ids, sparse)
                         writer.add(values.cpu(), labels, ids, extras=extras, stats=stats)
                     elif not views:

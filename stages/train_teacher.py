@@ -54,7 +54,7 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
             return folder
 
     cfg, device = preset.teacher, pick_device(device_name)
-    if train.labels.dim() == 2:  # token sequences: a causal language model
+    if train.task == "sequence":  # token sequences: a causal language model
         return _train_lm(preset, folder, train, test, device, generator)
     check_augment(cfg.train.augment, train.inputs)
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)

@@ -30,6 +30,12 @@ class Split:
         return int(self.labels.shape[0])
 
     @property
+    def task(self) -> str:
+        """ "classification" (one label a row) or "sequence" (a label a token: language modelling); the
+        same word as a cache's `Manifest.task` and the training loop's `Task.name`."""
+        return "sequence" if self.labels.dim() == 2 else "classification"
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.inputs.shape[1:])
 

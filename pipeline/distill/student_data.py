@@ -88,7 +88,7 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
     """Data, validation carve, the checked cache and the batch source for `preset.distill`."""
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
-    if train.labels.dim() == 2:
+    if train.task == "sequence":
         return _sequences(preset, paths, cache, device, train, test, train_rows, val_rows)
     return _classes(preset, paths, cache, device, train, test, train_rows, val_rows)
 

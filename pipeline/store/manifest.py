@@ -85,6 +85,12 @@ class Manifest:
         return "sparse" if self.sparse else "views" if self.views else "dense"
 
     @property
+    def task(self) -> str:
+        """ "sequence" for a cache of token sequences (a language model's), else "classification"; the
+        same word as `Split.task`."""
+        return "sequence" if self.sparse and self.sparse.get("seq_len") else "classification"
+
+    @property
     def num_views(self) -> int:
         return int(self.views["count"]) if self.views else 1
 

@@ -204,7 +204,7 @@ class Reading:
         (a top-k classification cache is rebuilt to every class), or, for token sequences, the sparse
         arrays as read (values float32, ids int64)."""
         m = self.manifest
-        if not (m.sparse and m.sparse["seq_len"]):
+        if m.task != "sequence":
             return self.num_rows * self.num_views * self.num_classes * 4
         per_row = math.prod(self.row_shape) * 4 + sum(
             math.prod(shape[1:]) * (8 if name.endswith("ids") else 4)
