@@ -81,6 +81,8 @@ def plot_sequence_curves(
     ax_ppl.axvline(best_epoch, ls=":", color="k", label=f"selected (epoch {best_epoch})")
     ax_ppl.set(xlabel="epoch", ylabel="perplexity", title="validation perplexity", yscale="log")
     ax_ppl.legend(fontsize=8)
+    for ax in (ax_loss, ax_ppl):
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

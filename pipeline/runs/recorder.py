@@ -152,8 +152,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     sequences = "student_val_perplexity" in summary
     metric = "perplexity" if sequences else "accuracy"
     table = Table(title=f"run {summary['run_name']}")
-    for column in ("method", "T", "alpha", "epochs", "best", "val", "test", "teacher test", "time"):
-        table.add_column(column, justify="right")
+    scores = ("val", "test", "teacher test")
+    for column in ("method", "T", "alpha", "epochs", "best", *scores, "time"):
+        table.add_column(f"{column} ppl" if sequences and column in scores else column, justify="right")
 
     def shown(x: float | None) -> str:
         if x is None:
