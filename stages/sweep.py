@@ -39,9 +39,7 @@ from pipeline.runs.identity import check_run_folder, finished_summary, used_sett
 from pipeline.runs.metrics import METRICS, metric_of
 from pipeline.runs.plots import plot_sweep
 from pipeline.runs.recorder import RunRecorder
-from pipeline.training.loop import fit_many, pick_device, seed_everything
-from stages import distill
-from stages.compare import (
+from pipeline.runs.reports import (
     aggregate,
     claim_report_folder,
     mean_std,
@@ -50,6 +48,8 @@ from stages.compare import (
     spec_name,
     table_console,
 )
+from pipeline.training.loop import fit_many, pick_device, seed_everything
+from stages import distill
 
 console = Console(stderr=True, soft_wrap=True)
 SHORT_KEYS = {

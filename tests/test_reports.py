@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.runs.metrics import PERPLEXITY
-from stages.compare import aggregate, markdown, mean_std, outliers
+from pipeline.runs.reports import aggregate, markdown, mean_std, outliers
 
 
 def result(label: str, seed: int, test: float, val: float, method: str = "annealing") -> dict:
