@@ -87,3 +87,26 @@ def _cache_sets(preset: Preset) -> str:
 def _views_text(preset: Preset) -> str:
     c = preset.cache
     return "" if c.augment == "none" else f" with {c.views} {c.augment} views (pad {c.augment_pad})"
+
+
+def existing_caches(preset: Preset, paths: Paths, data: dict[str, Split]) -> dict[str, str] | None:
+    """{split: where} when every split has a complete cache of the preset's teacher (by name) for this
+    data under the cache root (local, or the remote root), else None. Without the teacher's weights its
+    fingerprint is unknown, so the teacher's name and the data's fingerprint decide, as in `kd distill`."""
+    found = {}
+    for name, split in data.items():
+        skipped: list[str] = []
+        stores = find_caches(
+            paths.remote or paths.logits,
+            dataset_fingerprint=split.fingerprint,
+            split=name,
+            teacher=preset.teacher.name,
+            views=preset.cache.views_for(name),
+            skipped=skipped,
+        )
+        for problem in skipped:
+            print(f"warning: skipping {problem}", file=sys.stderr, flush=True)
+        if not stores:
+            return None
+        found[name] = stores[0].where
+    return found

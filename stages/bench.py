@@ -55,8 +55,8 @@ from pipeline.store import (
     decode_logits,
     encode_logits,
 )
+from pipeline.teacher_pass import write_logits
 from pipeline.training.loop import make_optimizer, pick_device, train_epoch
-from stages.teacher_logits import write_logits
 
 console = Console(stderr=True, soft_wrap=True)
 GOALS = {

@@ -19,8 +19,9 @@ from rich.console import Console
 
 from pipeline.backends import exists as remote_exists
 from pipeline.config import Paths, Preset
-from pipeline.data.augment import check_augment, replay, view_params
+from pipeline.data.augment import check_augment
 from pipeline.data.datasets import Split, load_split
+from pipeline.discovery import existing_caches
 from pipeline.errors import KDError
 from pipeline.models import (
     CONFIG_FILE,
@@ -30,8 +31,6 @@ from pipeline.models import (
     checkpoint_architecture,
     fingerprint,
     load_checkpoint,
-    prefers_channels_last,
-    teacher_autocast,
     teacher_precision,
 )
 from pipeline.remote import copy_cache
@@ -39,19 +38,16 @@ from pipeline.store import (
     DatasetInfo,
     LogitStore,
     Manifest,
-    ShardWriter,
     StorageInfo,
     TeacherInfo,
     cache_dirname,
     cache_lock,
-    find_caches,
     now_iso,
     software_versions,
 )
-from pipeline.store.sparse import reduce_logits
+from pipeline.teacher_pass import shards_of, write_logits
 from pipeline.training.distributed import Ranks, barrier, broadcast, device_for, init
 from pipeline.training.loop import pick_device
-from pipeline.training.progress import Progress
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -107,29 +103,6 @@ def run(
         written = [_publish(path, paths, force) for path in written]
     barrier(ranks)
     return written
-
-
-def existing_caches(preset: Preset, paths: Paths, data: dict[str, Split]) -> dict[str, str] | None:
-    """{split: where} when every split has a complete cache of the preset's teacher (by name) for this
-    data under the cache root (local, or the remote root), else None. Without the teacher's weights its
-    fingerprint is unknown, so the teacher's name and the data's fingerprint decide, as in `kd distill`."""
-    found = {}
-    for name, split in data.items():
-        skipped: list[str] = []
-        stores = find_caches(
-            paths.remote or paths.logits,
-            dataset_fingerprint=split.fingerprint,
-            split=name,
-            teacher=preset.teacher.name,
-            views=preset.cache.views_for(name),
-            skipped=skipped,
-        )
-        for problem in skipped:
-            console.print(f"warning: skipping {problem}", highlight=False)
-        if not stores:
-            return None
-        found[name] = stores[0].where
-    return found
 
 
 def _publish(path: Path, paths: Paths, force: bool) -> Path:
@@ -274,11 +247,6 @@ def _views_text(manifest: Manifest) -> str:
     return f"{v['count']} {v['augment']['kind']} views x " if v else ""
 
 
-def shards_of(plan: list[int], rank: int, world: int) -> list[int]:
-    """The shards rank `rank` of `world` writes: dealt round-robin, so every shard has exactly one writer."""
-    return plan[rank::world]
-
-
 def _is_hit(path: Path) -> bool:
     if not path.exists():
         return False
@@ -297,80 +265,3 @@ def _existing(path: Path) -> LogitStore | None:
         return LogitStore.open(path, writable=True)
     except KDError:
         return None
-
-
-def write_logits(
-    teacher: torch.nn.Module,
-    split: Split,
-    store: LogitStore,
-    device: torch.device,
-    batch_size: int,
-    *,
-    shards: list[int] | None = None,
-    progress: bool = False,
-    precision: str = "fp32",
-) -> None:
-    """Run the teacher over the rows of `shards` (default: all) of `store` and write them: a background
-    thread compresses and writes each shard while the teacher computes the next. Batches never straddle
-    a shard, so a resumed dump computes every shard exactly as an uninterrupted one (same bytes)."""
-    shards = list(range(store.num_shards)) if shards is None else shards
-    channels_last = split.inputs.dim() == 4 and prefers_channels_last(teacher)
-    if channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    inputs = split.inputs.pin_memory() if device.type == "cuda" else split.inputs  # async copies to the GPU
-    views = store.manifest.views  # the views layout: K augmented views of every row
-    sparse = store.manifest.sparse  # the sparse layout: per-token top-k, logsumexp, samples
-    spec = store.augment
-    writer = ShardWriter(store, shards)
-    total = sum(b - a for a, b in map(store.shard_range, shards))
-    bar = Progress(
-        total=total, desc=f"teacher-logits {split.split}", unit="sample", every_s=10.0, enabled=progress
-    )
-    try:
-        # logits stored raw, as the teacher computed them
-        with torch.inference_mode(), teacher_autocast(device, precision):
-            for shard in shards:
-                first, last = store.shard_range(shard)
-                for start in range(first, last, batch_size):
-                    stop = min(start + batch_size, last)
-                    x = inputs[start:stop].to(device, non_blocking=True)
-                    ids = split.ids[start:stop]
-                    if sparse and not views:  # tokens (B, L, V) or rows (B, C) raw, reduced on the device
-                        labels = split.labels[start:stop]
-                        z = teacher(x) if split.task == "sequence" else _forward(teacher, x, channels_last)
-                        values, extras, stats = reduce_logits(z, labels, ids, sparse)
-                        writer.add(values.cpu(), labels, ids, extras=extras, stats=stats)
-                    elif not views:
-                        logits = _forward(teacher, x, channels_last)  # (B, C) raw
-                        writer.add(logits, split.labels[start:stop], ids)
-                    else:  # the parameters of every view of these rows, then the teacher on each view
-                        count = "all" if views["all"] else views["count"]
-                        params = view_params(spec, ids.numpy(), count, views["seed"])  # (B, K, P)
-                        on_device = torch.from_numpy(params).to(device)
-                        logits = torch.stack(
-                            [
-                                _forward(teacher, replay(x, on_device[:, k], spec), channels_last)
-                                for k in range(params.shape[1])
-                            ],
-                            1,
-                        )  # (B, K, C) raw
-                        labels = split.labels[start:stop]
-                        if sparse:  # top-k of every view: the views play the part of a sequence's tokens
-                            per_view = labels[:, None].expand(-1, logits.shape[1])
-                            values, extras, stats = reduce_logits(logits, per_view, ids, sparse)
-                            writer.add(values, labels, ids, params, extras=extras, stats=stats)
-                        else:
-                            writer.add(logits, labels, ids, params)
-                    bar.update(stop - start)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    writer.close()
-
-
-def _forward(teacher: torch.nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return teacher(x).float().cpu()

@@ -16,6 +16,7 @@ from rich.console import Console
 from pipeline.config import Paths, Preset
 from pipeline.data.augment import AugmentSpec, check_augment
 from pipeline.data.datasets import Split, load_split, tokenizer_of, validation_rows
+from pipeline.discovery import existing_caches
 from pipeline.distill.batches import InMemoryBatches, Views
 from pipeline.distill.lm import SequenceBatches
 from pipeline.distill.losses import cross_entropy
@@ -30,7 +31,6 @@ from pipeline.models import (
     save_checkpoint,
 )
 from pipeline.training.loop import SEQUENCES, accuracy, fit, pick_device, predict, seed_everything
-from stages.teacher_logits import existing_caches
 
 console = Console(stderr=True, soft_wrap=True)
 

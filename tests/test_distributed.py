@@ -125,7 +125,7 @@ def test_ddp_over_a_streamed_cache_partitions_its_shards(tiny_data: Paths, tmp_p
 
 def test_shards_are_dealt_round_robin() -> None:
     """README: "the missing shards are dealt round-robin, so each shard has exactly one writer"."""
-    from stages.teacher_logits import shards_of
+    from pipeline.teacher_pass import shards_of
 
     plan = [0, 2, 3, 5, 6, 7, 9]
     dealt = [shards_of(plan, rank, 3) for rank in range(3)]

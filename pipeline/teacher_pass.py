@@ -1,0 +1,99 @@
+"""One pass of a teacher over a split, into a cache's shards (the heart of `kd teacher-logits`): batches
+never straddle a shard, so a resumed dump computes every shard exactly as an uninterrupted one (the
+same bytes); dense rows, K augmented views of each row, or the sparse top-k of tokens or views, reduced
+on the device; a background thread compresses and writes each shard while the teacher computes the next.
+Under torchrun each rank writes `shards_of(plan, rank, world)`, so every shard has exactly one writer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.data.augment import replay, view_params
+from pipeline.data.datasets import Split
+from pipeline.models import prefers_channels_last, teacher_autocast
+from pipeline.store import LogitStore, ShardWriter
+from pipeline.store.sparse import reduce_logits
+from pipeline.training.progress import Progress
+
+
+def shards_of(plan: list[int], rank: int, world: int) -> list[int]:
+    """The shards rank `rank` of `world` writes: dealt round-robin, so every shard has exactly one writer."""
+    return plan[rank::world]
+
+
+def write_logits(
+    teacher: torch.nn.Module,
+    split: Split,
+    store: LogitStore,
+    device: torch.device,
+    batch_size: int,
+    *,
+    shards: list[int] | None = None,
+    progress: bool = False,
+    precision: str = "fp32",
+) -> None:
+    """Run the teacher over the rows of `shards` (default: all) of `store` and write them: a background
+    thread compresses and writes each shard while the teacher computes the next. Batches never straddle
+    a shard, so a resumed dump computes every shard exactly as an uninterrupted one (same bytes)."""
+    shards = list(range(store.num_shards)) if shards is None else shards
+    channels_last = split.inputs.dim() == 4 and prefers_channels_last(teacher)
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    inputs = split.inputs.pin_memory() if device.type == "cuda" else split.inputs  # async copies to the GPU
+    views = store.manifest.views  # the views layout: K augmented views of every row
+    sparse = store.manifest.sparse  # the sparse layout: per-token top-k, logsumexp, samples
+    spec = store.augment
+    writer = ShardWriter(store, shards)
+    total = sum(b - a for a, b in map(store.shard_range, shards))
+    bar = Progress(
+        total=total, desc=f"teacher-logits {split.split}", unit="sample", every_s=10.0, enabled=progress
+    )
+    try:
+        # logits stored raw, as the teacher computed them
+        with torch.inference_mode(), teacher_autocast(device, precision):
+            for shard in shards:
+                first, last = store.shard_range(shard)
+                for start in range(first, last, batch_size):
+                    stop = min(start + batch_size, last)
+                    x = inputs[start:stop].to(device, non_blocking=True)
+                    ids = split.ids[start:stop]
+                    if sparse and not views:  # tokens (B, L, V) or rows (B, C) raw, reduced on the device
+                        labels = split.labels[start:stop]
+                        z = teacher(x) if split.task == "sequence" else forward(teacher, x, channels_last)
+                        values, extras, stats = reduce_logits(z, labels, ids, sparse)
+                        writer.add(values.cpu(), labels, ids, extras=extras, stats=stats)
+                    elif not views:
+                        logits = forward(teacher, x, channels_last)  # (B, C) raw
+                        writer.add(logits, split.labels[start:stop], ids)
+                    else:  # the parameters of every view of these rows, then the teacher on each view
+                        count = "all" if views["all"] else views["count"]
+                        params = view_params(spec, ids.numpy(), count, views["seed"])  # (B, K, P)
+                        on_device = torch.from_numpy(params).to(device)
+                        logits = torch.stack(
+                            [
+                                forward(teacher, replay(x, on_device[:, k], spec), channels_last)
+                                for k in range(params.shape[1])
+                            ],
+                            1,
+                        )  # (B, K, C) raw
+                        labels = split.labels[start:stop]
+                        if sparse:  # top-k of every view: the views play the part of a sequence's tokens
+                            per_view = labels[:, None].expand(-1, logits.shape[1])
+                            values, extras, stats = reduce_logits(logits, per_view, ids, sparse)
+                            writer.add(values, labels, ids, params, extras=extras, stats=stats)
+                        else:
+                            writer.add(logits, labels, ids, params)
+                    bar.update(stop - start)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    writer.close()
+
+
+def forward(teacher: torch.nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return teacher(x).float().cpu()
