@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from pipeline import strict_json
 from pipeline.backends import is_url, list_root, local_path
@@ -37,13 +35,24 @@ from pipeline.remote import (
 )
 from pipeline.store import (
     LogitStore,
-    Manifest,
     cache_dirname,
     cache_like,
     cache_lock,
     holder,
     inside,
     stale_entries,
+)
+from pipeline.store.describe import (
+    completeness,
+    count,
+    listing,
+    listing_table,
+    print_uploads,
+    size_text,
+    sparse_short,
+    sparse_text,
+    teacher_accuracy,
+    views_text,
 )
 
 
@@ -72,12 +81,12 @@ def info(path: str | Path, *, as_json: bool = False) -> None:
     console.print(f"[bold]{path}[/bold]")
     rows = [
         ("format", f"{m.format['name']} v{m.format['version']}"),
-        ("complete", _completeness(store)),
+        ("complete", completeness(store)),
         (
             "teacher",
             f"{m.teacher.name} ({m.teacher.architecture.get('arch')}), sha256 {m.teacher.fingerprint[:16]}",
         ),
-        ("teacher accuracy", _teacher_accuracy(m)),
+        ("teacher accuracy", teacher_accuracy(m)),
         (
             "logit stats",
             ", ".join(
@@ -91,12 +100,12 @@ def info(path: str | Path, *, as_json: bool = False) -> None:
             f"sha256 {m.dataset.fingerprint[:16]}",
         ),
         ("preprocessing", json.dumps(m.preprocessing)),
-        ("views", _views(m.views)),
-        *([("sparse", _sparse(m.sparse, store))] if m.sparse else []),
+        ("views", views_text(m.views)),
+        *([("sparse", sparse_text(m.sparse, store))] if m.sparse else []),
         (
             "storage",
             f"{m.storage.dtype}, chunks {m.storage.chunk_rows} rows, shards {m.storage.shard_rows} rows, "
-            f"{m.storage.codec} level {m.storage.level}, {_size(store.nbytes_stored())} on disk",
+            f"{m.storage.codec} level {m.storage.level}, {size_text(store.nbytes_stored())} on disk",
         ),
         ("software", ", ".join(f"{k} {v}" for k, v in m.software.items())),
         ("created", m.created),
@@ -124,8 +133,8 @@ def verify(path: str | Path) -> bool:
     m = store.manifest
     console.print(
         f"ok: {path} ({m.dataset.length} x {f'{m.num_views} views x ' if m.views else ''}"
-        f"{_sparse_short(m.sparse)}"
-        f"{m.dataset.num_classes} {m.storage.dtype}, {_count(store.num_shards, 'shard')}, checksums, "
+        f"{sparse_short(m.sparse)}"
+        f"{m.dataset.num_classes} {m.storage.dtype}, {count(store.num_shards, 'shard')}, checksums, "
         "shapes, finite "
         f"values{', view parameters' if m.views else ''} and labels all check)",
         highlight=False,
@@ -230,26 +239,6 @@ def _gc_url(root: str, *, older_than_hours: float, yes: bool) -> None:
         console.print("dry run: pass --yes to remove")
 
 
-def _listing(entry: str) -> dict[str, Any]:
-    store = LogitStore.open(entry)
-    m = store.manifest
-    return {
-        "name": entry.rstrip("/").rsplit("/", 1)[-1],
-        "rows": m.dataset.length,
-        "bytes": store.nbytes_stored(),
-        "teacher_accuracy": m.teacher_accuracy,
-        "created": m.created,
-        "complete": store.is_intact,
-        "teacher": m.teacher.name,
-        "dataset": m.dataset.name,
-        "split": m.dataset.split,
-        "classes": m.dataset.num_classes,
-        "dtype": m.storage.dtype,
-        "views": m.num_views,
-        "augment": m.views.get("augment", {}).get("kind", "none"),
-    }
-
-
 def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
     """The caches under `root`: full names (what `kd cache rm` takes, never cut), rows, size, the teacher's
     accuracy on the cached split, when it was written and whether it is complete; --long adds teacher,
@@ -266,158 +255,18 @@ def ls(root: str | Path, *, long: bool = False, as_json: bool = False) -> None:
             uploads.append(remains)
             continue
         try:
-            rows.append(_listing(entry))
+            rows.append(listing(entry))
         except (KDError, OSError, zipfile.BadZipFile) as err:  # one unreadable entry hides no other
             warn.print(f"warning: skipping an entry: {err}", highlight=False)
     if as_json:
         print(strict_json.dumps(rows, indent=2))
-        _print_uploads(uploads, str(root), warn)  # on stderr: the JSON holds caches only
+        print_uploads(uploads, str(root), warn)  # on stderr: the JSON holds caches only
         return
     console = Console(soft_wrap=True)  # lines are never broken mid-field: the terminal wraps them
     if not rows:
         empty = " (nothing under this prefix)" if is_url(root) and not entries else ""
         console.print(f"no logit caches in {root}{empty}", highlight=False)
-        _print_uploads(uploads, str(root), console)
+        print_uploads(uploads, str(root), console)
         return
-    _table(rows, root, long, console)
-    _print_uploads(uploads, str(root), console)
-
-
-def _print_uploads(uploads: list[Remains], root: str, console: Console) -> None:
-    """Interrupted uploads under a URL, each with the commands that finish or remove it."""
-    for r in uploads:
-        source = (r.record or {}).get("source") or "CACHE"
-        console.print(f"{r.url}: {r.describe()}", highlight=False)
-        console.print(f"  finish it: kd cache push {source} {r.url}", highlight=False)
-        console.print(
-            f"  remove it: kd cache gc --root {root} --older-than 0 --yes (once no push is running)",
-            highlight=False,
-        )
-
-
-def _table(rows: list[dict[str, Any]], root: str | Path, long: bool, console: Console) -> None:
-    """The table of `kd cache ls` (one block per cache with --long or when it is too wide)."""
-    # a name not made by kd (team.zip) does not say whose logits these are: then the teacher is shown too
-    unnamed = any(not r["name"].startswith(f"{r['teacher']}.{r['dataset']}.{r['split']}.") for r in rows)
-    extra = ["teacher", "split"] if unnamed else []
-    columns = ["name", "rows", "size", "acc", "created", "ok", *extra]
-    cells = [_cells(r, extra) for r in rows]
-    width = sum(
-        max(len(c), *(len(Text.from_markup(row[i]).plain) for row in cells)) for i, c in enumerate(columns)
-    )
-    if long or width + len(columns) - 1 > console.width:  # one block per cache: readable at any width
-        console.print(f"logit caches in {root}", highlight=False)
-        for r in rows:
-            console.print(r["name"], highlight=False, soft_wrap=True)
-            state = "complete" if r["complete"] else "[red]not complete[/red]"
-            console.print(
-                f"  teacher {r['teacher']}, data {r['dataset']}/{r['split']}, {r['rows']:,} rows x "
-                + (f"{r['views']} {r['augment']} views x " if r["augment"] != "none" else "")
-                + f"{r['classes']} classes {r['dtype']}",
-                highlight=False,
-            )
-            console.print(
-                f"  {_size(r['bytes'])}, teacher accuracy {_pct(r['teacher_accuracy'])}, "
-                f"created {r['created'][:16].replace('T', ' ')} UTC, {state}",
-                highlight=False,
-            )
-        return
-    table = Table(
-        title=f"logit caches in {root}", box=None, title_justify="left", pad_edge=False, padding=(0, 1, 0, 0)
-    )
-    table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
-    for column in columns[1:]:
-        right = column in ("rows", "size", "acc")
-        table.add_column(column, justify="right" if right else "left", no_wrap=column != "teacher")
-    for row in cells:
-        table.add_row(*row)
-    console.print(table)
-    Console().print(  # the legend may wrap between words
-        "acc: the teacher's accuracy on the split; created: UTC; -l: every field, one cache a block"
-        + ("; rows xK: K augmented views a row" if any(r["augment"] != "none" for r in rows) else "")
-    )
-
-
-def _cells(r: dict[str, Any], extra: list[str]) -> list[str]:
-    """One table row of `kd cache ls`: short cells, so kd's own names fit 80 columns."""
-    return [
-        r["name"],
-        f"{r['rows']:,}" + (f"x{r['views']}" if r["augment"] != "none" else ""),
-        _size(r["bytes"]).replace(" ", "").replace("iB", ""),  # 83.5K
-        "-" if r["teacher_accuracy"] is None else f"{100 * r['teacher_accuracy']:.1f}%",
-        r["created"][5:16].replace("T", " ") or "-",  # MM-DD HH:MM (UTC); --json has the full time
-        "yes" if r["complete"] else "[red]no[/red]",
-        *(str(r[column]) for column in extra),
-    ]
-
-
-def _teacher_accuracy(m: Manifest) -> str:
-    """On this split, and on the rows it was trained on when known; of tokens for a language model."""
-    what = "of the next tokens" if m.task == "sequence" else ""
-    text = f"{_pct(m.teacher_accuracy)}{' ' + what if what else ''} on this {m.dataset.split} split"
-    if m.teacher.train_accuracy is not None:
-        text += f"; {_pct(m.teacher.train_accuracy)} on the rows it was trained on"
-    return text
-
-
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}{'' if n == 1 else 's'}"
-
-
-def _sparse_short(sparse: dict[str, Any]) -> str:
-    """'64 tokens x top 32 of ' (language models), 'top 5 of ' (classification), '' (dense)."""
-    if not sparse:
-        return ""
-    return f"{sparse['seq_len']} tokens x " * bool(sparse["seq_len"]) + f"top {sparse['k']} of "
-
-
-def _sparse(sparse: dict[str, Any], store: LogitStore) -> str:
-    """The sparse layout in words, with its bytes per token on disk."""
-    tokens = max(int(store.manifest.logit_stats.get("tokens", 0)), 1)  # tokens, views or rows in all
-    unit, where = (
-        ("token", f"per token of {sparse['seq_len']}: ")
-        if sparse["seq_len"]
-        else ("view", "per view of a row: ")
-        if store.manifest.views
-        else ("row", "per row: ")
-    )
-    temps = ", ".join(f"{t:g}" for t in sparse["lse_temperatures"])
-    s, seed = sparse["samples"], sparse["sample_seed"]
-    samples = f", {s} sampled tokens (seed {seed})" if s else ""
-    return (
-        f"{where}top {sparse['k']} of {sparse['vocab']} logits "
-        f"({sparse['id_dtype']} ids), logsumexp at T = {temps}{samples}; "
-        f"{store.nbytes_stored() / tokens:.1f} bytes a {unit} on disk"
-    )
-
-
-def _views(views: dict[str, Any]) -> str:
-    if not views:
-        return "none: the fixed, un-augmented view of each row"
-    a = views["augment"]
-    which = "every view" if views.get("all") else f"drawn with view seed {views['seed']}"
-    return (
-        f"{views['count']} {a['kind']} views a row (pad {a['pad']}, {which}); parameters "
-        f"({', '.join(a['params'])}), replay version {views['version']}"
-    )
-
-
-def _completeness(store: LogitStore) -> str:
-    done = int(store.shards_done().sum())
-    damaged = store.damaged_records()
-    state = f"{store.is_intact} ({done}/{store.num_shards} shards done"
-    if damaged:
-        state += "; unreadable records: " + ", ".join(f"{k} of shards {v}" for k, v in damaged.items())
-    return state + ")"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"
+    listing_table(rows, root, long, console)
+    print_uploads(uploads, str(root), console)
