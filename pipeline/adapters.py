@@ -74,8 +74,8 @@ class TeacherCollator:
                 f"(dataset.add_column('{ID_KEY}', ids)); with KDTrainer it is kept for the collator"
             )
         batch = dict(self.collator([{k: v for k, v in f.items() if k != ID_KEY} for f in features]))
-        if self.teacher:
-            batch[TEACHER_KEY] = self.cache.targets([int(f[ID_KEY]) for f in features])
+        if self.teacher:  # the ids as given: a float, bool or list id is refused there, never cut
+            batch[TEACHER_KEY] = self.cache.targets([f[ID_KEY] for f in features])
         return batch
 
     def without_teacher(self) -> TeacherCollator:

@@ -70,6 +70,8 @@ def open_cache(
     A `KDError` (one line: what is wrong, what to do) when it is incomplete, damaged or no cache."""
     from pipeline.backends import is_url
 
+    if isinstance(location, Cache):  # already open
+        return location
     if is_url(location):
         from pipeline.config import Paths
         from pipeline.far_cache import open_far_cache
@@ -400,7 +402,7 @@ def _as_ids(ids: IdsLike, what: str = "sample ids", flat: bool = True) -> torch.
 def check_matches(store: LogitStore, split: Split) -> None:
     """Refuse a cache computed on other data: split, length, fingerprint and class count must agree."""
     d = store.manifest.dataset
-    fix = "re-run `kd teacher-logits` for this dataset, or pass the matching --cache"
+    fix = "re-run `kd teacher-logits` for this dataset, or use its cache (--cache PATH, open_cache(PATH))"
     if d.split != split.split:
         raise KDError(f"cache {store.where} holds the '{d.split}' split, not '{split.split}': {fix}")
     if d.length != len(split) or store.num_rows != len(split):

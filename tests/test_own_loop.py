@@ -449,6 +449,43 @@ def test_bad_ids_and_settings_are_one_line_errors(tiny_data: Paths) -> None:
     for message, (s, t, y, settings) in refused.items():
         with pytest.raises(KDError, match=f"hinton_kd: {message}"):
             hinton_kd(s, t, y, **{"temperature": 2.0, **settings})
+    more = {
+        "temperature must be a number > 0, not 0.0": (
+            student,
+            teacher,
+            labels,
+            {"temperature": torch.tensor(0.0)},
+        ),
+        "temperature must be a number > 0, not '2'": (student, teacher, labels, {"temperature": "2"}),
+        r"alpha must be in \[0, 1\] .* not 1.5": (student, teacher, labels, {"alpha": torch.tensor(1.5)}),
+        "needs alpha, or both ce_weight and kd_weight": (student, teacher, labels, {"alpha": None}),
+        "the teacher must be its logits .* not a Cache": (student, cache, labels, {}),
+        "the teacher must be its logits .* not a str": (student, str(train), labels, {}),
+        "labels must be class indices \\(an integer tensor\\), not torch.float32": (
+            student,
+            teacher,
+            labels.float(),
+            {},
+        ),
+        r"labels must be class indices in 0..9 \(-100 where not scored\), not 12": (
+            student,
+            teacher,
+            torch.tensor([0, 1, 2, 12]),
+            {},
+        ),
+    }
+    for message, (s, t, y, settings) in more.items():
+        with pytest.raises(KDError, match=message):
+            hinton_kd(s, t, y, **{"temperature": 2.0, **settings})
+    assert pipeline.open_cache(cache) is cache  # already open
+    collator = pipeline.TeacherCollator(cache, collator=lambda features: {"n": len(features)})
+    for bad, message in (
+        ([0.5, 1.7], "sample ids must be whole numbers .* not float64"),
+        ([True, False], "sample ids must be whole numbers .* not bool"),
+        ([[1, 2], [3, 4]], r"sample ids must be a 1-D sequence, one a row, not of shape \(2, 2\)"),
+    ):
+        with pytest.raises(KDError, match=message):
+            collator([{"kd_id": i} for i in bad])
     with pytest.raises(KDError, match="skew_kl: temperature must be a number > 0"):
         skew_kl(student, teacher, labels, temperature=-1.0)
     from transformers import TrainingArguments

@@ -173,7 +173,8 @@ def kd_weights(alpha: Any, ce_weight: Any = None, kd_weight: Any = None) -> tupl
     or (N,) tensors alike."""
     if ce_weight is not None and kd_weight is not None:
         return ce_weight, kd_weight
-    assert alpha is not None, "kd needs alpha or both weights"
+    if alpha is None:
+        raise KDError("a KD loss needs alpha, or both ce_weight and kd_weight")
     return 1.0 - alpha, alpha
 
 
@@ -190,10 +191,22 @@ def check_inputs(
     a temperature that is not > 0, an alpha outside [0, 1], a teacher or labels of another shape than the
     student's logits. Settings given as tensors (the one-pass sweeps', checked when configured) and
     label values (reading them would wait for the device) are not looked at."""
-    if isinstance(temperature, int | float) and not (math.isfinite(temperature) and temperature > 0):
+    t, a = _scalar(temperature), _scalar(alpha)
+    if temperature is not None and not isinstance(temperature, torch.Tensor | int | float):
         raise KDError(f"{loss}: temperature must be a number > 0, not {temperature!r}")
-    if isinstance(alpha, int | float) and not 0.0 <= alpha <= 1.0:
-        raise KDError(f"{loss}: alpha must be in [0, 1] (the KD term's weight), not {alpha!r}")
+    if isinstance(t, int | float) and not (math.isfinite(t) and t > 0):
+        raise KDError(f"{loss}: temperature must be a number > 0, not {t!r}")
+    if isinstance(a, int | float) and not 0.0 <= a <= 1.0:
+        raise KDError(f"{loss}: alpha must be in [0, 1] (the KD term's weight), not {a!r}")
+    if teacher is not None and not isinstance(teacher, torch.Tensor | SparseTargets):
+        raise KDError(
+            f"{loss}: the teacher must be its logits (a tensor) or SparseTargets, as cache.targets(ids) "
+            f"gives them, not a {type(teacher).__name__}"
+        )
+    if not isinstance(student_logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise KDError(f"{loss}: student_logits and labels must be tensors")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise KDError(f"{loss}: labels must be class indices (an integer tensor), not {labels.dtype}")
     shape = tuple(student_logits.shape)
     if student_logits.dim() < 2:
         raise KDError(
@@ -222,6 +235,21 @@ def check_inputs(
             f"{loss}: labels of shape {tuple(labels.shape)} for student logits of shape {shape}: give one "
             "class index a row (batch,), or a token a position (batch, length) with -100 where not scored"
         )
+    if labels.device.type == "cpu" and labels.numel():  # on a device, reading them would wait for it
+        top = int(labels.max())
+        if top >= shape[-1] or int(labels.min()) < IGNORE or (labels.dim() == 1 and int(labels.min()) < 0):
+            raise KDError(
+                f"{loss}: labels must be class indices in 0..{shape[-1] - 1} (-100 where not scored), "
+                f"not {top if top >= shape[-1] else int(labels.min())}"
+            )
+
+
+def _scalar(value: Any) -> Any:
+    """A setting as a Python number when it is one, or a 0-d tensor on the CPU (read without waiting
+    for a device); anything else as it is (an (N,) tensor of per-student settings, a device tensor)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu":
+        return float(value)
+    return value
 
 
 def hinton_kd(
