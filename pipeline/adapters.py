@@ -107,7 +107,7 @@ def kd_trainer_class() -> type:
     """KDTrainer, built on first use (transformers is imported only then)."""
     from transformers import Trainer
 
-    from pipeline.distill.losses import IGNORE, check_inputs, hinton_kd
+    from pipeline.distill.losses import IGNORE, check_settings, hinton_kd
     from pipeline.distill.targets import SparseTargets
 
     class KDTrainer(Trainer):
@@ -126,9 +126,7 @@ def kd_trainer_class() -> type:
         ) -> None:
             from pipeline.distill.targets import SPARSE_TARGETS
 
-            probe = torch.zeros(1, 2)
-            check_inputs(probe, probe, torch.zeros(1, dtype=torch.int64), temperature=temperature,
-                         alpha=alpha, loss="KDTrainer")  # fmt: skip
+            check_settings(temperature=temperature, alpha=alpha, loss="KDTrainer")
             if sparse_target not in SPARSE_TARGETS:
                 known = ", ".join(SPARSE_TARGETS)
                 raise KDError(f"KDTrainer: sparse_target must be one of {known}, not {sparse_target!r}")

@@ -78,7 +78,8 @@ def run(
         hint = (
             "pass a folder holding model.safetensors and config.json"
             if teacher_dir is not None
-            else f"run `kd train-teacher --preset {preset.command_name}` (or `make teacher PRESET={preset.command_name}`) first"
+            else f"run `kd train-teacher --preset {preset.command_name}` "
+            f"(or `make teacher PRESET={preset.command_name}`) first"
         )
         raise KDError(f"no teacher checkpoint at {folder}: {hint}")
 

@@ -188,16 +188,10 @@ def check_inputs(
     loss: str = "hinton_kd",
 ) -> None:
     """One-line KDErrors for what would otherwise be a raw torch error deep in a loss, or a silent NaN:
-    a temperature that is not > 0, an alpha outside [0, 1], a teacher or labels of another shape than the
-    student's logits. Settings given as tensors (the one-pass sweeps', checked when configured) and
-    label values (reading them would wait for the device) are not looked at."""
-    t, a = _scalar(temperature), _scalar(alpha)
-    if temperature is not None and not isinstance(temperature, torch.Tensor | int | float):
-        raise KDError(f"{loss}: temperature must be a number > 0, not {temperature!r}")
-    if isinstance(t, int | float) and not (math.isfinite(t) and t > 0):
-        raise KDError(f"{loss}: temperature must be a number > 0, not {t!r}")
-    if isinstance(a, int | float) and not 0.0 <= a <= 1.0:
-        raise KDError(f"{loss}: alpha must be in [0, 1] (the KD term's weight), not {a!r}")
+    the settings (`check_settings`), a teacher that is not logits or SparseTargets, a teacher or labels of
+    another shape than the student's logits, labels that are not class indices (their range only on the
+    CPU: reading device labels would wait for the device)."""
+    check_settings(temperature=temperature, alpha=alpha, loss=loss)
     if teacher is not None and not isinstance(teacher, torch.Tensor | SparseTargets):
         raise KDError(
             f"{loss}: the teacher must be its logits (a tensor) or SparseTargets, as cache.targets(ids) "
@@ -236,12 +230,25 @@ def check_inputs(
             "class index a row (batch,), or a token a position (batch, length) with -100 where not scored"
         )
     if labels.device.type == "cpu" and labels.numel():  # on a device, reading them would wait for it
-        top = int(labels.max())
-        if top >= shape[-1] or int(labels.min()) < IGNORE or (labels.dim() == 1 and int(labels.min()) < 0):
+        low, top = (int(v) for v in torch.aminmax(labels))
+        if top >= shape[-1] or low < (0 if labels.dim() == 1 else IGNORE):
             raise KDError(
                 f"{loss}: labels must be class indices in 0..{shape[-1] - 1} (-100 where not scored), "
-                f"not {top if top >= shape[-1] else int(labels.min())}"
+                f"not {top if top >= shape[-1] else low}"
             )
+
+
+def check_settings(*, temperature: Any = None, alpha: Any = None, loss: str = "hinton_kd") -> None:
+    """A temperature that is not a number > 0 or an alpha outside [0, 1] as one-line KDErrors; numbers
+    and 0-d CPU tensors are checked, (N,) per-student tensors (the one-pass sweeps', checked when
+    configured) and device tensors are not."""
+    t, a = _scalar(temperature), _scalar(alpha)
+    if temperature is not None and not isinstance(temperature, torch.Tensor | int | float):
+        raise KDError(f"{loss}: temperature must be a number > 0, not {temperature!r}")
+    if isinstance(t, int | float) and not (math.isfinite(t) and t > 0):
+        raise KDError(f"{loss}: temperature must be a number > 0, not {t!r}")
+    if isinstance(a, int | float) and not 0.0 <= a <= 1.0:
+        raise KDError(f"{loss}: alpha must be in [0, 1] (the KD term's weight), not {a!r}")
 
 
 def _scalar(value: Any) -> Any:

@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,6 +49,15 @@ UNIFORM_TAIL = (
     "uniform tail: at a temperature with no stored logsumexp, the V - k missing logits are taken equal, "
     "keeping their total mass at the first stored temperature exact"
 )
+
+
+class Splits(NamedTuple):
+    """The splits a run reads and the validation carve of train (row positions)."""
+
+    train: Split
+    test: Split
+    train_rows: torch.Tensor
+    val_rows: torch.Tensor
 
 
 @dataclass
@@ -88,21 +97,16 @@ def prepare(preset: Preset, paths: Paths, *, cache: str | Path | None, device: t
     """Data, validation carve, the checked cache and the batch source for `preset.distill`."""
     train, test = load_split(preset.dataset, "train"), load_split(preset.dataset, "test")
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
+    splits = Splits(train, test, train_rows, val_rows)
     if train.task == "sequence":
-        return _sequences(preset, paths, cache, device, train, test, train_rows, val_rows)
-    return _classes(preset, paths, cache, device, train, test, train_rows, val_rows)
+        return _sequences(preset, paths, cache, device, splits)
+    return _classes(preset, paths, cache, device, splits)
 
 
 def _classes(
-    preset: Preset,
-    paths: Paths,
-    cache: str | Path | None,
-    device: torch.device,
-    train: Split,
-    test: Split,
-    train_rows: torch.Tensor,
-    val_rows: torch.Tensor,
+    preset: Preset, paths: Paths, cache: str | Path | None, device: torch.device, splits: Splits
 ) -> Prepared:
+    train, test, train_rows, val_rows = splits
     cfg = preset.distill
     check_augment(cfg.train.augment, train.inputs)
     fresh = Views(AugmentSpec(cfg.train.augment, cfg.train.augment_pad), choice=cfg.views, seed=cfg.seed)
@@ -234,18 +238,12 @@ def _test_cache(
 
 
 def _sequences(
-    preset: Preset,
-    paths: Paths,
-    cache: str | Path | None,
-    device: torch.device,
-    train: Split,
-    test: Split,
-    train_rows: torch.Tensor,
-    val_rows: torch.Tensor,
+    preset: Preset, paths: Paths, cache: str | Path | None, device: torch.device, splits: Splits
 ) -> Prepared:
     """A language model's data side: a sparse cache for kd (checked before training: the temperatures it
     cannot give exactly with distill.sparse_exact, samples for the sampled target), the teacher itself
     for --online, the labels alone for ce."""
+    train, test, train_rows, val_rows = splits
     cfg = preset.distill
     if cfg.method not in SEQUENCE_METHODS:
         raise KDError(

@@ -133,7 +133,6 @@ class Task:
 
 CLASSES = Task("classification", "accuracy", True, score_rows, True, "%")
 SEQUENCES = Task("sequence", "perplexity", False, score_sequences, False, "ppl")
-TASKS = {task.name: task for task in (CLASSES, SEQUENCES)}  # by Split.task / Manifest.task
 
 
 @dataclass(frozen=True)
