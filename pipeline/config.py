@@ -42,10 +42,18 @@ class DatasetConfig:
     seed: int = 42  # generation seed of the data itself, not of training
     val_size: int = 500  # rows carved from train (deterministically) to select checkpoints
     options: Mapping[str, Any] = field(default_factory=dict)  # builder-specific, e.g. synthetic shapes
+    # file-backed sources (imagefolder, npy): read whole into memory (once, by the workers) when their
+    # float32 inputs fit this many MB, else read by DataLoader workers as each batch asks
+    memory_budget_mb: int = 1024
+    workers: int = -1  # DataLoader workers decoding file-backed inputs; -1: the CPU count less one (max 8)
 
     def __post_init__(self) -> None:
         _require(self.num_samples >= 0, f"dataset.num_samples must be >= 0, got {self.num_samples}")
         _require(self.val_size >= 1, f"dataset.val_size must be at least 1, got {self.val_size}")
+        _require(
+            self.memory_budget_mb >= 0, f"dataset.memory_budget_mb must be >= 0, got {self.memory_budget_mb}"
+        )
+        _require(self.workers >= -1, f"dataset.workers must be -1 (auto) or >= 0, got {self.workers}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.data.augment import replay, view_params
 from pipeline.data.datasets import Split
+from pipeline.data.readers import fetch
 from pipeline.models import prefers_channels_last, teacher_autocast
 from pipeline.store import LogitStore, ShardWriter
 from pipeline.store.sparse import reduce_logits
@@ -40,7 +41,8 @@ def write_logits(
     channels_last = split.inputs.dim() == 4 and prefers_channels_last(teacher)
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
-    inputs = split.inputs.pin_memory() if device.type == "cuda" else split.inputs  # async copies to the GPU
+    cuda = device.type == "cuda"
+    inputs = split.inputs.pin_memory() if cuda and not split.streamed else split.inputs  # async copies
     views = store.manifest.views  # the views layout: K augmented views of every row
     sparse = store.manifest.sparse  # the sparse layout: per-token top-k, logsumexp, samples
     spec = store.augment
@@ -52,39 +54,42 @@ def write_logits(
     try:
         # logits stored raw, as the teacher computed them
         with torch.inference_mode(), teacher_autocast(device, precision):
-            for shard in shards:
-                first, last = store.shard_range(shard)
-                for start in range(first, last, batch_size):
-                    stop = min(start + batch_size, last)
-                    x = inputs[start:stop].to(device, non_blocking=True)
-                    ids = split.ids[start:stop]
-                    if sparse and not views:  # tokens (B, L, V) or rows (B, C) raw, reduced on the device
-                        labels = split.labels[start:stop]
-                        z = teacher(x) if split.task == "sequence" else forward(teacher, x, channels_last)
-                        values, extras, stats = reduce_logits(z, labels, ids, sparse)
-                        writer.add(values.cpu(), labels, ids, extras=extras, stats=stats)
-                    elif not views:
-                        logits = forward(teacher, x, channels_last)  # (B, C) raw
-                        writer.add(logits, split.labels[start:stop], ids)
-                    else:  # the parameters of every view of these rows, then the teacher on each view
-                        count = "all" if views["all"] else views["count"]
-                        params = view_params(spec, ids.numpy(), count, views["seed"])  # (B, K, P)
-                        on_device = torch.from_numpy(params).to(device)
-                        logits = torch.stack(
-                            [
-                                forward(teacher, replay(x, on_device[:, k], spec), channels_last)
-                                for k in range(params.shape[1])
-                            ],
-                            1,
-                        )  # (B, K, C) raw
-                        labels = split.labels[start:stop]
-                        if sparse:  # top-k of every view: the views play the part of a sequence's tokens
-                            per_view = labels[:, None].expand(-1, logits.shape[1])
-                            values, extras, stats = reduce_logits(logits, per_view, ids, sparse)
-                            writer.add(values, labels, ids, params, extras=extras, stats=stats)
-                        else:
-                            writer.add(logits, labels, ids, params)
-                    bar.update(stop - start)
+            # batches never straddle a shard; a streamed source's workers decode only these shards' rows
+            plan = (
+                (slice(start, min(start + batch_size, last)), (start, min(start + batch_size, last)))
+                for first, last in map(store.shard_range, shards)
+                for start in range(first, last, batch_size)
+            )
+            for x, (start, stop) in fetch(inputs, plan, pin=cuda):
+                x = x.to(device, non_blocking=True)
+                ids = split.ids[start:stop]
+                if sparse and not views:  # tokens (B, L, V) or rows (B, C) raw, reduced on the device
+                    labels = split.labels[start:stop]
+                    z = teacher(x) if split.task == "sequence" else forward(teacher, x, channels_last)
+                    values, extras, stats = reduce_logits(z, labels, ids, sparse)
+                    writer.add(values.cpu(), labels, ids, extras=extras, stats=stats)
+                elif not views:
+                    logits = forward(teacher, x, channels_last)  # (B, C) raw
+                    writer.add(logits, split.labels[start:stop], ids)
+                else:  # the parameters of every view of these rows, then the teacher on each view
+                    count = "all" if views["all"] else views["count"]
+                    params = view_params(spec, ids.numpy(), count, views["seed"])  # (B, K, P)
+                    on_device = torch.from_numpy(params).to(device)
+                    logits = torch.stack(
+                        [
+                            forward(teacher, replay(x, on_device[:, k], spec), channels_last)
+                            for k in range(params.shape[1])
+                        ],
+                        1,
+                    )  # (B, K, C) raw
+                    labels = split.labels[start:stop]
+                    if sparse:  # top-k of every view: the views play the part of a sequence's tokens
+                        per_view = labels[:, None].expand(-1, logits.shape[1])
+                        values, extras, stats = reduce_logits(logits, per_view, ids, sparse)
+                        writer.add(values, labels, ids, params, extras=extras, stats=stats)
+                    else:
+                        writer.add(logits, labels, ids, params)
+                bar.update(stop - start)
     except BaseException:
         writer.abort()
         raise

@@ -188,7 +188,7 @@ def _bench_workload(w: Workload, tmp: Path, device: torch.device, reps: int, qui
                     x = x.contiguous(memory_format=torch.channels_last)
                 teacher(x).float().cpu()
 
-    manifest = _manifest(split, w.cache, "float16", "zstd")
+    manifest = manifest_for(split, w.cache, "float16", "zstd")
 
     def dump() -> None:
         store = LogitStore.create(tmp / f"{w.name}-dump.zarr", manifest, overwrite=True)
@@ -196,11 +196,11 @@ def _bench_workload(w: Workload, tmp: Path, device: torch.device, reps: int, qui
         store.finish()
 
     console.print("  dump overhead")
-    t_bare, t_dump = _interleaved(bare, dump, reps)
+    t_bare, t_dump = interleaved(bare, dump, reps)
     result["dump"] = {
         "bare_forward_s": t_bare,
         "stage1_s": t_dump,
-        "ratio": _ratio(t_dump, t_bare),
+        "ratio": ratio_of(t_dump, t_bare),
         "samples_per_s": len(split) / t_dump["median"],
     }
 
@@ -230,16 +230,16 @@ def _bench_workload(w: Workload, tmp: Path, device: torch.device, reps: int, qui
         _sync(device)
 
     console.print("  cached vs plain epochs")
-    t_ce, t_kd = _interleaved(epoch(labels_only, cross_entropy), epoch(with_logits, kd_loss), reps)
+    t_ce, t_kd = interleaved(epoch(labels_only, cross_entropy), epoch(with_logits, kd_loss), reps)
     console.print("  online KD")
-    t_online, t_forward = _interleaved(online, teacher_forward, reps)
+    t_online, t_forward = interleaved(online, teacher_forward, reps)
     result["distill"] = {
         "ce_epoch_s": t_ce,
         "cached_kd_epoch_s": t_kd,
-        "cached_kd_overhead": _ratio(t_kd, t_ce),
+        "cached_kd_overhead": ratio_of(t_kd, t_ce),
         "online_kd_epoch_s": t_online,
         "teacher_forward_epoch_s": t_forward,
-        "online_over_cached": _ratio(t_online, t_kd),
+        "online_over_cached": ratio_of(t_online, t_kd),
         "ideal_online_over_cached": (t_forward["median"] + t_ce["median"]) / t_ce["median"],
     }
 
@@ -316,7 +316,7 @@ def _read_throughput(
         num_classes=c,
     )
     store = LogitStore.create(
-        folder.with_suffix(".read.zarr"), _manifest(split, cache, "float16", "zstd"), overwrite=True
+        folder.with_suffix(".read.zarr"), manifest_for(split, cache, "float16", "zstd"), overwrite=True
     )
     writer = ShardWriter(store)
     writer.add(logits, split.labels, split.ids)
@@ -344,7 +344,7 @@ def _read_throughput(
         for i in range(0, n, batch):
             all_logits[order[i : i + batch]]
 
-    t_mm, t_stream = _interleaved(memmap, streamed, reps)
+    t_mm, t_stream = interleaved(memmap, streamed, reps)
     t_ram = _measure(in_ram, reps)
     rate = {
         name: n / t["median"] for name, t in (("memmap", t_mm), ("streamed", t_stream), ("in_ram", t_ram))
@@ -364,7 +364,7 @@ def _read_throughput(
     }
 
 
-def _manifest(split: Split, cache: CacheConfig, dtype: str, codec: str) -> Manifest:
+def manifest_for(split: Split, cache: CacheConfig, dtype: str, codec: str) -> Manifest:
     return Manifest(
         teacher=TeacherInfo(name="bench", architecture={}, fingerprint="0" * 64),
         dataset=DatasetInfo(
@@ -394,7 +394,7 @@ def _measure(fn: Callable[[], None], reps: int) -> dict[str, Any]:
     return _stats(times)
 
 
-def _interleaved(
+def interleaved(
     a: Callable[[], None], b: Callable[[], None], reps: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Time a and b alternately, so drifts of the machine hit both alike."""
@@ -412,7 +412,7 @@ def _stats(times: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": times}
 
 
-def _ratio(num: dict[str, Any], den: dict[str, Any]) -> dict[str, float]:
+def ratio_of(num: dict[str, Any], den: dict[str, Any]) -> dict[str, float]:
     return {
         "median": num["median"] / den["median"],
         "min": num["min"] / den["max"],

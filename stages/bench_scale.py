@@ -189,7 +189,7 @@ def read(kind: str, where: str, shard_dir: str = "") -> dict[str, Any]:
                 break
         fetched = store.logit_bytes_read
     seconds = time.perf_counter() - started
-    peak_kb = _peak_rss_kb()
+    peak_kb = peak_rss_kb()
     return {
         "rows": rows,
         "seconds": seconds,
@@ -200,7 +200,7 @@ def read(kind: str, where: str, shard_dir: str = "") -> dict[str, Any]:
     }
 
 
-def _peak_rss_kb() -> int:
+def peak_rss_kb() -> int:
     """This process's peak resident set (Linux VmHWM: its own memory map, unlike ru_maxrss, which keeps
     the parent's high-water mark across fork and exec)."""
     try:

@@ -377,8 +377,9 @@ def bench(
         typer.Option(
             "--only",
             "--workload",
-            help="Workload(s) to run: mnist1d, cifar-synthetic, or scale (a 1M x 1,000 cache read from "
-            "disk, loopback S3 and a memmap; not run by default).",
+            help="Workload(s) to run: mnist1d, cifar-synthetic, scale (a 1M x 1,000 cache read from "
+            "disk, loopback S3 and a memmap) or data (JPEG folders of N and 8N images read by DataLoader "
+            "workers, and a token file); scale and data are not run by default.",
         ),
     ] = None,
     device: DeviceOpt = "auto",
@@ -391,9 +392,12 @@ def bench(
         from stages import bench_scale
 
         bench_scale.run(_state["paths"], quick=quick)
-        only = [w for w in only if w != "scale"]
-        if not only:
-            return
+    if only and "data" in only:
+        from stages import bench_data
+
+        bench_data.run(_state["paths"], quick=quick, reps=reps, docs=Path("docs") if docs else None)
+    if only and not (only := [w for w in only if w not in ("scale", "data")]):
+        return
     from stages import bench as stage
 
     stage.run(

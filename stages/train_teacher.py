@@ -77,7 +77,11 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
         device=device,
         desc="teacher",
     )
-    train_acc = accuracy(predict(model, train.inputs[train_rows], device), train.labels[train_rows])
+    if train.streamed:  # every row once, in order (the workers read ahead); the train rows' accuracy
+        logits = predict(model, train.inputs, device)[train_rows]
+    else:
+        logits = predict(model, train.inputs[train_rows], device)
+    train_acc = accuracy(logits, train.labels[train_rows])
     info = {
         "name": cfg.name,
         "dataset": {

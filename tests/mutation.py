@@ -130,8 +130,8 @@ SEEDED = [
     (
         "the student's target is view 0 whatever view its input replays",
         "pipeline/distill/batches.py",
-        "zt = self.teacher_logits[rows, pick]",
-        "zt = self.teacher_logits[rows, 0]",
+        "(rows, self.teacher_logits[rows, pick], views.params",
+        "(rows, self.teacher_logits[rows, 0], views.params",
         ["tests/test_views.py", "-m", "not slow"],
     ),
     (

@@ -7,6 +7,7 @@ labels and input bytes) is how stage 2 proves a cache was computed on the very d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import zipfile
@@ -20,6 +21,7 @@ import torch
 from pipeline.config import DatasetConfig
 from pipeline.data.kept import keep, path_for
 from pipeline.data.lm_data import OPTIONS, lm_text
+from pipeline.data.readers import IMAGE_SUFFIXES, ImageFiles, NpyRows, SampleReader, list_images, open_npy
 from pipeline.data.split import Split
 from pipeline.errors import KDError
 
@@ -48,7 +50,14 @@ def load_split(cfg: DatasetConfig, split: str) -> Split:
         if len(_built) >= 4:  # a few datasets stay built: stages and tests ask for the same ones again
             _built.pop(next(iter(_built)))
         _built[key] = DATASETS[cfg.name](cfg)
-    return _built[key][split]
+    built = _built[key][split]
+    readers = {name: getattr(built, name) for name in ("inputs", "labels")}
+    readers = {name: r for name, r in readers.items() if isinstance(r, SampleReader)}
+    if readers and sum(r.nbytes for r in readers.values()) <= cfg.memory_budget_mb * 2**20:
+        # fits its budget: read whole once, through the workers (the fingerprint stays the files')
+        loaded = {name: r.load() for name, r in readers.items()}
+        built = _built[key][split] = dataclasses.replace(built, **loaded)
+    return built
 
 
 _built: dict[str, dict[str, Split]] = {}
@@ -210,15 +219,18 @@ def _npz(cfg: DatasetConfig) -> dict[str, Split]:
 
 
 def _image_folder(cfg: DatasetConfig) -> dict[str, Split]:
-    """torchvision ImageFolder trees (class per subfolder) under dataset.options.train / .test, resized to
-    options.size (default 32) and scaled to [0, 1], then normalized by options.mean / .std if given.
-    Loaded into memory once; sample ids are positions in ImageFolder's sorted order (test after train)."""
-    from torchvision import datasets, transforms
-
+    """Image folders (a class per subfolder) under dataset.options.train / .test, read per sample by
+    DataLoader workers (pipeline/data/readers.py): decoded uint8, the shorter side resized to
+    options.resize (default options.size), center-cropped to options.size (default 32), scaled to [0, 1],
+    normalized by options.mean / .std if given. Sample ids: positions in sorted relative-path order
+    (test after train); the fingerprint covers ids, labels and every file's bytes."""
     size = int(cfg.options.get("size", 32))
-    steps: list[Any] = [transforms.Resize((size, size)), transforms.ToTensor()]
-    if "mean" in cfg.options:
-        steps.append(transforms.Normalize(cfg.options["mean"], cfg.options["std"]))
+    resize = int(cfg.options.get("resize", size))
+    if size < 1 or resize < size:
+        raise KDError(f"dataset.options: size ({size}) must be >= 1 and resize ({resize}) >= size")
+    mean, std = cfg.options.get("mean"), cfg.options.get("std")
+    if (mean is None) != (std is None):
+        raise KDError("dataset.options: give both mean and std (3 numbers each), or neither")
     out, first_id, classes = {}, 0, None
     for split in SPLITS:
         root = cfg.options.get(split)
@@ -226,27 +238,79 @@ def _image_folder(cfg: DatasetConfig) -> dict[str, Split]:
             raise KDError(
                 f"dataset 'imagefolder' needs dataset.options.{split}: a folder with one subfolder per class"
             )
-        folder = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
-        if classes is not None and folder.classes != classes:
-            raise KDError(f"{root}: its classes {folder.classes} differ from the train split's {classes}")
-        classes = folder.classes
-        inputs = torch.stack([folder[i][0] for i in range(len(folder))])
+        found, paths, labels = list_images(Path(str(root)))
+        if classes is not None and found != classes:
+            raise KDError(f"{root}: its classes {found} differ from the train split's {classes}")
+        if not paths:
+            raise KDError(
+                f"{root} holds no image files ({', '.join(IMAGE_SUFFIXES)}) in its class subfolders"
+            )
+        classes = found
+        reader = ImageFiles(
+            Path(str(root)), paths, size=size, resize=resize, mean=mean, std=std, workers=cfg.workers
+        )
         out[split] = Split(
             dataset=str(cfg.options.get("name", "imagefolder")),
             split=split,
-            inputs=inputs,
-            labels=torch.tensor(folder.targets, dtype=torch.int64),
-            ids=torch.arange(first_id, first_id + len(folder)),
+            inputs=reader,
+            labels=torch.tensor(labels, dtype=torch.int64),
+            ids=torch.arange(first_id, first_id + len(paths)),
             num_classes=len(classes),
             preprocessing={
-                "resize": size,
+                "decode": "RGB uint8 (Pillow)",
+                "resize": resize,
+                "center_crop": size,
                 "to_tensor": "[0, 1]",
-                "mean": cfg.options.get("mean"),
-                "std": cfg.options.get("std"),
+                "mean": mean,
+                "std": std,
                 "classes": classes,
+                "ids": "positions in sorted relative-path order, test after train",
+                "fingerprint": "ids, labels, every file's relative path and bytes",
             },
+            content=reader.content(),
         )
-        first_id += len(folder)
+        first_id += len(paths)
+    return out
+
+
+def _npy(cfg: DatasetConfig) -> dict[str, Split]:
+    """.npy arrays opened as memmaps: dataset.options.train / .test name folders holding x.npy (N, ...)
+    and y.npy (N,), optionally ids.npy (N,) (default: row numbers, test rows after train rows). The rows of
+    x are read where they lie, as batches ask; the fingerprint streams x's bytes once per file version."""
+    out: dict[str, Split] = {}
+    first_id, parts = 0, {}
+    for split in SPLITS:
+        folder = Path(str(cfg.options.get(split, "")))
+        if not cfg.options.get(split) or not all((folder / f).is_file() for f in ("x.npy", "y.npy")):
+            raise KDError(f"dataset 'npy' needs dataset.options.{split}: a folder holding x.npy and y.npy")
+        reader = NpyRows(folder / "x.npy", workers=cfg.workers)
+        labels = np.asarray(open_npy(folder / "y.npy"))
+        ids = np.asarray(open_npy(folder / "ids.npy")) if (folder / "ids.npy").is_file() else None
+        if labels.shape != (len(reader),) or (ids is not None and ids.shape != (len(reader),)):
+            raise KDError(
+                f"{folder}: y.npy (and ids.npy) must hold one value per row of x.npy ({len(reader)} rows), "
+                f"got {labels.shape}"
+            )
+        # the content: x's bytes (streamed once, kept) and the labels
+        labels_digest = hashlib.sha256(np.ascontiguousarray(labels.astype(np.int64)).tobytes()).hexdigest()
+        parts[split] = (reader, labels, ids, f"{reader.content()}:{labels_digest}")
+    num_classes = int(cfg.options.get("num_classes", max(int(p[1].max()) for p in parts.values()) + 1))
+    for split, (reader, labels, ids, content) in parts.items():
+        n = len(reader)
+        out[split] = Split(
+            dataset=str(cfg.options.get("name", "npy")),
+            split=split,
+            inputs=reader,
+            labels=torch.from_numpy(labels.astype(np.int64)),
+            ids=torch.from_numpy(np.arange(first_id, first_id + n) if ids is None else ids.astype(np.int64)),
+            num_classes=num_classes,
+            preprocessing={
+                "inputs": f"npy memmap x as float32 ({reader.path.parent.name}/x.npy)",
+                "fingerprint": "ids, labels, x's dtype, shape and bytes",
+            },
+            content=content,
+        )
+        first_id += n
     return out
 
 
@@ -386,7 +450,8 @@ DATASET_OPTIONS: dict[str, set[str]] = {
     "mnist1d": set(),
     "synthetic-images": {"shape", "num_classes", "smooth", "noise", "jitter"},
     "npz": {"train", "test", "num_classes", "name"},
-    "imagefolder": {"train", "test", "size", "mean", "std", "name"},
+    "imagefolder": {"train", "test", "size", "resize", "mean", "std", "name"},
+    "npy": {"train", "test", "num_classes", "name"},
     "cifar10": {"root", "download"},
     "cifar100": {"root", "download"},
     "hf-text": {
@@ -412,6 +477,7 @@ DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
     "synthetic-images": _synthetic_images,
     "npz": _npz,
     "imagefolder": _image_folder,
+    "npy": _npy,
     "cifar10": _cifar,
     "cifar100": _cifar,
     "hf-text": _hf_text,

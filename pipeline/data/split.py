@@ -10,21 +10,27 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from pipeline.data.readers import SampleReader
 
 
 @dataclass(frozen=True, eq=False)
 class Split:
     dataset: str
     split: str
-    inputs: torch.Tensor  # (N, ...) float32
-    labels: torch.Tensor  # (N,) int64
+    inputs: torch.Tensor | SampleReader  # (N, ...) float32 in memory, or read by DataLoader workers
+    labels: torch.Tensor | SampleReader  # (N,) int64; token windows (N, L) of a token file for sequences
     ids: torch.Tensor  # (N,) int64, stable sample ids: the cache's join key
     num_classes: int
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    # a file-backed source's digest of its inputs and labels (pipeline.data.readers), hashed in place of
+    # the decoded tensors: the same whether they were read into memory or are read by workers
+    content: str | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -43,6 +49,16 @@ class Split:
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         digest.update(f"{self.dataset}/{self.split}/{tuple(self.inputs.shape)}".encode())
+        if self.content is not None:  # the source's digest covers inputs and labels
+            digest.update(np.ascontiguousarray(self.ids.numpy()).tobytes())
+            digest.update(f"content:{self.content}".encode())
+            return digest.hexdigest()
         for tensor in (self.ids, self.labels, self.inputs):
+            assert isinstance(tensor, torch.Tensor)
             digest.update(np.ascontiguousarray(tensor.numpy()).tobytes())
         return digest.hexdigest()
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the inputs are read by DataLoader workers as batches ask (not held in memory)."""
+        return not isinstance(self.inputs, torch.Tensor)

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.data.augment import AugmentSpec, replay
 from pipeline.data.datasets import Split
+from pipeline.data.readers import fetch
 from pipeline.errors import KDError
 from pipeline.models import teacher_autocast
 from pipeline.store import LogitStore
@@ -99,7 +100,8 @@ def positions_of(query_ids: torch.Tensor, dataset_ids: torch.Tensor) -> torch.Te
 
 
 class InMemoryBatches:
-    """Everything on the device once; each epoch draws a fresh permutation of the training rows."""
+    """Everything on the device once (a streamed source's inputs excepted: its workers decode each
+    batch's rows ahead); each epoch draws a fresh permutation of the training rows."""
 
     def __init__(
         self,
@@ -111,7 +113,8 @@ class InMemoryBatches:
         views: Views | None = None,
     ) -> None:
         """teacher_logits: (N, C), or (N, K, C) with stored views (`views.params`), in dataset row order."""
-        self.inputs = split.inputs.to(device)
+        self.device = device
+        self.inputs = split.inputs if split.streamed else split.inputs.to(device)
         self.labels = split.labels.to(device)
         self.teacher_logits = None if teacher_logits is None else teacher_logits.to(device)
         self.rows = rows.to(device)
@@ -129,26 +132,32 @@ class InMemoryBatches:
         self.rank, self.world = rank, world
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        pin = self.device.type == "cuda"
+        for inputs, (idx, zt, params) in fetch(self.inputs, self._plans(generator), pin=pin):
+            inputs = inputs.to(self.device, non_blocking=True)
+            if params is not None:
+                inputs = replay(inputs, params, self.views.spec)
+            yield Batch(inputs, self.labels[idx], zt, params is not None)
+
+    def _plans(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, tuple[Any, ...]]]:
+        """(rows of this rank, (rows, teacher logits, view parameters or None)) of each batch, in order:
+        every draw from `generator` happens here, so prefetching does not change them."""
         epoch, self.epochs_done = self.epochs_done, self.epochs_done + 1
         order = self.rows[torch.randperm(len(self.rows), generator=generator).to(self.rows.device)]
-        views, device = self.views, self.inputs.device
+        views, device = self.views, self.rows.device
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]  # the global batch: views are drawn for all of it
             if self.picker is not None:
                 assert views.params is not None and self.teacher_logits is not None
                 pick = self.picker(rows, epoch, generator).to(device)
                 rows, pick = rows[self.rank :: self.world], pick[self.rank :: self.world]
-                params = views.params[rows, pick]
-                zt = self.teacher_logits[rows, pick]
-                yield Batch(replay(self.inputs[rows], params, views.spec), self.labels[rows], zt, True)
+                yield rows, (rows, self.teacher_logits[rows, pick], views.params[rows, pick])
                 continue
             params = views.fresh(len(rows), generator) if views.spec.kind != "none" else None
             idx = rows[self.rank :: self.world]
             zt = None if self.teacher_logits is None else self.teacher_logits[idx]
-            inputs = self.inputs[idx]
-            if params is not None:
-                inputs = replay(inputs, params[self.rank :: self.world].to(device), views.spec)
-            yield Batch(inputs, self.labels[idx], zt, params is not None)
+            mine = None if params is None else params[self.rank :: self.world].to(device)
+            yield idx, (idx, zt, mine)
 
 
 def cached_logits_for(store: LogitStore, split: Split) -> torch.Tensor:
@@ -304,8 +313,9 @@ class StreamedBatches(ShardStream):
         def join(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             return tuple(torch.cat(pair) for pair in zip(a, b, strict=True))
 
-        for pos, (zt, params) in cut_batches(parts(), batch_size, join):
-            yield self._batch(pos, zt, params, spec)
+        plans = ((pos, (pos, zt, params)) for pos, (zt, params) in cut_batches(parts(), batch_size, join))
+        for inputs, (pos, zt, params) in fetch(self.split.inputs, plans, pin=self.device.type == "cuda"):
+            yield self._batch(inputs, pos, zt, params, spec)
 
     def _targets(
         self, buffer: Buffer, rows: torch.Tensor, pick: Any, params: torch.Tensor, a: int, b: int
@@ -319,10 +329,17 @@ class StreamedBatches(ShardStream):
             values = dense_from_topk(values, held, self.store.manifest.sparse)
         return (values if pick is None else values[torch.arange(b - a), pick[a:b]]), params[a:b]
 
-    def _batch(self, pos: torch.Tensor, zt: torch.Tensor, params: torch.Tensor, spec: AugmentSpec) -> Batch:
-        parts = (self.split.inputs[pos], self.split.labels[pos], zt)
+    def _batch(
+        self,
+        inputs: torch.Tensor,
+        pos: torch.Tensor,
+        zt: torch.Tensor,
+        params: torch.Tensor,
+        spec: AugmentSpec,
+    ) -> Batch:
+        parts = (inputs, self.split.labels[pos], zt)
         if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
-            parts = tuple(p.pin_memory() for p in parts)
+            parts = tuple(p if p.is_pinned() else p.pin_memory() for p in parts)
         inputs, labels, logits = (p.to(self.device, non_blocking=True) for p in parts)
         return Batch(replay(inputs, params, spec), labels, logits, True)
 

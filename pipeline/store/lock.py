@@ -22,6 +22,21 @@ from pipeline.store.manifest import now_iso
 
 LOCK_SUFFIX = ".lock"
 
+# The lock fds this process holds. A forked child (a DataLoader worker decoding inputs) would share the
+# lock's open file and so keep it held after the writer is killed, until it notices its parent is
+# gone: children close their copies at once.
+_held: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 def lock_path(path: Path) -> Path:
     return path if path.name.endswith(LOCK_SUFFIX) else path.with_name(path.name + LOCK_SUFFIX)
@@ -52,10 +67,12 @@ def cache_lock(path: Path) -> Iterator[None]:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
+    _held.add(fd)
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)  # while still holding it: the next writer makes a new file
+        _held.discard(fd)
         os.close(fd)
 
 

@@ -88,7 +88,7 @@ class Reading:
         if verify and self._preloaded is not None:
             preloaded, self._preloaded = self._preloaded, None  # handed over once, never held twice
             return preloaded
-        raw, labels, ids = self.read("logits"), self.read("labels"), self.ids.numpy()
+        raw, labels, ids = self._read_by_shard("logits"), self.read("labels"), self.ids.numpy()
         extras = self.read_extras()
         if verify:
             for shard in range(self.num_shards):
@@ -98,6 +98,18 @@ class Reading:
         self.refuse_nonfinite(raw, self.ids)
         logits = decode_logits(raw, self.manifest.storage.dtype)
         return logits, torch.from_numpy(labels), self.ids, extras
+
+    def _read_by_shard(self, name: str) -> np.ndarray:
+        """A whole array read shard by shard, so a file that cannot be decoded is named by its shard."""
+        array = self.array(name)
+        out = np.empty(array.shape, dtype=array.dtype)
+        for shard in range(self.num_shards):
+            a, b = self.shard_range(shard)
+            try:
+                out[a:b] = self.read(name, a, b)
+            except KDError as err:
+                raise KDError(f"shard {shard}: {err}") from None
+        return out
 
     def preload(self) -> None:
         """Read everything now, every shard checked (read_everything): a damaged file fails here, where a

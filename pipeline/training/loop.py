@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import OptimConfig
+from pipeline.data.readers import SampleReader, iter_rows
 from pipeline.distill.batches import Batch
 from pipeline.distill.losses import IGNORE, cross_entropy, hinton_kd, kd_weights
 from pipeline.distill.schedules import lr_at
@@ -75,13 +76,11 @@ def make_optimizer(model: nn.Module | Iterable[torch.Tensor], cfg: OptimConfig) 
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 1024
+    model: nn.Module, inputs: torch.Tensor | SampleReader, device: torch.device, batch_size: int = 1024
 ) -> torch.Tensor:
-    """Logits (N, C) on the CPU, in eval mode."""
+    """Logits (N, C) on the CPU, in eval mode (a streamed source's rows decoded ahead by its workers)."""
     model.eval()
-    outs = [
-        model(inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)
-    ]
+    outs = [model(x.to(device)).float().cpu() for x in iter_rows(inputs, batch_size)]
     return torch.cat(outs)
 
 
