@@ -123,7 +123,7 @@ class CacheConfig:
     )
     # Views (README "Augmented views"): K augmented views per sample, each with its parameters, so the
     # student can replay the exact input the teacher saw. none: the one fixed, un-augmented view.
-    augment: str = "none"  # none | crop-flip | shift | shift-zero (pipeline/data/augment.py)
+    augment: str = "none"  # none | crop-flip | shift | shift-zero | random-resized-crop (data/augment.py)
     augment_pad: int = 4  # crop-flip padding, or the largest shift
     # K views per sample, or "all": every view of the augmentation (the default: a few views per sample
     # cut the student's input diversity and were measured to lose to the fixed view, README)
@@ -170,6 +170,11 @@ class CacheConfig:
     def check(self) -> None:
         """Checks across the view settings, once every override is applied (their order never matters)."""
         spec = self.augment_spec
+        _require(
+            not (spec.on_files and self.views == "all"),
+            f'cache.views = "all" but augment \'{spec.kind}\' has a continuous space of views: set '
+            "cache.views to the number of views to draw per sample (e.g. 10)",
+        )
         _require(
             spec.kind != "none" or self.views in (1, "all"),
             f'cache.views = {self.views!r} needs an augmentation: set cache.augment (e.g. "crop-flip")',

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.data.augment import replay, view_params
 from pipeline.data.datasets import Split
-from pipeline.data.readers import fetch
+from pipeline.data.readers import Asks, fetch
 from pipeline.models import prefers_channels_last, teacher_autocast
 from pipeline.store import LogitStore, ShardWriter
 from pipeline.store.sparse import reduce_logits
@@ -55,12 +55,18 @@ def write_logits(
         # logits stored raw, as the teacher computed them
         with torch.inference_mode(), teacher_autocast(device, precision):
             # batches never straddle a shard; a streamed source's workers decode only these shards' rows
-            plan = (
-                (slice(start, min(start + batch_size, last)), (start, min(start + batch_size, last)))
+            bounds = [
+                (start, min(start + batch_size, last))
                 for first, last in map(store.shard_range, shards)
                 for start in range(first, last, batch_size)
-            )
-            for x, (start, stop) in fetch(inputs, plan, pin=cuda):
+            ]
+            source, plan = inputs, ((slice(a, b), (a, b)) for a, b in bounds)
+            if views and spec.on_files:  # random-resized-crop: the workers draw and cut the views
+                source, plan = split.view_source, ((_draws(split, views, a, b), (a, b)) for a, b in bounds)
+            for x, (start, stop) in fetch(source, plan, pin=cuda):
+                drawn = None
+                if isinstance(x, tuple):  # (views (B, K, ...), their parameters (B, K, P))
+                    x, drawn = x
                 x = x.to(device, non_blocking=True)
                 ids = split.ids[start:stop]
                 if sparse and not views:  # tokens (B, L, V) or rows (B, C) raw, reduced on the device
@@ -71,17 +77,16 @@ def write_logits(
                 elif not views:
                     logits = forward(teacher, x, channels_last)  # (B, C) raw
                     writer.add(logits, split.labels[start:stop], ids)
-                else:  # the parameters of every view of these rows, then the teacher on each view
-                    count = "all" if views["all"] else views["count"]
-                    params = view_params(spec, ids.numpy(), count, views["seed"])  # (B, K, P)
-                    on_device = torch.from_numpy(params).to(device)
-                    logits = torch.stack(
-                        [
-                            forward(teacher, replay(x, on_device[:, k], spec), channels_last)
-                            for k in range(params.shape[1])
-                        ],
-                        1,
-                    )  # (B, K, C) raw
+                else:  # K views of each row (the workers' cuts, or replayed here), the teacher on each
+                    if drawn is not None:  # cut by the workers, with their parameters
+                        params = drawn.numpy()  # (B, K, P)
+                        cut = (x[:, k] for k in range(params.shape[1]))
+                    else:  # their parameters from (view seed, sample id, view index), then replayed
+                        count = "all" if views["all"] else views["count"]
+                        params = view_params(spec, ids.numpy(), count, views["seed"])  # (B, K, P)
+                        on_device = torch.from_numpy(params).to(device)
+                        cut = (replay(x, on_device[:, k], spec) for k in range(params.shape[1]))  # lazily
+                    logits = torch.stack([forward(teacher, v, channels_last) for v in cut], 1)  # (B, K, C)
                     labels = split.labels[start:stop]
                     if sparse:  # top-k of every view: the views play the part of a sequence's tokens
                         per_view = labels[:, None].expand(-1, logits.shape[1])
@@ -96,6 +101,12 @@ def write_logits(
     finally:
         bar.close()
     writer.close()
+
+
+def _draws(split: Split, views: dict, start: int, stop: int) -> Asks:
+    """Rows start..stop-1 asked for their K views, drawn from (view seed, sample id, view index)."""
+    ids = split.ids[start:stop].tolist()
+    return Asks(torch.arange(start, stop), [("draw", views["seed"], views["count"], i) for i in ids])
 
 
 def forward(teacher: torch.nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -149,7 +149,7 @@ def _dump(
     )
     precision = teacher_precision(device, preset.cache.precision)
     if preset.cache.augment != "none" and split.split == "train":
-        check_augment(preset.cache.augment, split.inputs)
+        check_augment(preset.cache.augment, split.view_source)
     manifest = Manifest(
         teacher=teacher_info,
         dataset=DatasetInfo(

@@ -56,7 +56,7 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
     cfg, device = preset.teacher, pick_device(device_name)
     if train.task == "sequence":  # token sequences: a causal language model
         return _train_lm(preset, folder, train, test, device, generator)
-    check_augment(cfg.train.augment, train.inputs)
+    check_augment(cfg.train.augment, train.view_source)
     train_rows, val_rows = validation_rows(len(train), preset.dataset.val_size, preset.dataset.seed)
     model = build_model(cfg.model, train.num_classes, train.input_shape)
     check_fits_data(model, train, "teacher", cfg.model.arch)

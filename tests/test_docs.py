@@ -56,3 +56,25 @@ def test_the_performance_table_is_the_benchmarks(tmp_path: Path) -> None:
     write_docs(report, docs)
     assert (docs / "performance.md").read_text() == page
     assert json.loads((docs / "bench.json").read_text()) == report
+
+
+def test_the_data_bench_table_is_the_benchmarks(tmp_path: Path) -> None:
+    """docs/data.md's table of `kd bench --workload data` is what `--docs` wrote from its report
+    (docs/bench-data.json), of a full run, and write_docs replaces that block and nothing else."""
+    import json
+    import shutil
+
+    from stages.bench_data import DOCS_BEGIN, DOCS_END, markdown, write_docs
+
+    report = json.loads((ROOT / "docs" / "bench-data.json").read_text())
+    page = (ROOT / "docs" / "data.md").read_text()
+    block = page.split(DOCS_BEGIN, 1)[1].split(DOCS_END, 1)[0].strip()
+    assert block == markdown(report).split("\n", 2)[2].strip()
+    assert report["n"] >= 1500 and report["tokens"]["text_mb"] >= 1024  # a real run, not --quick
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "data.md").write_text(page.replace(block, "| typed | by hand |"))
+    write_docs(report, docs)
+    assert (docs / "data.md").read_text() == page
+    assert json.loads((docs / "bench-data.json").read_text()) == report
+    shutil.rmtree(docs)

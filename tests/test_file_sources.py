@@ -310,3 +310,119 @@ def test_a_streamed_token_file_trains_as_the_in_memory_one(tmp_path: Path) -> No
         (b,) = streamed.logits.glob(f"*.{split}.*.zarr")
         assert a.name == b.name and array_files(a) == array_files(b)
     assert runs["memory"]["student_test_perplexity"] == runs["streamed"]["student_test_perplexity"]
+
+
+class Echo(torch.nn.Module):
+    """A 'teacher' whose logits are its input image, flattened: a cache of it stores what it saw."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def test_random_resized_crop_views_replay_bit_for_bit(tmp_path: Path) -> None:
+    """Stage 1 draws K random-resized-crop views per image in the workers and stores their boxes; stage
+    2 replays a stored box on the decoded file, in memory and streamed: the student's input is the
+    teacher's, bit for bit (on the CPU)."""
+    from pipeline.data.augment import RRC, AugmentSpec, crop_box, views_record
+    from pipeline.distill.batches import (
+        InMemoryBatches,
+        StreamedBatches,
+        Views,
+        cached_logits_for,
+        cached_views_for,
+    )
+    from pipeline.store import DatasetInfo, Manifest, StorageInfo, TeacherInfo
+    from pipeline.teacher_pass import write_logits
+
+    make_jpegs(tmp_path / "train", 5, 0, size=(37, 53))
+    make_jpegs(tmp_path / "test", 1, 1)
+    for budget in (0, 64):  # read by the workers, or held in memory (views still cut from the files)
+        datasets._built.clear()
+        split = load_split(image_config(tmp_path, memory_budget_mb=budget, workers=1), "train")
+        spec = AugmentSpec(RRC)
+        manifest = Manifest(
+            teacher=TeacherInfo(name="echo", architecture={}, fingerprint="0" * 64),
+            dataset=DatasetInfo(
+                name="img",
+                split="train",
+                length=len(split),
+                num_classes=3 * 16 * 16,
+                fingerprint=split.fingerprint,
+            ),
+            storage=StorageInfo(dtype="float32", chunk_rows=4, shard_rows=8),
+            views=views_record(spec, 3, seed=7),
+        )
+        store = LogitStore.create(tmp_path / f"rrc-{budget}.zarr", manifest)
+        write_logits(Echo(), split, store, torch.device("cpu"), batch_size=4)
+        store.finish()
+        store = LogitStore.open(tmp_path / f"rrc-{budget}.zarr")
+        params = cached_views_for(store, split)  # (N, K, 5) boxes, dataset order
+        assert params is not None and params.shape == (15, 3, 5)
+        for row in (0, 7, 14):  # the boxes are (seed, id, view)'s, for the decoded image's size
+            for k in range(3):
+                assert tuple(params[row, k].tolist()) == crop_box(7, int(split.ids[row]), k, 37, 53)
+        assert len({tuple(p) for p in params.flatten(0, 1).tolist()}) > 40  # drawn, not repeated
+        logits = cached_logits_for(store, split)
+        views = Views(spec, params, "random", 0)
+        batches = InMemoryBatches(split, torch.arange(15), logits, 4, torch.device("cpu"), views)
+        streamed = StreamedBatches(store, split, torch.arange(15), 4, torch.device("cpu"), views=Views(spec))
+        for source in (batches, streamed):
+            seen = 0
+            for batch in source.epoch(torch.Generator().manual_seed(1)):
+                assert batch.augmented and batch.inputs.shape[1:] == (3, 16, 16)
+                assert torch.equal(batch.inputs.flatten(1), batch.teacher_logits)  # bit for bit
+                seen += len(batch.inputs)
+            assert seen == 15
+        # a fresh view (no cache of views): drawn by the workers, deterministic per (seed, id)
+        fresh = InMemoryBatches(split, torch.arange(15), None, 4, torch.device("cpu"), Views(spec))
+        first = [b.inputs for b in fresh.epoch(torch.Generator().manual_seed(2))]
+        again = [b.inputs for b in fresh.epoch(torch.Generator().manual_seed(2))]
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+        assert not torch.equal(torch.cat(first).sort(0).values, split.inputs[:].sort(0).values)
+
+
+def test_random_resized_crop_from_the_cli(tmp_path: Path) -> None:
+    preset = image_preset(tmp_path)
+    paths = Paths(data=tmp_path / "data")
+    views = ["--set", "cache.augment=random-resized-crop", "--set", "cache.views=2"]
+    assert kd(paths, "train-teacher", "--preset", preset).exit_code == 0
+    for args in (["teacher-logits", *views], ["distill", "--run-name", "rrc", *views, *STREAMED]):
+        result = kd(paths, *args, "--preset", preset)
+        assert result.exit_code == 0, result.output
+    config = json.loads((paths.runs / "rrc" / "config.json").read_text())
+    assert "random-resized-crop" in config["views"]
+    (cache,) = paths.logits.glob("t.imagefolder.train.*.zarr")
+    assert LogitStore.open(cache).manifest.views["augment"]["scale"] == [0.08, 1.0]
+    result = kd(paths, "teacher-logits", "--preset", preset, "--set", "cache.augment=random-resized-crop")
+    assert result.exit_code == 2 and "continuous space of views" in " ".join(result.stderr.split())
+    elsewhere = Paths(data=tmp_path / "elsewhere")
+    result = kd(
+        elsewhere, "train-teacher", "--preset", "tiny", "--set", "teacher.train.augment=random-resized-crop"
+    )
+    assert result.exit_code == 2 and "needs an imagefolder source" in " ".join(result.stderr.split())
+
+
+@pytest.mark.slow
+def test_two_processes_read_streamed_images_as_one(tmp_path: Path) -> None:
+    """Under torchrun each rank's workers decode its own shards' rows (and draw their views): the cache is
+    byte-identical to one process's; a streamed stage 2 trains on both ranks' shares."""
+    from tests.test_distributed import torchrun
+
+    preset = image_preset(tmp_path, chunk_rows=8)
+    views = ["--set", "cache.augment=random-resized-crop", "--set", "cache.views=2"]
+    one, two = Paths(data=tmp_path / "one"), Paths(data=tmp_path / "two")
+    assert kd(one, "train-teacher", "--preset", preset).exit_code == 0
+    shutil.copytree(one.teachers, two.teachers)
+    assert kd(one, "teacher-logits", "--preset", preset, *views, *STREAMED).exit_code == 0
+    result = torchrun(two.data, "teacher-logits", "--preset", preset, *views, *STREAMED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for split in ("train", "test"):
+        (a,) = one.logits.glob(f"t.imagefolder.{split}.*.zarr")
+        (b,) = two.logits.glob(f"t.imagefolder.{split}.*.zarr")
+        assert a.name == b.name and array_files(a) == array_files(b)
+    stream = ["--set", "distill.memory_budget_mb=0", "--set", "distill.train.batch_size=8"]
+    result = torchrun(
+        two.data, "distill", "--preset", preset, "--run-name", "ddp", *views, *STREAMED, *stream
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((two.runs / "ddp" / "summary.json").read_text())["student_test_accuracy"] is not None

@@ -14,6 +14,16 @@ Kinds (`pad` is the padding of crop-flip and the largest offset of the shifts):
                 (2 pad + 1)^2 * 2 views (162 at pad 4, CIFAR's recipe). Parameters (dy, dx, flip).
     shift       1-D signals (L,) or (C, L): circular shift by `offset` in [-pad, pad]; 2 pad + 1 views.
     shift-zero  the same shift, zero-filled instead of wrapped around. Parameters (offset,).
+
+One augmentation has a continuous space, the ImageNet recipe (FKD's, torchvision's RandomResizedCrop):
+
+    random-resized-crop  image files (an imagefolder source): a box of the decoded image, its area a
+                fraction in `RRC_SCALE` of the image's and its aspect ratio in `RRC_RATIO` (log-uniform),
+                resized to the split's size, and a coin-flip mirror. Parameters (top, left, height,
+                width, flip) in pixels of the decoded image: drawn in the DataLoader workers (the box
+                needs the image's size) from (view seed, sample id, view index) by `crop_box`, stored,
+                and replayed on the decoded image in the workers (pipeline.data.readers.ImageFiles). K
+                views are drawn; `views = "all"` is refused.
 """
 
 from __future__ import annotations
@@ -27,9 +37,18 @@ if TYPE_CHECKING:  # numpy and torch are imported where used: the settings (pipe
     import numpy as np
     import torch
 
-AUGMENTS = ("none", "crop-flip", "shift", "shift-zero")
+AUGMENTS = ("none", "crop-flip", "shift", "shift-zero", "random-resized-crop")
 AUGMENT_VERSION = 1  # of the parameter layout and replay below; a cache from another version is refused
-PARAM_NAMES = {"crop-flip": ("dy", "dx", "flip"), "shift": ("offset",), "shift-zero": ("offset",)}
+PARAM_NAMES = {
+    "crop-flip": ("dy", "dx", "flip"),
+    "shift": ("offset",),
+    "shift-zero": ("offset",),
+    "random-resized-crop": ("top", "left", "height", "width", "flip"),
+}
+RRC = "random-resized-crop"
+RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop's defaults, the ImageNet recipe
+RRC_RATIO = (3 / 4, 4 / 3)
+CONTINUOUS = 2**31 - 1  # the `space` of an augmentation whose views cannot be enumerated
 
 
 @dataclass(frozen=True)
@@ -49,9 +68,14 @@ class AugmentSpec:
 
     @property
     def space(self) -> int:
-        """How many distinct views the augmentation has."""
+        """How many distinct views the augmentation has (CONTINUOUS: too many to enumerate)."""
         side = 2 * self.pad + 1
-        return {"none": 1, "crop-flip": side * side * 2}.get(self.kind, side)
+        return {"none": 1, "crop-flip": side * side * 2, RRC: CONTINUOUS}.get(self.kind, side)
+
+    @property
+    def on_files(self) -> bool:
+        """Whether views are cut from the decoded files in the workers (not from the fixed view)."""
+        return self.kind == RRC
 
     def enumerate(self) -> np.ndarray:
         """Every view's parameters (space, P) int16, in a fixed order (view k of `views = "all"`)."""
@@ -63,10 +87,15 @@ class AugmentSpec:
             return np.stack([k // (2 * side), (k // 2) % side, k % 2], 1).astype(np.int16)
         if self.kind in ("shift", "shift-zero"):
             return (k - self.pad)[:, None].astype(np.int16)
+        if self.on_files:
+            raise KDError(f"augment '{self.kind}' has a continuous space of views: they cannot be enumerated")
         return np.zeros((1, 0), dtype=np.int16)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "pad": self.pad, "params": list(PARAM_NAMES.get(self.kind, ()))}
+        described = {"kind": self.kind, "pad": self.pad, "params": list(PARAM_NAMES.get(self.kind, ()))}
+        if self.on_files:
+            described.update(scale=list(RRC_SCALE), ratio=list(RRC_RATIO))
+        return described
 
 
 def views_record(spec: AugmentSpec, count: int | str, seed: int) -> dict[str, Any]:
@@ -82,8 +111,14 @@ def views_record(spec: AugmentSpec, count: int | str, seed: int) -> dict[str, An
     }
 
 
-def check_augment(kind: str, inputs: torch.Tensor) -> None:
-    """Refuse, before any training, an augmentation that does not fit the data."""
+def check_augment(kind: str, inputs: Any) -> None:
+    """Refuse, before any training, an augmentation that does not fit the data. `inputs`: a split's
+    `view_source` (its image files, for random-resized-crop)."""
+    if kind == RRC and not getattr(inputs, "cuts_views", False):  # image files (readers.ImageFiles)
+        raise KDError(
+            f"augment '{kind}' cuts its views from the decoded image files: it needs an imagefolder source "
+            '(use "crop-flip" for images held as arrays)'
+        )
     if kind == "crop-flip" and inputs.dim() != 4:
         raise KDError(
             f"augment '{kind}' needs images (C, H, W), got inputs of shape {tuple(inputs.shape[1:])}: "
@@ -113,6 +148,8 @@ def view_params(spec: AugmentSpec, ids: np.ndarray, count: int | str, seed: int)
     result depends on nothing else (not the batch, the rank or the order of writing)."""
     import numpy as np
 
+    if spec.on_files or (count == "all" and spec.space == CONTINUOUS):
+        raise KDError(f"view_params cannot draw '{spec.kind}' views: they are drawn from the image files")
     table = spec.enumerate()  # (space, P)
     ids = np.asarray(ids, dtype=np.int64)
     if count == "all":
@@ -130,6 +167,46 @@ def view_params(spec: AugmentSpec, ids: np.ndarray, count: int | str, seed: int)
     return table[chosen]
 
 
+def _uniforms(seed: int, sample_id: int, view: int, count: int) -> np.ndarray:
+    """`count` uniform numbers in [0, 1), a pure function of (seed, sample id, view): splitmix64."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        key = _mix(np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(sample_id & (2**64 - 1)))
+        key = _mix(key ^ (np.uint64(view + 1) * np.uint64(0xD6E8FEB86659FD93)))
+        draws = _mix(key + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return (draws >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def crop_box(seed: int, sample_id: int, view: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+    """(top, left, height, width, flip) of view `view` of a (height x width) image: torchvision's
+    RandomResizedCrop.get_params (10 tries of an area fraction in RRC_SCALE and a log-uniform ratio in
+    RRC_RATIO, else the largest centered box of a ratio within RRC_RATIO), drawn from (seed, sample id,
+    view) alone, so every worker, rank and resumed run cuts the same box."""
+    import math
+
+    u = _uniforms(seed, sample_id, view, 41)
+    area = height * width
+    log_lo, log_hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
+    flip = int(u[40] < 0.5)
+    for t in range(10):
+        a, r, y, x = u[4 * t : 4 * t + 4]
+        target = area * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * a)
+        ratio = math.exp(log_lo + (log_hi - log_lo) * r)
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(y * (height - h + 1)), int(x * (width - w + 1)), h, w, flip
+    in_ratio = width / height
+    if in_ratio < RRC_RATIO[0]:
+        w, h = width, int(round(width / RRC_RATIO[0]))
+    elif in_ratio > RRC_RATIO[1]:
+        h, w = height, int(round(height * RRC_RATIO[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w, flip
+
+
 def random_params(spec: AugmentSpec, batch: int, device: torch.device) -> torch.Tensor:
     """(B, P) parameters drawn uniformly over the views (the torch RNG): fresh augmentation."""
     import torch
@@ -143,7 +220,7 @@ def replay(inputs: torch.Tensor, params: torch.Tensor, spec: AugmentSpec) -> tor
     """The views (B, ...) of a batch given their parameters (B, P), on the inputs' device."""
     import torch
 
-    if spec.kind == "none":
+    if spec.kind == "none" or spec.on_files:  # random-resized-crop: replayed by the workers
         return inputs
     params = params.to(inputs.device, torch.int64)
     if spec.kind == "crop-flip":

@@ -56,7 +56,8 @@ def load_split(cfg: DatasetConfig, split: str) -> Split:
     if readers and sum(r.nbytes for r in readers.values()) <= cfg.memory_budget_mb * 2**20:
         # fits its budget: read whole once, through the workers (the fingerprint stays the files')
         loaded = {name: r.load() for name, r in readers.items()}
-        built = _built[key][split] = dataclasses.replace(built, **loaded)
+        files = readers.get("inputs")
+        built = _built[key][split] = dataclasses.replace(built, **loaded, files=files)
     return built
 
 

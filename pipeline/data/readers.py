@@ -65,6 +65,7 @@ class SampleReader:
     kind = "reader"
     dtype = torch.float32
     direct = False  # True: rows are read in this process where they lie (a memmap), not by workers
+    cuts_views = False  # True: answers ("view", box) and ("draw", ...) asks (random-resized-crop)
 
     def __init__(self, num_rows: int, sample_shape: tuple[int, ...], workers: int = -1) -> None:
         self.num_rows, self.sample_shape = num_rows, tuple(sample_shape)
@@ -86,6 +87,11 @@ class SampleReader:
     def stream_content(self) -> Iterator[tuple[int, bytes]]:
         """(rows finished, bytes): every input byte, in position order (hashed once per version)."""
         raise NotImplementedError
+
+    def answer(self, i: int, ask: tuple) -> Any:
+        """Something other than the sample at position i, asked by a plan (`Asks`): views, for readers
+        that cut them."""
+        raise NotImplementedError(f"{type(self).__name__} answers no {ask[0]!r}")
 
     # -- a tensor's face ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -114,11 +120,11 @@ class SampleReader:
             return self.sample(int(rows) % max(self.num_rows, 1))
         return read_rows(self, row_positions(rows, self.num_rows))
 
-    def item(self, i: int) -> tuple[int, torch.Tensor | Unreadable]:
-        """What a DataLoader worker returns for position i: (i, the sample), or (i, Unreadable) when it
-        cannot be read (raised in one line by the main process)."""
+    def item(self, i: int, ask: tuple | None = None) -> tuple[int, Any]:
+        """What a DataLoader worker returns for position i: (i, the sample, or `answer(i, ask)`), or
+        (i, Unreadable) when it cannot be read (raised in one line by the main process)."""
         try:
-            return i, self.sample(i)
+            return i, self.sample(i) if ask is None else self.answer(i, ask)
         except Exception as err:  # any decoder's error: reported by the main process, in one line
             reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:200]
             return i, Unreadable(self.name_of(i), reason)
@@ -175,6 +181,16 @@ def row_positions(rows: Any, n: int) -> torch.Tensor:
     return positions % max(n, 1)
 
 
+@dataclass(frozen=True)
+class Asks:
+    """A plan's rows with a question for each (as `SampleReader.answer` takes it), instead of plain
+    positions: ("view", (top, left, h, w, flip)) replays a stored view, ("draw", seed, K, sample id)
+    draws K views and returns (views (K, ...), their parameters (K, P))."""
+
+    positions: torch.Tensor
+    asks: list[tuple]
+
+
 class _Items(torch.utils.data.Dataset):
     """A reader as DataLoader workers see it: position -> (position, sample or Unreadable)."""
 
@@ -184,16 +200,29 @@ class _Items(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | Unreadable]:
-        return self.reader.item(i)
+    def __getitem__(self, request: int | tuple) -> tuple[int, Any]:
+        if isinstance(request, tuple):
+            return self.reader.item(*request)
+        return self.reader.item(request)
 
 
-def _collate(items: Sequence[tuple[int, Any]]) -> tuple[torch.Tensor, torch.Tensor | Unreadable]:
-    """A batch of (position, sample): the stacked samples, or the first sample that could not be read."""
+def _collate(items: Sequence[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
+    """A batch of (position, sample): the stacked samples (a tuple of them stacked element by element),
+    or the first sample that could not be read."""
+    positions = torch.tensor([i for i, _ in items])
     for _, x in items:
         if isinstance(x, Unreadable):
-            return torch.tensor([i for i, _ in items]), x
-    return torch.tensor([i for i, _ in items]), torch.stack([x for _, x in items])
+            return positions, x
+    if isinstance(items[0][1], tuple):
+        return positions, tuple(torch.stack(part) for part in zip(*(x for _, x in items), strict=True))
+    return positions, torch.stack([x for _, x in items])
+
+
+def _requests(rows: Any, num_rows: int) -> list:
+    """A batch sampler's list: positions, or (position, ask) pairs for Asks."""
+    if isinstance(rows, Asks):
+        return list(zip(row_positions(rows.positions, num_rows).tolist(), rows.asks, strict=True))
+    return row_positions(rows, num_rows).tolist()
 
 
 def unreadable_error(bad: Unreadable) -> KDError:
@@ -213,7 +242,7 @@ class _Plan:
     def __iter__(self) -> Iterator[list[int]]:
         for rows, extra in self.plans:
             self.pending.append((rows, extra))
-            yield row_positions(rows, self.num_rows).tolist()
+            yield _requests(rows, self.num_rows)
 
 
 def prefetched(
@@ -232,8 +261,9 @@ def prefetched(
             yield rows, reader[row_positions(rows, reader.num_rows)], extra
         return
     if workers == 0:
+        items = _Items(reader)
         for rows, extra in plans:
-            _, x = _collate([reader.item(int(i)) for i in row_positions(rows, reader.num_rows)])
+            _, x = _collate([items[request] for request in _requests(rows, reader.num_rows)])
             if isinstance(x, Unreadable):
                 raise unreadable_error(x)
             yield rows, x, extra
@@ -288,13 +318,14 @@ def iter_rows(
 
 
 def fetch(
-    inputs: torch.Tensor | SampleReader,
+    inputs: Any,
     plans: Iterable[tuple[Any, T]],
     *,
     pin: bool = False,
 ) -> Iterator[tuple[torch.Tensor, T]]:
     """(inputs[rows], extra) for each (rows, extra) of `plans` (rows: a slice or positions), in order: a
-    tensor is indexed, a reader read ahead by its workers (pinned for a CUDA copy when `pin`)."""
+    tensor is indexed, a reader read ahead by its workers (pinned for a CUDA copy when `pin`); rows given
+    as `Asks` get the reader's answers."""
     if isinstance(inputs, SampleReader):
         for _, x, extra in prefetched(inputs, plans, pin=pin):
             yield x, extra
@@ -332,6 +363,7 @@ class ImageFiles(SampleReader):
     `size` x `size` -> float [0, 1] -> normalized by mean / std when given."""
 
     kind = "imagefolder"
+    cuts_views = True
 
     def __init__(
         self,
@@ -345,6 +377,10 @@ class ImageFiles(SampleReader):
         workers: int = -1,
     ) -> None:
         super().__init__(len(paths), (3, size, size), workers)
+        # imported here, once: forked workers inherit them instead of each paying ~1 s of imports
+        import PIL.Image  # noqa: F401
+        import torchvision.transforms.v2.functional  # noqa: F401
+
         self.root, self.paths = Path(root), paths
         self.size, self.resize = size, resize or size
         self.mean = None if mean is None else [float(v) for v in mean]
@@ -377,6 +413,28 @@ class ImageFiles(SampleReader):
 
     def sample(self, i: int) -> torch.Tensor:
         return self.finish(self.decoded(i))
+
+    def view(self, image: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
+        """A random-resized-crop view of a decoded image: the box (top, left, height, width, flip) cut,
+        resized to size x size, mirrored when flip, scaled and normalized (pipeline.data.augment)."""
+        from torchvision.transforms.v2 import functional as F
+
+        top, left, height, width, flip = (int(v) for v in box)
+        image = F.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
+        return self.scale(F.horizontal_flip(image) if flip else image)
+
+    def answer(self, i: int, ask: tuple) -> Any:
+        if ask[0] == "view":  # replay a stored view
+            return self.view(self.decoded(i), ask[1])
+        if ask[0] == "draw":  # draw K views: their boxes need the image's size
+            from pipeline.data.augment import crop_box
+
+            _, seed, count, sample_id = ask
+            image = self.decoded(i)
+            boxes = [crop_box(seed, sample_id, k, image.shape[1], image.shape[2]) for k in range(count)]
+            views = torch.stack([self.view(image, box) for box in boxes])  # (K, 3, size, size)
+            return views, torch.tensor(boxes, dtype=torch.int16)  # (K, 5)
+        return super().answer(i, ask)
 
     def listing(self) -> Any:
         stats = []

@@ -31,6 +31,7 @@ class Split:
     # a file-backed source's digest of its inputs and labels (pipeline.data.readers), hashed in place of
     # the decoded tensors: the same whether they were read into memory or are read by workers
     content: str | None = None
+    files: SampleReader | None = None  # the reader of inputs read into memory (views are cut from files)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -57,6 +58,12 @@ class Split:
             assert isinstance(tensor, torch.Tensor)
             digest.update(np.ascontiguousarray(tensor.numpy()).tobytes())
         return digest.hexdigest()
+
+    @property
+    def view_source(self) -> Any:
+        """What views are cut from: the image files of a file-backed source (held in memory or not), else
+        the inputs themselves."""
+        return self.files if self.files is not None else self.inputs
 
     @property
     def streamed(self) -> bool:

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.data.augment import AugmentSpec, replay
 from pipeline.data.datasets import Split
-from pipeline.data.readers import fetch
+from pipeline.data.readers import Asks, fetch
 from pipeline.errors import KDError
 from pipeline.models import teacher_autocast
 from pipeline.store import LogitStore
@@ -113,13 +113,16 @@ class InMemoryBatches:
         views: Views | None = None,
     ) -> None:
         """teacher_logits: (N, C), or (N, K, C) with stored views (`views.params`), in dataset row order."""
-        self.device = device
-        self.inputs = split.inputs if split.streamed else split.inputs.to(device)
+        self.device, self.ids = device, split.ids
+        self.views = views or Views()
+        # random-resized-crop: every view is cut from the image files by the workers
+        self.files = split.view_source if self.views.spec.on_files else None
+        held = split.streamed or self.files is not None
+        self.inputs = split.inputs if held else split.inputs.to(device)
         self.labels = split.labels.to(device)
         self.teacher_logits = None if teacher_logits is None else teacher_logits.to(device)
         self.rows = rows.to(device)
         self.batch_size = batch_size
-        self.views = views or Views()
         if self.views.params is not None:
             self.views = dataclasses.replace(self.views, params=self.views.params.to(device))
         stored = self.views.params is not None
@@ -132,12 +135,16 @@ class InMemoryBatches:
         self.rank, self.world = rank, world
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
-        pin = self.device.type == "cuda"
-        for inputs, (idx, zt, params) in fetch(self.inputs, self._plans(generator), pin=pin):
+        pin, source, plans = self.device.type == "cuda", self.inputs, self._plans(generator)
+        if self.files is not None:
+            source, plans = self.files, asking_views(plans, self.ids, generator)
+        for inputs, (idx, zt, params) in fetch(source, plans, pin=pin):
+            if isinstance(inputs, tuple):  # fresh views drawn by the workers: (views (B, 1, ...), params)
+                inputs = inputs[0][:, 0]
             inputs = inputs.to(self.device, non_blocking=True)
             if params is not None:
                 inputs = replay(inputs, params, self.views.spec)
-            yield Batch(inputs, self.labels[idx], zt, params is not None)
+            yield Batch(inputs, self.labels[idx], zt, params is not None or self.files is not None)
 
     def _plans(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, tuple[Any, ...]]]:
         """(rows of this rank, (rows, teacher logits, view parameters or None)) of each batch, in order:
@@ -153,11 +160,28 @@ class InMemoryBatches:
                 rows, pick = rows[self.rank :: self.world], pick[self.rank :: self.world]
                 yield rows, (rows, self.teacher_logits[rows, pick], views.params[rows, pick])
                 continue
-            params = views.fresh(len(rows), generator) if views.spec.kind != "none" else None
+            fresh = views.spec.kind != "none" and not views.spec.on_files  # else: drawn by the workers
+            params = views.fresh(len(rows), generator) if fresh else None
             idx = rows[self.rank :: self.world]
             zt = None if self.teacher_logits is None else self.teacher_logits[idx]
             mine = None if params is None else params[self.rank :: self.world].to(device)
             yield idx, (idx, zt, mine)
+
+
+def asking_views(
+    plans: Iterable[tuple[torch.Tensor, tuple[Any, ...]]], ids: torch.Tensor, generator: torch.Generator
+) -> Iterator[tuple[Asks, tuple[Any, ...]]]:
+    """Plans (rows, (rows, targets, view parameters or None)) whose rows ask the image files for their
+    views (random-resized-crop): a stored view replayed from its parameters, or, without them, a fresh
+    view drawn from (a seed from `generator`, the sample id), the same on every rank."""
+    for rows, extra in plans:
+        params = extra[2]
+        if params is not None:
+            asks = [("view", tuple(p)) for p in params.tolist()]
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            asks = [("draw", seed, 1, int(i)) for i in ids[rows.cpu()].tolist()]
+        yield Asks(rows, asks), extra
 
 
 def cached_logits_for(store: LogitStore, split: Split) -> torch.Tensor:
@@ -304,7 +328,7 @@ class StreamedBatches(ShardStream):
                 if "views" in buffer.extras and self.picker is not None:  # one stored view per row: its
                     pick = self.picker(pos, epoch, generator)  # logits and the parameters that replay it
                     params = torch.from_numpy(buffer.extras["views"])[rows, pick]
-                elif spec.kind != "none":
+                elif spec.kind != "none" and not spec.on_files:
                     params = self.views.fresh(len(pos), generator)
                 else:
                     params = torch.empty(len(pos), 0, dtype=torch.int16)
@@ -313,8 +337,15 @@ class StreamedBatches(ShardStream):
         def join(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             return tuple(torch.cat(pair) for pair in zip(a, b, strict=True))
 
+        plans: Iterable[tuple[Any, tuple[Any, ...]]]
         plans = ((pos, (pos, zt, params)) for pos, (zt, params) in cut_batches(parts(), batch_size, join))
-        for inputs, (pos, zt, params) in fetch(self.split.inputs, plans, pin=self.device.type == "cuda"):
+        source = self.split.inputs
+        if spec.on_files:  # random-resized-crop: the workers cut the views from the image files
+            fresh = ((rows, (rows, zt, p if p.shape[1] else None)) for rows, (_, zt, p) in plans)
+            source, plans = self.split.view_source, asking_views(fresh, self.split.ids, generator)
+        for inputs, (pos, zt, params) in fetch(source, plans, pin=self.device.type == "cuda"):
+            if isinstance(inputs, tuple):  # fresh views drawn by the workers: (views (B, 1, ...), params)
+                inputs = inputs[0][:, 0]
             yield self._batch(inputs, pos, zt, params, spec)
 
     def _targets(

@@ -108,7 +108,7 @@ def _classes(
 ) -> Prepared:
     train, test, train_rows, val_rows = splits
     cfg = preset.distill
-    check_augment(cfg.train.augment, train.inputs)
+    check_augment(cfg.train.augment, train.view_source)
     fresh = Views(AugmentSpec(cfg.train.augment, cfg.train.augment_pad), choice=cfg.views, seed=cfg.seed)
     views = "none" if fresh.spec.kind == "none" else f"fresh {fresh.spec.kind} (pad {fresh.spec.pad})"
     if cfg.teacher_online and cfg.method not in LABEL_ONLY:
@@ -203,7 +203,7 @@ def _student_views(
             f"{cfg.train.augment} (pad {cfg.train.augment_pad}): the student replays the cached views, so "
             f'set distill.train.augment to "{spec.kind}" or "none", or use a cache of the views you want'
         )
-    check_augment(spec.kind, train.inputs)
+    check_augment(spec.kind, train.view_source)
     count = store.num_views
     all_views = " (all)" if store.manifest.views.get("all") else ""
     return (
