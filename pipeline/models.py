@@ -331,7 +331,7 @@ def check_lm_vocabulary(model: CausalLM, split: Any, role: str, arch: str) -> No
         )
 
 
-def check_vocabulary(model: nn.Module, inputs: torch.Tensor, tokenizer: str | None, role: str) -> None:
+def check_vocabulary(model: nn.Module, inputs: Any, tokenizer: str | None, role: str) -> None:
     """A Hugging Face model must read the data's token ids: its embedding table covers every id and,
     when its own tokenizer can be loaded, that tokenizer has the same vocabulary as the data's. A student
     shares the teacher's tokenizer (same vocabulary and ids). inputs (N, 2, L) [input_ids; mask]."""
@@ -339,7 +339,8 @@ def check_vocabulary(model: nn.Module, inputs: torch.Tensor, tokenizer: str | No
         return
     name = str(getattr(model.model.config, "_name_or_path", "") or "the model")
     size = model.model.get_input_embeddings().num_embeddings
-    top = int(inputs[:, 0].max())
+    held = inputs if isinstance(inputs, torch.Tensor) else inputs[: min(len(inputs), 4096)]  # a sample
+    top = int(held[:, 0].max())
     fix = f"use a {role} built with tokenizer '{tokenizer}' (students share the teacher's tokenizer)"
     if top >= size:
         raise KDError(

@@ -58,10 +58,9 @@ def run(paths: Paths, *, quick: bool = False, reps: int | None = None, docs: Pat
         console.print(f"[bold]{count} images[/bold]{f' (generated in {made:.0f} s)' if made else ''}")
         report[f"stage1_{count}"] = _child("stage1", str(preset), str(data_dir))
         report[f"stage2_{count}"] = _child("stage2", str(preset), str(data_dir))
-    console.print("[bold]speed[/bold] (at N)")
-    report["speed"] = _child(
-        "speed", str(_preset(folder, folder / f"jpeg-{n}", n)), str(folder / f"run-{n}"), str(reps)
-    )
+    console.print("[bold]speed[/bold] (at 8N: stage 1's fixed cost, creating the store, is not the figure)")
+    preset_8n = _preset(folder, folder / f"jpeg-{8 * n}", 8 * n)
+    report["speed"] = _child("speed", str(preset_8n), str(folder / f"run-{8 * n}"), str(reps))
     console.print("[bold]tokens[/bold]")
     report["tokens"] = _child("tokens", str(folder), str(50 if quick else 1024))
     grow1 = report[f"stage1_{8 * n}"]["peak_rss_mb"] - report[f"stage1_{n}"]["peak_rss_mb"]

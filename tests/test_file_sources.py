@@ -426,3 +426,54 @@ def test_two_processes_read_streamed_images_as_one(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((two.runs / "ddp" / "summary.json").read_text())["student_test_accuracy"] is not None
+
+
+def image_rows(folder: Path, kind: str) -> dict[str, str]:
+    """make_jpegs' images as Hugging Face `datasets` rows (an Image column of the JPEG bytes): saved with
+    save_to_disk, or as parquet files."""
+    import datasets as hf
+
+    options = {}
+    for split, n, seed in (("train", 8, 0), ("test", 2, 1)):
+        files = make_jpegs(folder / "jpeg" / split, n, seed)
+        rows = hf.Dataset.from_dict(
+            {"image": [str(f) for f in files], "label": [ord(f.parent.name) - ord("a") for f in files]},
+            features=hf.Features({"image": hf.Image(), "label": hf.Value("int64")}),
+        )
+        rows = rows.cast_column("image", hf.Image(decode=False)).map(
+            lambda row: {"image": {"bytes": Path(row["image"]["path"]).read_bytes(), "path": None}}
+        )
+        if kind == "disk":
+            rows.save_to_disk(str(folder / split))
+            options[split] = str(folder / split)
+        else:
+            rows.to_parquet(str(folder / f"{split}.parquet"))
+            options[split] = str(folder / f"{split}.parquet")
+    return options if kind == "disk" else {**options, "format": "parquet"}
+
+
+@pytest.mark.parametrize("kind", ["disk", "parquet"])
+def test_hf_image_rows_decode_as_the_image_files_do(tmp_path: Path, kind: str) -> None:
+    from pipeline.data.arrow import ArrowImages
+
+    options = {**image_rows(tmp_path, kind), "size": 16, "resize": 18}
+    split = load_split(
+        DatasetConfig(name="hf-images", options=options, memory_budget_mb=0, workers=1), "train"
+    )
+    assert isinstance(split.inputs, ArrowImages) and split.inputs.shape == (24, 3, 16, 16)
+    folder = load_split(image_config(tmp_path / "jpeg"), "train")  # the same JPEGs as files
+    assert torch.equal(split.inputs[:], folder.inputs)  # decoded from Arrow bytes as from the files
+    assert torch.equal(split.labels, folder.labels)
+    test = load_split(DatasetConfig(name="hf-images", options=options, memory_budget_mb=0), "test")
+    assert test.ids.tolist() == list(range(24, 30))
+    preset = write_preset(
+        tmp_path / "hf.toml",
+        f'name = "hf-images"\nmemory_budget_mb = 0\noptions = {json.dumps(options).replace(":", " =")}',
+        'arch = "mlp"\noptions = { hidden = [32] }',
+        'arch = "mlp"\noptions = { hidden = [16] }',
+    )
+    paths = Paths(data=tmp_path / "data")
+    views = ["--set", "cache.augment=random-resized-crop", "--set", "cache.views=2"]
+    for args in (["train-teacher"], ["teacher-logits", *views], ["distill", "--run-name", "hf", *views]):
+        result = kd(paths, *args, "--preset", preset)
+        assert result.exit_code == 0, result.output

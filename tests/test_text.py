@@ -179,3 +179,45 @@ def test_many_unknown_tokens_warn(text_setup: Path, tmp_path: Path) -> None:
                 "--set", f"student.arch=hf:{poor}", "--epochs", "1")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "of the train tokens are unknown to tokenizer" in result.stderr
+
+
+def test_text_rows_read_as_batches_ask_equal_the_held_ones(text_setup: Path) -> None:
+    """hf-text reads its Arrow rows and tokenizes them as batches ask (memory budget 0); held in memory
+    they are the same tensors, with the same fingerprint; a changed row changes it."""
+    import datasets as hf
+    import torch
+
+    from pipeline.config import DatasetConfig
+    from pipeline.data import datasets
+    from pipeline.data.arrow import ArrowText
+
+    options = {
+        "train": str(text_setup / "train"),
+        "test": str(text_setup / "test"),
+        "tokenizer": str(text_setup / "bert"),
+        "max_length": 8,
+    }
+    streamed = datasets.load_split(
+        DatasetConfig(name="hf-text", options=options, memory_budget_mb=0), "train"
+    )
+    held = datasets.load_split(DatasetConfig(name="hf-text", options=options), "train")
+    assert isinstance(streamed.inputs, ArrowText) and torch.is_tensor(held.inputs)
+    assert torch.equal(streamed.inputs[:], held.inputs) and held.inputs.shape == (64, 2, 8)
+    rows = torch.tensor([5, 0, 63, 5])
+    assert torch.equal(streamed.inputs[rows], held.inputs[rows])
+    assert streamed.fingerprint == held.fingerprint and torch.equal(streamed.labels, held.labels)
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_model, check_fits_data
+
+    model = build_model(ModelConfig(arch=f"hf:{text_setup / 'bert'}"), 2, streamed.input_shape)
+    check_fits_data(model, streamed, "student", "hf")  # reads a sample of the rows, not all of them
+    changed = hf.load_from_disk(str(text_setup / "train"))
+    changed = changed.map(
+        lambda row, i: {"text": row["text"] + (" very" if i == 3 else "")}, with_indices=True
+    )
+    changed.save_to_disk(str(text_setup / "train-changed"))
+    other = datasets.load_split(
+        DatasetConfig(name="hf-text", options={**options, "train": str(text_setup / "train-changed")}),
+        "train",
+    )
+    assert other.fingerprint != held.fingerprint

@@ -19,6 +19,14 @@ import numpy as np
 import torch
 
 from pipeline.config import DatasetConfig
+from pipeline.data.arrow import (
+    ArrowImages,
+    ArrowText,
+    column_values,
+    content_of,
+    load_parts,
+    tokenizer_digest,
+)
 from pipeline.data.kept import keep, path_for
 from pipeline.data.lm_data import OPTIONS, lm_text
 from pipeline.data.readers import IMAGE_SUFFIXES, ImageFiles, NpyRows, SampleReader, list_images, open_npy
@@ -225,13 +233,7 @@ def _image_folder(cfg: DatasetConfig) -> dict[str, Split]:
     options.resize (default options.size), center-cropped to options.size (default 32), scaled to [0, 1],
     normalized by options.mean / .std if given. Sample ids: positions in sorted relative-path order
     (test after train); the fingerprint covers ids, labels and every file's bytes."""
-    size = int(cfg.options.get("size", 32))
-    resize = int(cfg.options.get("resize", size))
-    if size < 1 or resize < size:
-        raise KDError(f"dataset.options: size ({size}) must be >= 1 and resize ({resize}) >= size")
-    mean, std = cfg.options.get("mean"), cfg.options.get("std")
-    if (mean is None) != (std is None):
-        raise KDError("dataset.options: give both mean and std (3 numbers each), or neither")
+    recipe = _image_recipe(cfg.options)
     out, first_id, classes = {}, 0, None
     for split in SPLITS:
         root = cfg.options.get(split)
@@ -247,9 +249,7 @@ def _image_folder(cfg: DatasetConfig) -> dict[str, Split]:
                 f"{root} holds no image files ({', '.join(IMAGE_SUFFIXES)}) in its class subfolders"
             )
         classes = found
-        reader = ImageFiles(
-            Path(str(root)), paths, size=size, resize=resize, mean=mean, std=std, workers=cfg.workers
-        )
+        reader = ImageFiles(Path(str(root)), paths, workers=cfg.workers, **recipe)
         out[split] = Split(
             dataset=str(cfg.options.get("name", "imagefolder")),
             split=split,
@@ -258,12 +258,7 @@ def _image_folder(cfg: DatasetConfig) -> dict[str, Split]:
             ids=torch.arange(first_id, first_id + len(paths)),
             num_classes=len(classes),
             preprocessing={
-                "decode": "RGB uint8 (Pillow)",
-                "resize": resize,
-                "center_crop": size,
-                "to_tensor": "[0, 1]",
-                "mean": mean,
-                "std": std,
+                **_image_preprocessing(recipe),
                 "classes": classes,
                 "ids": "positions in sorted relative-path order, test after train",
                 "fingerprint": "ids, labels, every file's relative path and bytes",
@@ -272,6 +267,30 @@ def _image_folder(cfg: DatasetConfig) -> dict[str, Split]:
         )
         first_id += len(paths)
     return out
+
+
+def _image_recipe(options: Any) -> dict[str, Any]:
+    """The fixed view of an image source's options: crop `size`, shorter side `resize`, `mean`, `std`."""
+    size = int(options.get("size", 32))
+    resize = int(options.get("resize", size))
+    if size < 1 or resize < size:
+        raise KDError(f"dataset.options: size ({size}) must be >= 1 and resize ({resize}) >= size")
+    mean, std = options.get("mean"), options.get("std")
+    if (mean is None) != (std is None):
+        raise KDError("dataset.options: give both mean and std (3 numbers each), or neither")
+    return {"size": size, "resize": resize, "mean": mean, "std": std}
+
+
+def _image_preprocessing(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records of an image recipe (part of the cache's key)."""
+    return {
+        "decode": "RGB uint8 (Pillow)",
+        "resize": recipe["resize"],
+        "center_crop": recipe["size"],
+        "to_tensor": "[0, 1]",
+        "mean": recipe["mean"],
+        "std": recipe["std"],
+    }
 
 
 def _npy(cfg: DatasetConfig) -> dict[str, Split]:
@@ -358,14 +377,14 @@ def _cifar(cfg: DatasetConfig) -> dict[str, Split]:
 
 
 def _hf_text(cfg: DatasetConfig) -> dict[str, Split]:
-    """Text classification through Hugging Face `datasets`, tokenized with the model's tokenizer.
+    """Text classification through Hugging Face `datasets` (pipeline/data/arrow.py), tokenized with the
+    model's tokenizer as batches ask.
 
     options: `hub` (+ `config`, e.g. "glue" / "sst2") or `format` ("csv", "json", "parquet") with `train` /
     `test` files, or `disk` (+ `train` / `test` folders written by save_to_disk); `text` (a column, or two
     for sentence pairs), `label` (default "label"), `test_split` (default "test"; GLUE: "validation"),
     `tokenizer` (hub id or local path) and `max_length` (default 128). Inputs are (N, 2, L) int64:
     input_ids and attention_mask, padded to max_length; the manifest records tokenizer and max length."""
-    import datasets as hf
     from transformers import AutoTokenizer
 
     o = cfg.options
@@ -375,44 +394,29 @@ def _hf_text(cfg: DatasetConfig) -> dict[str, Split]:
     max_length = int(o.get("max_length", 128))
     text = o.get("text", "text")
     columns = [text] if isinstance(text, str) else list(text)
-    label = o.get("label", "label")
+    label = str(o.get("label", "label"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
-        if "hub" in o:
-            loaded = hf.load_dataset(str(o["hub"]), o.get("config"))
-            parts = {"train": loaded["train"], "test": loaded[str(o.get("test_split", "test"))]}
-        elif "format" in o:
-            files = {"train": str(o["train"]), "test": str(o["test"])}
-            loaded = hf.load_dataset(str(o["format"]), data_files=files)
-            parts = {"train": loaded["train"], "test": loaded["test"]}
-        elif "disk" in o or "train" in o:
-            parts = {split: hf.load_from_disk(str(o[split])) for split in SPLITS}
-        else:
-            raise KDError(
-                "dataset 'hf-text' needs options.hub, options.format + train/test, or train/test folders"
-            )
-    except KDError:
-        raise
     except Exception as err:  # offline hub lookups, missing files
         raise KDError(
-            f"cannot load the text data or tokenizer ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-            ": offline, pass local paths (a save_pretrained tokenizer folder, csv/json/parquet or "
-            "save_to_disk data)"
+            f"cannot load the tokenizer ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            ": offline, pass a local save_pretrained tokenizer folder"
         ) from None
-    labels_all = [list(parts[split][label]) for split in SPLITS]
-    num_classes = int(o.get("num_classes", max(max(v) for v in labels_all) + 1))
+    parts = load_parts(dict(o), "hf-text")
+    labels_all = {split: column_values(parts[split], label) for split in SPLITS}
+    for split in SPLITS:
+        missing = [c for c in columns if c not in parts[split].column_names]
+        if missing:
+            raise KDError(
+                f"the {split} data has no column {missing[0]!r} (it has {parts[split].column_names})"
+            )
+    num_classes = int(o.get("num_classes", max(int(v.max()) for v in labels_all.values() if len(v)) + 1))
+    settings = {"tokenizer": tokenizer_digest(tokenizer), "max_length": max_length, "text": columns}
     out, first_id = {}, 0
     for split in SPLITS:
-        rows = parts[split]
-        encoded = tokenizer(
-            *[list(rows[c]) for c in columns],
-            padding="max_length",
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        inputs = torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1).long()  # (N, 2, L)
-        unknown = _unknown_fraction(inputs, tokenizer.unk_token_id)
+        rows, labels = parts[split], labels_all[split]
+        reader = ArrowText(rows, columns, tokenizer, max_length)
+        unknown = _unknown_fraction(reader[: min(len(reader), 1024)], tokenizer.unk_token_id)
         if unknown > 0.05:
             print(
                 f"warning: {100 * unknown:.1f}% of the {split} tokens are unknown to tokenizer "
@@ -423,8 +427,8 @@ def _hf_text(cfg: DatasetConfig) -> dict[str, Split]:
         out[split] = Split(
             dataset=str(o.get("name", o.get("config") or o.get("hub") or "hf-text")),
             split=split,
-            inputs=inputs,
-            labels=torch.tensor(list(rows[label]), dtype=torch.int64),
+            inputs=reader,
+            labels=torch.from_numpy(labels.astype(np.int64)),
             ids=torch.arange(first_id, first_id + n),
             num_classes=num_classes,
             preprocessing={
@@ -432,9 +436,45 @@ def _hf_text(cfg: DatasetConfig) -> dict[str, Split]:
                 "max_length": max_length,
                 "text": columns,
                 "padding": "max_length",
+                "fingerprint": "ids, labels, the rows' datasets fingerprint, tokenizer and max length",
             },
+            content=content_of(rows, labels, settings),
         )
         first_id += n
+    return out
+
+
+def _hf_images(cfg: DatasetConfig) -> dict[str, Split]:
+    """Image classification through Hugging Face `datasets` (Arrow: parquet files, save_to_disk folders,
+    a hub name): options `image` (the column, default "image"), `label` (default "label") and the
+    sources of hf-text; each image decoded per sample by the workers with imagefolder's recipe (`size`,
+    `resize`, `mean`, `std`; random-resized-crop views too). Sample ids: row numbers, test after train."""
+    o = cfg.options
+    recipe = _image_recipe(o)
+    image, label = str(o.get("image", "image")), str(o.get("label", "label"))
+    parts = load_parts(dict(o), "hf-images")
+    labels_all = {split: column_values(parts[split], label) for split in SPLITS}
+    num_classes = int(o.get("num_classes", max(int(v.max()) for v in labels_all.values() if len(v)) + 1))
+    out, first_id = {}, 0
+    for split in SPLITS:
+        rows, labels = parts[split], labels_all[split]
+        reader = ArrowImages(rows, image, workers=cfg.workers, **recipe)
+        out[split] = Split(
+            dataset=str(o.get("name", o.get("config") or o.get("hub") or "hf-images")),
+            split=split,
+            inputs=reader,
+            labels=torch.from_numpy(labels.astype(np.int64)),
+            ids=torch.arange(first_id, first_id + len(rows)),
+            num_classes=num_classes,
+            preprocessing={
+                **_image_preprocessing(recipe),
+                "image": image,
+                "ids": "row numbers, test after train",
+                "fingerprint": "ids, labels, the rows' datasets fingerprint and the recipe",
+            },
+            content=content_of(rows, labels, {**recipe, "image": image}),
+        )
+        first_id += len(rows)
     return out
 
 
@@ -470,6 +510,23 @@ DATASET_OPTIONS: dict[str, set[str]] = {
         "num_classes",
         "name",
     },  # fmt: skip
+    "hf-images": {
+        "hub",
+        "config",
+        "format",
+        "disk",
+        "train",
+        "test",
+        "test_split",
+        "image",
+        "label",
+        "size",
+        "resize",
+        "mean",
+        "std",
+        "num_classes",
+        "name",
+    },  # fmt: skip
     "lm-text": set(OPTIONS),
 }
 
@@ -482,6 +539,7 @@ DATASETS: dict[str, Callable[[DatasetConfig], dict[str, Split]]] = {
     "cifar10": _cifar,
     "cifar100": _cifar,
     "hf-text": _hf_text,
+    "hf-images": _hf_images,
     "lm-text": lm_text,  # language modelling: token sequences (pipeline/data/lm_data.py)
 }
 

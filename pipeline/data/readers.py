@@ -358,17 +358,16 @@ def list_images(root: Path) -> tuple[list[str], list[str], list[int]]:
     return classes, [paths[i] for i in order], [labels[i] for i in order]
 
 
-class ImageFiles(SampleReader):
-    """Image files decoded per sample: uint8 (C, H, W) -> shorter side resized to `resize` -> center crop
-    `size` x `size` -> float [0, 1] -> normalized by mean / std when given."""
+class ImageReader(SampleReader):
+    """Images decoded per sample: uint8 (C, H, W) -> shorter side resized to `resize` -> center crop
+    `size` x `size` -> float [0, 1] -> normalized by mean / std when given; random-resized-crop views cut
+    from the decoded image. A kind says where an image's bytes are (`decoded`)."""
 
-    kind = "imagefolder"
     cuts_views = True
 
     def __init__(
         self,
-        root: Path,
-        paths: list[str],
+        num_rows: int,
         *,
         size: int,
         resize: int | None = None,
@@ -376,26 +375,18 @@ class ImageFiles(SampleReader):
         std: Sequence[float] | None = None,
         workers: int = -1,
     ) -> None:
-        super().__init__(len(paths), (3, size, size), workers)
+        super().__init__(num_rows, (3, size, size), workers)
         # imported here, once: forked workers inherit them instead of each paying ~1 s of imports
         import PIL.Image  # noqa: F401
         import torchvision.transforms.v2.functional  # noqa: F401
 
-        self.root, self.paths = Path(root), paths
         self.size, self.resize = size, resize or size
         self.mean = None if mean is None else [float(v) for v in mean]
         self.std = None if std is None else [float(v) for v in std]
 
-    def name_of(self, i: int) -> str:
-        return str(self.root / self.paths[i])
-
     def decoded(self, i: int) -> torch.Tensor:
-        """The file at position i as uint8 (3, H, W), as stored (no resize)."""
-        from PIL import Image
-
-        with Image.open(self.root / self.paths[i]) as image:
-            array = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        """The image at position i as uint8 (3, H, W), as stored (no resize)."""
+        raise NotImplementedError
 
     def finish(self, image: torch.Tensor, resize: int | None = None) -> torch.Tensor:
         """uint8 (3, H, W) -> the fixed view: resize the shorter side, center crop, [0, 1], normalize."""
@@ -436,6 +427,22 @@ class ImageFiles(SampleReader):
             return views, torch.tensor(boxes, dtype=torch.int16)  # (K, 5)
         return super().answer(i, ask)
 
+
+class ImageFiles(ImageReader):
+    """Image files (a class per subfolder), decoded with Pillow."""
+
+    kind = "imagefolder"
+
+    def __init__(self, root: Path, paths: list[str], **settings: Any) -> None:
+        super().__init__(len(paths), **settings)
+        self.root, self.paths = Path(root), paths
+
+    def name_of(self, i: int) -> str:
+        return str(self.root / self.paths[i])
+
+    def decoded(self, i: int) -> torch.Tensor:
+        return decode_image(self.root / self.paths[i])
+
     def listing(self) -> Any:
         stats = []
         for rel in self.paths:
@@ -455,6 +462,15 @@ class ImageFiles(SampleReader):
                 raise KDError(
                     f"cannot read input {self.root / rel} ({err.strerror}): replace or remove the file"
                 ) from None
+
+
+def decode_image(source: Any) -> torch.Tensor:
+    """An image file (a path or a binary file object) as uint8 (3, H, W) RGB, decoded with Pillow."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        array = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 # -- .npy arrays -------------------------------------------------------------------------------------
