@@ -78,11 +78,13 @@ def test_streamed_images_give_the_in_memory_cache_bytes_and_run(tmp_path: Path) 
     assert kd(memory, "train-teacher", "--preset", preset).exit_code == 0
     shutil.copytree(memory.teachers, streamed.teachers)
     runs = {}
+    sweep = ["sweep", "--grid", "temperature=1,4", "--mode", "one-pass", "--name", "w"]
     for paths, extra in ((memory, []), (streamed, STREAMED)):
-        for args in (["teacher-logits"], ["distill", "--run-name", "s"]):
+        for args in (["teacher-logits"], ["distill", "--run-name", "s"], sweep):
             result = kd(paths, *args, "--preset", preset, *extra)
             assert result.exit_code == 0, result.output
         runs[paths.data.name] = (paths.runs / "s" / "metrics.jsonl").read_text()
+        runs[f"{paths.data.name} sweep"] = (paths.data / "sweeps" / "w" / "results.csv").read_text()
     for split in ("train", "test"):
         (a,) = memory.logits.glob(f"t.imagefolder.{split}.*.zarr")
         (b,) = streamed.logits.glob(f"t.imagefolder.{split}.*.zarr")
@@ -95,6 +97,14 @@ def test_streamed_images_give_the_in_memory_cache_bytes_and_run(tmp_path: Path) 
         ]
 
     assert epochs(runs["memory"]) == epochs(runs["streamed"])  # the same batches: the same student
+    held = runs["memory sweep"].replace(str(memory.data), str(streamed.data)).splitlines()
+    seconds = [i for i, column in enumerate(held[0].split(",")) if "second" in column or "time" in column]
+
+    def results(rows: list[str]) -> list[list[str]]:
+        return [[v for i, v in enumerate(row.split(",")) if i not in seconds] for row in rows]
+
+    # a one-pass sweep (N students at once) trains on the workers' batches as on the held ones
+    assert results(held) == results(runs["streamed sweep"].splitlines())
 
 
 def test_image_reader_is_the_fixed_view_and_reads_rows_in_order(tmp_path: Path) -> None:

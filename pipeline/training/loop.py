@@ -338,15 +338,11 @@ def fit_many(
     stacked = vmap(forward, in_dims=(0, None), randomness="different")  # (N, B, C)
     optimizer = make_optimizer(list(params.values()), cfg)
 
-    def predict_all(inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:  # (N, rows, C) on CPU
+    def predict_all(inputs: Any, batch_size: int = 1024) -> torch.Tensor:  # (N, rows, C) on CPU
         base.eval()
-        with torch.no_grad():
+        with torch.no_grad():  # a streamed source's rows decoded ahead by its workers
             return torch.cat(
-                [
-                    stacked(params, inputs[i : i + batch_size].to(device)).float().cpu()
-                    for i in range(0, len(inputs), batch_size)
-                ],
-                dim=1,
+                [stacked(params, x.to(device)).float().cpu() for x in iter_rows(inputs, batch_size)], dim=1
             )
 
     def model_of(i: int) -> nn.Module:
