@@ -4,6 +4,7 @@
 #   make compare                        every method x 3 seeds from one cache -> data/reports/
 #   make sweep ARGS="--grid temperature=1,2,4 --seeds 3 --mode one-pass"   grid -> data/sweeps/
 #   make bench                          timings and sizes -> data/bench/bench.md
+#   make bench-data                     datasets bigger than memory: workers, RSS at N and 8N, tokens
 #   make distill NPROC=2                both stages under torchrun (2 processes)
 #   make test                           the test suite
 #   make docs                           the documentation site -> data/site/
@@ -33,7 +34,7 @@ RUN := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_no
 DISTILL_OPTS := $(if $(METHOD),--method $(METHOD)) $(if $(T),--temperature $(T)) \
                 $(if $(ALPHA),--alpha $(ALPHA)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEED),--seed $(SEED))
 
-.PHONY: setup train-teacher teacher teacher-logits distill compare sweep bench bench-scale test mutation lint docs clean-data
+.PHONY: setup train-teacher teacher teacher-logits distill compare sweep bench bench-scale bench-data test mutation lint docs clean-data
 
 setup: $(STAMP)
 
@@ -66,6 +67,11 @@ bench: teacher
 # and a memmap: rows/s, first batch, bytes, peak RSS -> data/bench/scale.md
 bench-scale: setup
 	$(KD) bench --workload scale $(ARGS)
+
+# JPEG folders of N and 8N images read by DataLoader workers (made once under data/bench/data) and a 1 GB
+# text tokenized into a token file: peak RSS, stage 1 vs a bare loop, KD vs CE epochs -> data/bench/data.md
+bench-data: setup
+	$(KD) bench --workload data $(ARGS)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_JOBS) $(ARGS)
