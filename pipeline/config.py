@@ -172,7 +172,7 @@ class CacheConfig:
         spec = self.augment_spec
         _require(
             not (spec.on_files and self.views == "all"),
-            f'cache.views = "all" but augment \'{spec.kind}\' has a continuous space of views: set '
+            f"cache.views = \"all\" but augment '{spec.kind}' has a continuous space of views: set "
             "cache.views to the number of views to draw per sample (e.g. 10)",
         )
         _require(

@@ -86,7 +86,7 @@ def _cache_sets(preset: Preset) -> str:
 
 def _views_text(preset: Preset) -> str:
     c = preset.cache
-    return "" if c.augment == "none" else f" with {c.views} {c.augment} views (pad {c.augment_pad})"
+    return "" if c.augment == "none" else f" with {c.views} {c.augment} views{c.augment_spec.pad_text}"
 
 
 def existing_caches(preset: Preset, paths: Paths, data: dict[str, Split]) -> dict[str, str] | None:

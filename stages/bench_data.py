@@ -55,13 +55,14 @@ def run(paths: Paths, *, quick: bool = False, reps: int | None = None, docs: Pat
         preset = _preset(folder, root, count)
         data_dir = folder / f"run-{count}"
         _teacher(data_dir, preset)
-        console.print(f"[bold]{count} images[/bold]{f' (generated in {made:.0f} s)' if made else ''}")
+        made_text = f" (generated in {made:.0f} s)" if made else ""
+        console.print(f"[bold]peak RSS of stage 1 and stage 2 at {count:,} images[/bold]{made_text}")
         report[f"stage1_{count}"] = _child("stage1", str(preset), str(data_dir))
         report[f"stage2_{count}"] = _child("stage2", str(preset), str(data_dir))
-    console.print("[bold]speed[/bold] (at 8N: stage 1's fixed cost, creating the store, is not the figure)")
+    console.print(f"[bold]stage 1 vs the bare loop, a KD vs a CE epoch[/bold] ({8 * n:,} images)")
     preset_8n = _preset(folder, folder / f"jpeg-{8 * n}", 8 * n)
     report["speed"] = _child("speed", str(preset_8n), str(folder / f"run-{8 * n}"), str(reps))
-    console.print("[bold]tokens[/bold]")
+    console.print(f"[bold]tokenizing {50 if quick else 1024} MB of text into a token file[/bold]")
     report["tokens"] = _child("tokens", str(folder), str(50 if quick else 1024))
     grow1 = report[f"stage1_{8 * n}"]["peak_rss_mb"] - report[f"stage1_{n}"]["peak_rss_mb"]
     grow2 = report[f"stage2_{8 * n}"]["peak_rss_mb"] - report[f"stage2_{n}"]["peak_rss_mb"]
@@ -328,6 +329,8 @@ def markdown(report: dict[str, Any]) -> str:
     n, g = report["n"], report["goals"]
 
     def verdict(ok: bool) -> str:
+        if n < 1500:
+            return "not judged (--quick)"
         return "met" if ok else "missed"
 
     s1, s1b = report[f"stage1_{n}"], report[f"stage1_{8 * n}"]

@@ -384,7 +384,12 @@ def bench(
     ] = None,
     device: DeviceOpt = "auto",
     docs: Annotated[
-        bool, typer.Option("--docs", help="Also write docs/bench.json and the table of docs/performance.md.")
+        bool,
+        typer.Option(
+            "--docs",
+            help="Also write the docs' table: docs/bench.json and docs/performance.md; with --workload data, "
+            "docs/bench-data.json and docs/data.md.",
+        ),
     ] = False,
 ) -> None:
     """Measure dump overhead, cached-KD overhead, online-KD speed-up, storage and read throughput."""

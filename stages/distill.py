@@ -77,6 +77,8 @@ def run(
             f"{f' x {ranks.world} processes (DDP)' if ranks.active else ''}",
             highlight=False,
         )
+        if data.train.reading:
+            console.print(data.train.reading, highlight=False)
         if changes:
             console.print(f"settings changed from the preset: {describe(changes)}", highlight=False)
         if data.approximation:

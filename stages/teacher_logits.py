@@ -197,6 +197,8 @@ def _dump(
             return path
         assert isinstance(plan, list)
         started = time.perf_counter()
+        if ranks.is_main and split.reading:
+            console.print(split.reading, highlight=False)
         store = LogitStore.open(path, writable=True)
         mine = shards_of(plan, ranks.rank, ranks.world)
         write_logits(

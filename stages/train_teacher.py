@@ -67,6 +67,8 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
         f"training teacher '{cfg.name}' ({cfg.model.arch}) on {train.dataset} for "
         f"{cfg.train.epochs} epochs on {device}"
     )
+    if train.reading:
+        console.print(train.reading, highlight=False)
     result = fit(
         model,
         cfg.train,

@@ -216,7 +216,7 @@ def test_a_damaged_image_is_one_line_naming_it_and_nothing_is_lost(tmp_path: Pat
     for budget in (STREAMED, []):  # read by workers, or read whole into memory: the same line
         result = cli_process.run(["teacher-logits", "--preset", preset, *budget], env)
         assert result.returncode == 2, result.stderr
-        assert "Traceback" not in result.stderr and "worker" not in result.stderr.lower()
+        assert "Traceback" not in result.stderr and "worker process" not in result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         lines = lines[[i for i, line in enumerate(lines) if line.startswith("error:")][0] :]
         assert len(lines) <= 3 and lines[0].startswith("error: cannot read input"), lines
@@ -255,8 +255,10 @@ def test_reader_errors_are_one_line(tmp_path: Path) -> None:
         load_split(image_config(tmp_path), "train")
     with pytest.raises(KDError, match="size .* resize"):
         load_split(DatasetConfig(name="imagefolder", options={"size": 32, "resize": 16}), "train")
-    with pytest.raises(KDError, match="a folder holding x.npy and y.npy"):
+    with pytest.raises(KDError, match=f"dataset.options.train = {tmp_path} has no x.npy and no y.npy"):
         load_split(DatasetConfig(name="npy", options={"train": str(tmp_path)}), "train")
+    with pytest.raises(KDError, match="nowhere does not exist: it must be a folder holding x.npy"):
+        load_split(DatasetConfig(name="npy", options={"train": str(tmp_path / "nowhere")}), "train")
 
 
 def in_memory_sequences(documents: list[str], tokenizer, seq_len: int, eos: int, pad: int):  # noqa: ANN001, ANN201
@@ -409,7 +411,7 @@ def test_random_resized_crop_from_the_cli(tmp_path: Path) -> None:
     result = kd(
         elsewhere, "train-teacher", "--preset", "tiny", "--set", "teacher.train.augment=random-resized-crop"
     )
-    assert result.exit_code == 2 and "needs an imagefolder source" in " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "needs an imagefolder or hf-images source" in " ".join(result.stderr.split())
 
 
 @pytest.mark.slow
@@ -487,3 +489,23 @@ def test_hf_image_rows_decode_as_the_image_files_do(tmp_path: Path, kind: str) -
     for args in (["train-teacher"], ["teacher-logits", *views], ["distill", "--run-name", "hf", *views]):
         result = kd(paths, *args, "--preset", preset)
         assert result.exit_code == 0, result.output
+
+
+def test_reading_inputs_leaves_the_global_rng_and_the_run_name_alone(tmp_path: Path) -> None:
+    """Reading through workers draws nothing from torch's global generator (a model initialized after the
+    data is read is the same, held or streamed), and how inputs are read is not part of a run's name."""
+    from pipeline.config import load_preset, with_overrides
+    from pipeline.data.readers import prefetched
+    from pipeline.runs.identity import default_run_name
+
+    make_jpegs(tmp_path / "train", 4, 0)
+    make_jpegs(tmp_path / "test", 1, 1)
+    split = load_split(image_config(tmp_path, memory_budget_mb=0, workers=1), "train")
+    torch.manual_seed(3)
+    before = torch.random.get_rng_state()
+    for _ in prefetched(split.inputs, [(torch.arange(12), None)] * 3, workers=1):
+        pass
+    assert torch.equal(torch.random.get_rng_state(), before)
+    preset = load_preset(image_preset(tmp_path / "p"))
+    how = {"dataset.memory_budget_mb": 0, "dataset.workers": 2}
+    assert default_run_name(with_overrides(preset, how), how) == default_run_name(preset, {})

@@ -91,6 +91,11 @@ class AugmentSpec:
             raise KDError(f"augment '{self.kind}' has a continuous space of views: they cannot be enumerated")
         return np.zeros((1, 0), dtype=np.int16)
 
+    @property
+    def pad_text(self) -> str:
+        """ " (pad N)" for messages, where the augmentation has a padding ("" for random-resized-crop)."""
+        return "" if self.on_files else f" (pad {self.pad})"
+
     def describe(self) -> dict[str, Any]:
         described = {"kind": self.kind, "pad": self.pad, "params": list(PARAM_NAMES.get(self.kind, ()))}
         if self.on_files:
@@ -116,8 +121,8 @@ def check_augment(kind: str, inputs: Any) -> None:
     `view_source` (its image files, for random-resized-crop)."""
     if kind == RRC and not getattr(inputs, "cuts_views", False):  # image files (readers.ImageFiles)
         raise KDError(
-            f"augment '{kind}' cuts its views from the decoded image files: it needs an imagefolder source "
-            '(use "crop-flip" for images held as arrays)'
+            f"augment '{kind}' cuts its views from the decoded images: it needs an imagefolder or "
+            'hf-images source (use "crop-flip" for images held as arrays)'
         )
     if kind == "crop-flip" and inputs.dim() != 4:
         raise KDError(

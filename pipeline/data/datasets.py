@@ -301,8 +301,15 @@ def _npy(cfg: DatasetConfig) -> dict[str, Split]:
     first_id, parts = 0, {}
     for split in SPLITS:
         folder = Path(str(cfg.options.get(split, "")))
-        if not cfg.options.get(split) or not all((folder / f).is_file() for f in ("x.npy", "y.npy")):
+        if not cfg.options.get(split):
             raise KDError(f"dataset 'npy' needs dataset.options.{split}: a folder holding x.npy and y.npy")
+        missing = [f for f in ("x.npy", "y.npy") if not (folder / f).is_file()]
+        if missing:
+            what = "does not exist" if not folder.is_dir() else f"has no {' and no '.join(missing)}"
+            raise KDError(
+                f"dataset.options.{split} = {folder} {what}: it must be a folder holding x.npy (N, ...) and "
+                "y.npy (N,)"
+            )
         reader = NpyRows(folder / "x.npy", workers=cfg.workers)
         labels = np.asarray(open_npy(folder / "y.npy"))
         ids = np.asarray(open_npy(folder / "ids.npy")) if (folder / "ids.npy").is_file() else None

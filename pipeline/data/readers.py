@@ -227,8 +227,7 @@ def _requests(rows: Any, num_rows: int) -> list:
 
 def unreadable_error(bad: Unreadable) -> KDError:
     return KDError(
-        f"cannot read input {bad.path} ({bad.reason}): replace or remove the file, then run again "
-        "(what was already written is kept)"
+        f"cannot read input {bad.path} ({bad.reason}): replace the file with a sound copy, then run again"
     )
 
 
@@ -276,6 +275,9 @@ def prefetched(
         collate_fn=_collate,
         pin_memory=pin,
         prefetch_factor=4,
+        # the workers' base seed from a generator of their own, not the global one: reading the data
+        # must not move the RNG that initializes models (the workers draw nothing at random)
+        generator=torch.Generator().manual_seed(0),
     )
     for _, x in loader:
         rows, extra = pending.popleft()

@@ -66,6 +66,22 @@ class Split:
         return self.files if self.files is not None else self.inputs
 
     @property
+    def reading(self) -> str:
+        """How a file-backed split's inputs are read, for the console ("" for one built in memory)."""
+        reader = self.files if self.files is not None else self.inputs
+        if isinstance(reader, torch.Tensor):
+            return ""
+        how = (
+            "read in this process"
+            if reader.direct or reader.workers == 0
+            else f"decoded by {reader.workers} DataLoader worker(s)"
+        )
+        rows = f"{self.split} inputs: {len(self)} {reader.kind} rows"
+        if self.streamed:
+            return f"{rows} {how} as batches ask (more than dataset.memory_budget_mb)"
+        return f"{rows} held in memory (within dataset.memory_budget_mb), {how} once"
+
+    @property
     def streamed(self) -> bool:
         """Whether the inputs are read by DataLoader workers as batches ask (not held in memory)."""
         return not isinstance(self.inputs, torch.Tensor)

@@ -110,7 +110,7 @@ def _classes(
     cfg = preset.distill
     check_augment(cfg.train.augment, train.view_source)
     fresh = Views(AugmentSpec(cfg.train.augment, cfg.train.augment_pad), choice=cfg.views, seed=cfg.seed)
-    views = "none" if fresh.spec.kind == "none" else f"fresh {fresh.spec.kind} (pad {fresh.spec.pad})"
+    views = "none" if fresh.spec.kind == "none" else f"fresh {fresh.spec.kind}{fresh.spec.pad_text}"
     if cfg.teacher_online and cfg.method not in LABEL_ONLY:
         teacher, name = online_teacher(preset, paths, train, device)
         batches = OnlineBatches(
@@ -196,11 +196,12 @@ def _student_views(
         return fresh, views
     spec = store.augment  # refused here when this version cannot replay the cache's views
     if cfg.train.augment not in ("none", spec.kind) or (
-        cfg.train.augment == spec.kind and cfg.train.augment_pad != spec.pad
+        cfg.train.augment == spec.kind and cfg.train.augment_pad != spec.pad and not spec.on_files
     ):
         raise KDError(
-            f"the cache holds {spec.kind} views (pad {spec.pad}) but distill.train.augment is "
-            f"{cfg.train.augment} (pad {cfg.train.augment_pad}): the student replays the cached views, so "
+            f"the cache holds {spec.kind} views{spec.pad_text} but distill.train.augment is "
+            f"{cfg.train.augment}{AugmentSpec(cfg.train.augment, cfg.train.augment_pad).pad_text}: the "
+            "student replays the cached views, so "
             f'set distill.train.augment to "{spec.kind}" or "none", or use a cache of the views you want'
         )
     check_augment(spec.kind, train.view_source)
@@ -208,7 +209,7 @@ def _student_views(
     all_views = " (all)" if store.manifest.views.get("all") else ""
     return (
         Views(spec, None, cfg.views, cfg.seed),
-        f"cached: {count}{all_views} {spec.kind} views (pad {spec.pad}), one per row per epoch ({cfg.views})",
+        f"cached: {count}{all_views} {spec.kind} views{spec.pad_text}, one per row per epoch ({cfg.views})",
     )
 
 

@@ -33,6 +33,7 @@ def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
     flat = flat_settings(Preset(name="")) | flat_settings(preset)
     ignored = ignored_settings(flat["distill.method"])  # the other methods' tables; T, alpha if unread
     ignored.append("distill.remote_cache_mb")  # where far shards are kept: never what is trained
+    ignored += ["dataset.memory_budget_mb", "dataset.workers"]  # how inputs are read, never which
     if flat["dataset.name"] != "lm-text":  # the sparse (token-level) targets apply to language models
         ignored += ["distill.sparse_target"]
         if flat["cache.layout"] == "dense":  # and the sparse layout's settings to sparse caches
