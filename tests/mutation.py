@@ -141,6 +141,41 @@ SEEDED = [
         "+ np.arange(len(ids), dtype=np.uint64))",
         ["tests/test_views.py", "-m", "not slow"],
     ),
+    (
+        "a random-resized-crop box ignores the view index (K copies of one view)",
+        "pipeline/data/readers.py",
+        "crop_box(seed, sample_id, k, image.shape[1], image.shape[2])",
+        "crop_box(seed, sample_id, 0, image.shape[1], image.shape[2])",
+        ["tests/test_file_sources.py", "-k", "random_resized_crop_views"],
+    ),
+    (
+        "the workers' batches come back paired with the wrong rows",
+        "pipeline/data/readers.py",
+        "rows, extra = pending.popleft()",
+        "rows, extra = pending.pop()",
+        ["tests/test_file_sources.py", "-k", "fixed_view or in_memory_cache_bytes"],
+    ),
+    (
+        "a file-backed split's fingerprint ignores the content of its files",
+        "pipeline/data/split.py",
+        'digest.update(f"content:{self.content}".encode())',
+        "pass",
+        ["tests/test_file_sources.py", "-k", "fingerprint or token_file or npy_memmap"],
+    ),
+    (
+        "token windows' labels are the inputs, not the next tokens",
+        "pipeline/data/tokens.py",
+        'offset = 1 if self.role == "labels" else 0',
+        "offset = 0",
+        ["tests/test_file_sources.py", "-k", "token_file"],
+    ),
+    (
+        "an unreadable image is decoded as a black one",
+        "pipeline/data/readers.py",
+        "return i, Unreadable(self.name_of(i), reason)",
+        "return i, torch.zeros(self.sample_shape)",
+        ["tests/test_file_sources.py", "-k", "damaged"],
+    ),
 ]
 
 

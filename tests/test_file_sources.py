@@ -411,7 +411,8 @@ def test_random_resized_crop_from_the_cli(tmp_path: Path) -> None:
     result = kd(
         elsewhere, "train-teacher", "--preset", "tiny", "--set", "teacher.train.augment=random-resized-crop"
     )
-    assert result.exit_code == 2 and "needs an imagefolder or hf-images source" in " ".join(result.stderr.split())
+    assert result.exit_code == 2
+    assert "needs an imagefolder or hf-images source" in " ".join(result.stderr.split())
 
 
 @pytest.mark.slow
