@@ -16,6 +16,7 @@ from rich.console import Console
 from pipeline.config import Paths, Preset
 from pipeline.data.augment import AugmentSpec, check_augment
 from pipeline.data.datasets import Split, load_split, tokenizer_of, validation_rows
+from pipeline.data.readers import rows_of
 from pipeline.discovery import existing_caches
 from pipeline.distill.batches import InMemoryBatches, Views
 from pipeline.distill.lm import SequenceBatches
@@ -74,16 +75,12 @@ def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str =
         cfg.train,
         batches=lambda epoch: batches.epoch(generator),
         loss_at=lambda epoch: cross_entropy,
-        val=(train.inputs[val_rows], train.labels[val_rows]),
+        val=(rows_of(train.inputs, val_rows), train.labels[val_rows]),
         test=(test.inputs, test.labels),
         device=device,
         desc="teacher",
     )
-    if train.streamed:  # every row once, in order (the workers read ahead); the train rows' accuracy
-        logits = predict(model, train.inputs, device)[train_rows]
-    else:
-        logits = predict(model, train.inputs[train_rows], device)
-    train_acc = accuracy(logits, train.labels[train_rows])
+    train_acc = accuracy(predict(model, rows_of(train.inputs, train_rows), device), train.labels[train_rows])
     info = {
         "name": cfg.name,
         "dataset": {
@@ -125,7 +122,7 @@ def _train_lm(
     batches = SequenceBatches(train, train_rows, cfg.train.batch_size, device)
     result = fit(
         model, cfg.train, batches=lambda epoch: batches.epoch(generator),
-        loss_at=lambda epoch: cross_entropy, val=(train.inputs[val_rows], train.labels[val_rows]),
+        loss_at=lambda epoch: cross_entropy, val=(rows_of(train.inputs, val_rows), train.labels[val_rows]),
         test=(test.inputs, test.labels), device=device, task=SEQUENCES, desc="teacher",
     )  # fmt: skip
     info = {

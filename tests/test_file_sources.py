@@ -123,6 +123,15 @@ def test_image_reader_is_the_fixed_view_and_reads_rows_in_order(tmp_path: Path) 
     assert torch.equal(reader.sample(5), expected) and torch.equal(reader[5], expected)
     rows = torch.tensor([7, 0, 11, 5] * 40)  # through the workers (more than a few rows), in this order
     assert torch.equal(read_rows(reader, rows), torch.stack([reader.sample(int(i)) for i in rows]))
+    from pipeline.data.readers import rows_of
+    from pipeline.training.loop import predict
+
+    carve = rows_of(reader, rows)  # a validation carve stays a reader, read as batches ask
+    assert len(carve) == 160 and carve.shape == (160, 3, 16, 16) and not torch.is_tensor(carve)
+    assert torch.equal(
+        predict(torch.nn.Flatten(), carve, torch.device("cpu"), 64), read_rows(reader, rows).flatten(1)
+    )
+    assert torch.equal(carve[torch.tensor([1, 0])], reader[rows[[1, 0]]])
     memory = load_split(image_config(tmp_path), "train")
     assert not memory.streamed and torch.equal(memory.inputs, reader[:])
     assert memory.fingerprint == split.fingerprint

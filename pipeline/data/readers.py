@@ -165,6 +165,36 @@ class SampleReader:
         return read_rows(self, torch.arange(self.num_rows))
 
 
+class RowsOf(SampleReader):
+    """Some rows of a reader (a validation carve), read as batches ask like the reader's own."""
+
+    def __init__(self, base: SampleReader, rows: torch.Tensor) -> None:
+        super().__init__(len(rows), base.sample_shape, base.workers)
+        self.base, self.rows = base, torch.as_tensor(rows).to("cpu", torch.int64)
+        self.kind, self.dtype, self.direct = base.kind, base.dtype, base.direct
+        self.cuts_views = base.cuts_views
+
+    def sample(self, i: int) -> torch.Tensor:
+        return self.base.sample(int(self.rows[i]))
+
+    def item(self, i: int, ask: tuple | None = None) -> tuple[int, Any]:
+        return i, self.base.item(int(self.rows[i]), ask)[1]
+
+    def name_of(self, i: int) -> str:
+        return self.base.name_of(int(self.rows[i]))
+
+    def __getitem__(self, rows: Any) -> torch.Tensor:
+        if self.direct:  # the base reads rows where they lie
+            return self.base[self.rows[row_positions(rows, self.num_rows)]]
+        return super().__getitem__(rows)
+
+
+def rows_of(inputs: Any, rows: torch.Tensor) -> Any:
+    """inputs[rows]: a tensor's rows, or, of a reader, a reader of those rows (read as batches ask, never
+    held whole: a validation carve of a big split stays on disk)."""
+    return RowsOf(inputs, rows) if isinstance(inputs, SampleReader) else inputs[rows]
+
+
 def _rebuild(cls: type, state: dict[str, Any]) -> SampleReader:
     reader = cls.__new__(cls)
     reader.__dict__.update(state)

@@ -24,6 +24,7 @@ import torch
 from pipeline.config import DistillConfig, Paths, Preset
 from pipeline.data.augment import AugmentSpec, check_augment
 from pipeline.data.datasets import Split, load_split, validation_rows
+from pipeline.data.readers import rows_of
 from pipeline.discovery import find_train_cache
 from pipeline.distill.batches import (
     InMemoryBatches,
@@ -82,7 +83,7 @@ class Prepared:
 
     @property
     def val(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.train.inputs[self.val_rows], self.train.labels[self.val_rows]
+        return rows_of(self.train.inputs, self.val_rows), self.train.labels[self.val_rows]
 
     @property
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
