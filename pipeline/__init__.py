@@ -35,7 +35,7 @@ _HOMES = {
     ),
     "pipeline.distill.targets": ("SparseTargets", "standardize"),
     "pipeline.distill.schedules": ("dkd_warmup", "interpolate", "phi", "step_temperature"),
-    "pipeline.data.augment": ("replay",),
+    "pipeline.data.augment": ("cut_view", "replay"),
     "pipeline.adapters": ("KDTrainer", "TeacherCollator", "TeacherDataset"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}

@@ -519,3 +519,22 @@ def test_reading_inputs_leaves_the_global_rng_and_the_run_name_alone(tmp_path: P
     preset = load_preset(image_preset(tmp_path / "p"))
     how = {"dataset.memory_budget_mb": 0, "dataset.workers": 2}
     assert default_run_name(with_overrides(preset, how), how) == default_run_name(preset, {})
+
+
+def test_own_loop_cuts_random_resized_crop_views_as_the_workers_do(tmp_path: Path) -> None:
+    """pipeline.cut_view on a decoded image, then the reader's scaling, is the stored view's input; and
+    pipeline.replay refuses such views in one line (it would return the uncut input)."""
+    import pipeline
+    from pipeline.data.augment import RRC, AugmentSpec, crop_box
+
+    make_jpegs(tmp_path / "train", 2, 0, size=(30, 41))
+    make_jpegs(tmp_path / "test", 1, 1)
+    reader = load_split(image_config(tmp_path, memory_budget_mb=0), "train").inputs
+    views, boxes = reader.answer(3, ("draw", 5, 2, 3))
+    image = torch.from_numpy(np.array(Image.open(tmp_path / "train" / "b" / "001.jpg").convert("RGB")))
+    for k in range(2):
+        assert tuple(boxes[k].tolist()) == crop_box(5, 3, k, 30, 41)
+        own = pipeline.cut_view(image.permute(2, 0, 1), boxes[k], 16).float() / 255
+        assert torch.equal(own, views[k])
+    with pytest.raises(KDError, match="cut each with pipeline.cut_view"):
+        pipeline.replay(views, boxes, AugmentSpec(RRC))

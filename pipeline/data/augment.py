@@ -225,8 +225,13 @@ def replay(inputs: torch.Tensor, params: torch.Tensor, spec: AugmentSpec) -> tor
     """The views (B, ...) of a batch given their parameters (B, P), on the inputs' device."""
     import torch
 
-    if spec.kind == "none" or spec.on_files:  # random-resized-crop: replayed by the workers
+    if spec.kind == "none":
         return inputs
+    if spec.on_files:
+        raise KDError(
+            f"'{spec.kind}' views are cut from the decoded images, not from the fixed view: cut each with "
+            "pipeline.cut_view(image, box, size) on the image as decoded (uint8 (3, H, W))"
+        )
     params = params.to(inputs.device, torch.int64)
     if spec.kind == "crop-flip":
         return _crop_flip(inputs, params[:, 0], params[:, 1], params[:, 2].bool(), spec.pad)
@@ -260,6 +265,17 @@ def _shift(signals: torch.Tensor, offset: torch.Tensor, *, circular: bool) -> to
     inside = (source >= 0) & (source < length)
     picked = torch.gather(signals, -1, source.clamp(0, length - 1).view(shape).expand_as(signals))
     return picked * inside.view(shape).to(signals.dtype)
+
+
+def cut_view(image: torch.Tensor, box: Any, size: int) -> torch.Tensor:
+    """A random-resized-crop view of a decoded image (3, H, W) uint8: the box (top, left, height, width,
+    flip) a view cache stores for it, cut, resized to size x size (antialiased) and mirrored when flip;
+    uint8, before any scaling or normalization. What kd's workers do, for your own loop."""
+    from torchvision.transforms.v2 import functional as F
+
+    top, left, height, width, flip = (int(v) for v in box)
+    image = F.resized_crop(image, top, left, height, width, [size, size], antialias=True)
+    return F.horizontal_flip(image) if flip else image
 
 
 def crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:

@@ -440,11 +440,9 @@ class ImageReader(SampleReader):
     def view(self, image: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
         """A random-resized-crop view of a decoded image: the box (top, left, height, width, flip) cut,
         resized to size x size, mirrored when flip, scaled and normalized (pipeline.data.augment)."""
-        from torchvision.transforms.v2 import functional as F
+        from pipeline.data.augment import cut_view
 
-        top, left, height, width, flip = (int(v) for v in box)
-        image = F.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
-        return self.scale(F.horizontal_flip(image) if flip else image)
+        return self.scale(cut_view(image, box, self.size))
 
     def answer(self, i: int, ask: tuple) -> Any:
         if ask[0] == "view":  # replay a stored view

@@ -142,7 +142,7 @@ class InMemoryBatches:
             if isinstance(inputs, tuple):  # fresh views drawn by the workers: (views (B, 1, ...), params)
                 inputs = inputs[0][:, 0]
             inputs = inputs.to(self.device, non_blocking=True)
-            if params is not None:
+            if params is not None and self.files is None:  # cut views come cut from the workers
                 inputs = replay(inputs, params, self.views.spec)
             yield Batch(inputs, self.labels[idx], zt, params is not None or self.files is not None)
 
@@ -372,7 +372,7 @@ class StreamedBatches(ShardStream):
         if self.device.type == "cuda":  # pinned host memory: the copies run asynchronously
             parts = tuple(p if p.is_pinned() else p.pin_memory() for p in parts)
         inputs, labels, logits = (p.to(self.device, non_blocking=True) for p in parts)
-        return Batch(replay(inputs, params, spec), labels, logits, True)
+        return Batch(inputs if spec.on_files else replay(inputs, params, spec), labels, logits, True)
 
 
 class OnlineBatches:
