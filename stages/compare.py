@@ -23,7 +23,7 @@ from pipeline import strict_json
 from pipeline.config import Paths, Preset, load_preset, resolve
 from pipeline.distill.methods import LABEL_ONLY
 from pipeline.errors import KDError
-from pipeline.runs.identity import finished_summary
+from pipeline.runs.identity import finished_summary, trained_overrides
 from pipeline.runs.metrics import metric_of
 from pipeline.runs.plots import plot_comparison
 from pipeline.runs.reports import (
@@ -65,7 +65,7 @@ def run(
         entries = {label: entries[label] for label in only}
     if seeds < 1:
         raise KDError(f"--seeds must be at least 1, got {seeds}")
-    spec = {"labels": list(entries), "seeds": seeds, "overrides": dict(overrides or {})}
+    spec = {"labels": list(entries), "seeds": seeds, "overrides": trained_overrides(overrides)}
     default = {"labels": list(base.compare), "seeds": 3, "overrides": {}}
     name = name or spec_name(base.name, spec, default)
     report_dir = paths.data / "reports" / name

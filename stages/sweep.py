@@ -35,7 +35,7 @@ from pipeline.distill.phases import phases
 from pipeline.distill.student_data import prepare
 from pipeline.errors import KDError
 from pipeline.models import build_model
-from pipeline.runs.identity import check_run_folder, finished_summary, used_settings
+from pipeline.runs.identity import check_run_folder, finished_summary, trained_overrides, used_settings
 from pipeline.runs.metrics import METRICS, metric_of
 from pipeline.runs.plots import plot_sweep
 from pipeline.runs.recorder import RunRecorder
@@ -91,7 +91,7 @@ def run(
             "--mode sequential (the default) or parallel"
         )
     axes = parse_grid(base.sweep, grid)
-    spec = {"grid": axes, "seeds": seeds, "overrides": dict(overrides or {}), "mode": mode}
+    spec = {"grid": axes, "seeds": seeds, "overrides": trained_overrides(overrides), "mode": mode}
     default = {"grid": parse_grid(base.sweep, []) if base.sweep else None, "seeds": 1, "overrides": {}}
     name = name or spec_name(base.name, spec, {**default, "mode": "sequential"})
     out = paths.data / "sweeps" / name

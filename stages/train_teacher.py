@@ -8,6 +8,7 @@ Writes data/teachers/<teacher.name>/{model.safetensors, config.json}; the best v
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from pipeline.discovery import existing_caches
 from pipeline.distill.batches import InMemoryBatches, Views
 from pipeline.distill.lm import SequenceBatches
 from pipeline.distill.losses import cross_entropy
+from pipeline.errors import KDError
 from pipeline.models import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -37,6 +39,11 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 def run(preset: Preset, paths: Paths, *, force: bool = False, device_name: str = "auto") -> Path:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would train and save the same teacher
+        raise KDError(
+            "kd train-teacher runs in one process: run it without torchrun (make teacher), then "
+            "teacher-logits and distill under torchrun (make distill NPROC=N)"
+        )
     folder = paths.teachers / preset.teacher.name
     if (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file() and not force:
         check_same_teacher(checkpoint_architecture(folder), preset, str(folder))

@@ -538,3 +538,25 @@ def test_own_loop_cuts_random_resized_crop_views_as_the_workers_do(tmp_path: Pat
         assert torch.equal(own, views[k])
     with pytest.raises(KDError, match="cut each with pipeline.cut_view"):
         pipeline.replay(views, boxes, AugmentSpec(RRC))
+
+
+def test_train_teacher_refuses_torchrun_and_cache_info_names_crop_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.data.augment import RRC, AugmentSpec, views_record
+    from pipeline.store import DatasetInfo, Manifest, StorageInfo, TeacherInfo
+    from pipeline.store.describe import views_text
+    from tests.test_cli import assert_one_line_error
+
+    with monkeypatch.context() as patch:
+        patch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: every process would save the same teacher
+        result = kd(Paths(data=tmp_path), "train-teacher", "--preset", "tiny")
+        assert_one_line_error(result, "kd train-teacher runs in one process: run it without torchrun")
+    manifest = Manifest(
+        teacher=TeacherInfo(name="t", architecture={}, fingerprint="0" * 64),
+        dataset=DatasetInfo(name="d", split="train", length=4, num_classes=3, fingerprint="0" * 64),
+        storage=StorageInfo(dtype="float16", chunk_rows=4, shard_rows=4),
+        views=views_record(AugmentSpec(RRC), 3, seed=1),
+    )
+    text = views_text(manifest.views)
+    assert "scale [0.08, 1.0], ratio [0.75, 1.333]" in text and "pad" not in text

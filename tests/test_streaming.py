@@ -76,6 +76,20 @@ def test_streamed_ddp_needs_a_batch_each_rank_can_share(tmp_path: Path) -> None:
         batches.shard(0, 3)
 
 
+def test_streamed_ddp_refuses_a_rank_with_nothing_to_read(tmp_path: Path) -> None:
+    """Each process reads whole shards: more processes than shards, or shards too small for a rank's
+    share of a batch, would train on nothing without a word (seen under torchrun): one line instead."""
+    path, split, _ = cache_and_split(tmp_path)  # 11 shards of 8 rows
+    batches = StreamedBatches(LogitStore.open(path), split, torch.arange(ROWS), 12, torch.device("cpu"))
+    with pytest.raises(KDError, match="has 11 shard\\(s\\) but 12 processes stream it"):
+        batches.shard(0, 12)
+    few = torch.arange(ROWS)[torch.arange(ROWS) % 8 == 0]  # one training row a shard
+    batches = StreamedBatches(LogitStore.open(path), split, few, 16, torch.device("cpu"))
+    batches.shard(0, 2)  # 8 rows a rank's share of a batch, 5 or 6 rows a rank's shards
+    with pytest.raises(KDError, match="a process's shards hold fewer than 8 training rows"):
+        next(iter(batches.epoch(torch.Generator().manual_seed(0))))
+
+
 def test_the_local_shard_cache_keeps_to_its_byte_budget(tmp_path: Path) -> None:
     import numpy as np
 

@@ -260,6 +260,13 @@ class ShardStream:
                 f"distill.train.batch_size ({self.batch_size}) must be a multiple of the {world} processes "
                 "when a cache is streamed: each process takes an equal share of the global batch"
             )
+        if world > self.store.num_shards:  # a process with no shard would train on nothing, silently
+            raise KDError(
+                f"cache {self.store.where} has {self.store.num_shards} shard(s) but {world} processes stream "
+                "it, and each reads whole shards: hold it in memory (raise distill.memory_budget_mb), run "
+                "fewer processes, or rebuild it with smaller shards (kd teacher-logits --force --set "
+                "cache.shard_chunks=1)"
+            )
         self.rank, self.world = rank, world
 
     def epoch(self, generator: torch.Generator) -> Iterator[Any]:
@@ -273,6 +280,12 @@ class ShardStream:
         shares = [order[r :: self.world] for r in range(self.world)]
         local = self.batch_size // self.world
         limit = min(sum(self.kept_per_shard[i] for i in share) for share in shares) // local
+        if limit == 0:  # every rank computes the same limit: all stop here together
+            raise KDError(
+                f"cache {self.store.where}: a process's shards hold fewer than {local} training rows this "
+                f"epoch (its share of a batch of {self.batch_size}): hold the cache in memory (raise "
+                "distill.memory_budget_mb) or rebuild it with smaller shards (--set cache.shard_chunks=1)"
+            )
         mine = torch.Generator().manual_seed(seed + 1 + self.rank)
         batches = self._epoch(mine, local, shares[self.rank])
         for _, batch in zip(range(limit), batches, strict=False):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,14 @@ def finished_summary(run_dir: Path, preset: Preset) -> dict[str, Any] | None:
     return summary if isinstance(saved, dict) and used_settings(saved) == used_settings(preset) else None
 
 
+READING = ("dataset.memory_budget_mb", "dataset.workers")  # settings of how inputs are read, not which
+
+
+def trained_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Overrides less the ones that only change how inputs are read (READING): what names a report."""
+    return {k: v for k, v in (overrides or {}).items() if k not in READING}
+
+
 def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
     """flat_settings without the ones the preset's method ignores (T for annealing, alpha for dkd, the
     other methods' sub-tables, ...): what identifies a run. Two presets equal here train the same."""
@@ -33,7 +42,7 @@ def used_settings(preset: Preset | dict[str, Any]) -> dict[str, Any]:
     flat = flat_settings(Preset(name="")) | flat_settings(preset)
     ignored = ignored_settings(flat["distill.method"])  # the other methods' tables; T, alpha if unread
     ignored.append("distill.remote_cache_mb")  # where far shards are kept: never what is trained
-    ignored += ["dataset.memory_budget_mb", "dataset.workers"]  # how inputs are read, never which
+    ignored += list(READING)  # how inputs are read, never which
     if flat["dataset.name"] != "lm-text":  # the sparse (token-level) targets apply to language models
         ignored += ["distill.sparse_target"]
         if flat["cache.layout"] == "dense":  # and the sparse layout's settings to sparse caches

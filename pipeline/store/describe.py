@@ -151,8 +151,13 @@ def views_text(views: dict[str, Any]) -> str:
         return "none: the fixed, un-augmented view of each row"
     a = views["augment"]
     which = "every view" if views.get("all") else f"drawn with view seed {views['seed']}"
+    how = (  # random-resized-crop has no padding: its area and aspect ranges instead
+        f"scale {a['scale']}, ratio {[round(r, 3) for r in a['ratio']]}"
+        if "scale" in a
+        else f"pad {a['pad']}"
+    )
     return (
-        f"{views['count']} {a['kind']} views a row (pad {a['pad']}, {which}); parameters "
+        f"{views['count']} {a['kind']} views a row ({how}, {which}); parameters "
         f"({', '.join(a['params'])}), replay version {views['version']}"
     )
 
