@@ -100,7 +100,8 @@ def run(
     _write_csv(report_dir / "results.csv", results)
     teacher_key = f"teacher_test_{rows[0]['metric']}"
     teacher = next((r[teacher_key] for r in results if r.get(teacher_key) is not None), None)
-    (report_dir / "report.md").write_text(markdown(rows, teacher, base.name, seeds, preset_name))
+    text = markdown(rows, teacher, base.name, seeds, preset_name, dict(overrides or {}))
+    (report_dir / "report.md").write_text(text)
     plot_comparison(
         rows,
         report_dir / "comparison.png",

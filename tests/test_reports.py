@@ -53,6 +53,10 @@ def test_report_lists_every_seed_and_names_the_outlier(tmp_path: Path) -> None:
     assert "annealing seed 2 (val 69.00)" in text
     assert "s0 94.00, s1 94.50, s2 93.50 |" in text  # kd: nothing marked
     assert "kd seed" not in text
+    sets = {"dataset.workers": 2, "distill.train.epochs": 5}  # the report's command repeats them
+    again = markdown(rows, 0.97, "digits", 3, "digits.toml", sets)
+    command = "kd compare --preset digits.toml --seeds 3 --set dataset.workers=2 --set distill.train.epochs=5"
+    assert f"`{command}`" in again
 
 
 def test_one_seed_has_no_zero_std() -> None:

@@ -111,13 +111,21 @@ def metric_of_rows(rows: list[dict[str, Any]]) -> Metric:
 
 
 def markdown(
-    rows: list[dict[str, Any]], teacher: float | None, preset: str, seeds: int, preset_arg: str
+    rows: list[dict[str, Any]],
+    teacher: float | None,
+    preset: str,
+    seeds: int,
+    preset_arg: str,
+    overrides: dict[str, Any] | None = None,
 ) -> str:
     metric = metric_of_rows(rows)
+    sets = "".join(
+        f" --set {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in (overrides or {}).items()
+    )
     lines = [
         f"# Method comparison on `{preset}`",
         "",
-        f"Command: `kd compare --preset {preset_arg} --seeds {seeds}`. Test {metric.name} at the "
+        f"Command: `kd compare --preset {preset_arg} --seeds {seeds}{sets}`. Test {metric.name} at the "
         f"best-validation epoch, mean ± std over {seeds} seed{'s' if seeds > 1 else ''}; validation selects "
         f"checkpoints, test is only reported{'' if metric.higher_is_better else ' (lower is better)'}.",
         "",
