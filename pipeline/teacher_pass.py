@@ -48,9 +48,9 @@ def write_logits(
     spec = store.augment
     writer = ShardWriter(store, shards)
     total = sum(b - a for a, b in map(store.shard_range, shards))
-    bar = Progress(
-        total=total, desc=f"teacher-logits {split.split}", unit="sample", every_s=10.0, enabled=progress
-    )
+    part = f" ({len(shards)} of {store.num_shards} shards)" if len(shards) < store.num_shards else ""
+    desc = f"teacher-logits {split.split}{part}"  # a rank's own shards, or what a resume has left
+    bar = Progress(total=total, desc=desc, unit="sample", every_s=10.0, enabled=progress)
     try:
         # logits stored raw, as the teacher computed them
         with torch.inference_mode(), teacher_autocast(device, precision):
