@@ -494,46 +494,18 @@ def _unknown_fraction(inputs: torch.Tensor, unk_id: int | None) -> float:
 
 
 # The options each builder reads (README "Your own data"): anything else is refused by name, never ignored.
+HF_SOURCE = {"hub", "config", "format", "disk", "train", "test", "test_split", "label", "num_classes", "name"}
+IMAGE_RECIPE = {"size", "resize", "mean", "std"}  # _image_recipe's
 DATASET_OPTIONS: dict[str, set[str]] = {
     "mnist1d": set(),
     "synthetic-images": {"shape", "num_classes", "smooth", "noise", "jitter"},
     "npz": {"train", "test", "num_classes", "name"},
-    "imagefolder": {"train", "test", "size", "resize", "mean", "std", "name"},
+    "imagefolder": {"train", "test", "name"} | IMAGE_RECIPE,
     "npy": {"train", "test", "num_classes", "name"},
     "cifar10": {"root", "download"},
     "cifar100": {"root", "download"},
-    "hf-text": {
-        "hub",
-        "config",
-        "format",
-        "disk",
-        "train",
-        "test",
-        "test_split",
-        "text",
-        "label",
-        "tokenizer",
-        "max_length",
-        "num_classes",
-        "name",
-    },  # fmt: skip
-    "hf-images": {
-        "hub",
-        "config",
-        "format",
-        "disk",
-        "train",
-        "test",
-        "test_split",
-        "image",
-        "label",
-        "size",
-        "resize",
-        "mean",
-        "std",
-        "num_classes",
-        "name",
-    },  # fmt: skip
+    "hf-text": HF_SOURCE | {"text", "tokenizer", "max_length"},
+    "hf-images": HF_SOURCE | IMAGE_RECIPE | {"image"},
     "lm-text": set(OPTIONS),
 }
 

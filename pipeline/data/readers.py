@@ -129,7 +129,7 @@ class SampleReader:
             reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"[:200]
             return i, Unreadable(self.name_of(i), reason)
 
-    def __reduce__(self) -> Any:  # workers under spawn get a copy without the open loader
+    def __reduce__(self) -> Any:  # workers under spawn get a copy without open files (memmaps)
         return (_rebuild, (type(self), self._state()))
 
     def _state(self) -> dict[str, Any]:
