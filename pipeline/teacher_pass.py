@@ -105,8 +105,7 @@ def write_logits(
 
 def _draws(split: Split, views: dict, start: int, stop: int) -> Asks:
     """Rows start..stop-1 asked for their K views, drawn from (view seed, sample id, view index)."""
-    ids = split.ids[start:stop].tolist()
-    return Asks(torch.arange(start, stop), [("draw", views["seed"], views["count"], i) for i in ids])
+    return Asks.draws(torch.arange(start, stop), split.ids[start:stop], views["seed"], views["count"])
 
 
 def forward(teacher: torch.nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:

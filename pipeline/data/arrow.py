@@ -92,9 +92,9 @@ class ArrowText(SampleReader):
     def __getitem__(self, rows: Any) -> torch.Tensor:
         single = isinstance(rows, (int, np.integer))
         positions = row_positions([rows] if single else rows, self.num_rows).tolist()
-        picked = self.rows[positions] if positions else {c: [] for c in self.columns}  # Arrow gather
         if not positions:
             return torch.empty((0, 2, self.max_length), dtype=torch.int64)
+        picked = self.rows[positions]  # an Arrow gather of these rows
         encoded = self.tokenizer(
             *[list(picked[c]) for c in self.columns],
             padding="max_length",

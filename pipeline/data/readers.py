@@ -220,6 +220,11 @@ class Asks:
     positions: torch.Tensor
     asks: list[tuple]
 
+    @staticmethod
+    def draws(positions: torch.Tensor, ids: torch.Tensor, seed: int, count: int) -> Asks:
+        """The rows at `positions` (sample ids `ids`) asked for `count` views drawn from (seed, id)."""
+        return Asks(positions, [("draw", seed, count, int(i)) for i in ids.tolist()])
+
 
 class _Items(torch.utils.data.Dataset):
     """A reader as DataLoader workers see it: position -> (position, sample or Unreadable)."""
@@ -339,13 +344,8 @@ def iter_rows(
     inputs: torch.Tensor | SampleReader, batch_size: int, *, pin: bool = False
 ) -> Iterator[torch.Tensor]:
     """Consecutive batches of rows 0..N-1 of a tensor or a reader (decoded ahead by its workers)."""
-    n = len(inputs)
-    if not isinstance(inputs, SampleReader):
-        for a in range(0, n, batch_size):
-            yield inputs[a : a + batch_size]
-        return
-    plan = ((torch.arange(a, min(a + batch_size, n)), None) for a in range(0, n, batch_size))
-    for _, x, _ in prefetched(inputs, plan, pin=pin):
+    plan = ((slice(a, a + batch_size), None) for a in range(0, len(inputs), batch_size))
+    for x, _ in fetch(inputs, plan, pin=pin):
         yield x
 
 

@@ -68,7 +68,7 @@ class Split:
     @property
     def reading(self) -> str:
         """How a file-backed split's inputs are read, for the console ("" for one built in memory)."""
-        reader = self.files if self.files is not None else self.inputs
+        reader = self.view_source
         if isinstance(reader, torch.Tensor):
             return ""
         how = (

@@ -161,11 +161,5 @@ class TokenWindows(SampleReader):
     def sample(self, i: int) -> torch.Tensor:
         return self[torch.tensor([i])][0]
 
-    def listing(self) -> Any:
-        return {"digest": self.file.digest}
-
-    def stream_content(self) -> Iterator[tuple[int, bytes]]:  # the digest was taken as the file was written
-        raise NotImplementedError
-
-    def content(self, progress: bool = True) -> str:
+    def content(self, progress: bool = True) -> str:  # the digest was taken as the file was written
         return self.file.digest

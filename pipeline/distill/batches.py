@@ -138,9 +138,7 @@ class InMemoryBatches:
         pin, source, plans = self.device.type == "cuda", self.inputs, self._plans(generator)
         if self.files is not None:
             source, plans = self.files, asking_views(plans, self.ids, generator)
-        for inputs, (idx, zt, params) in fetch(source, plans, pin=pin):
-            if isinstance(inputs, tuple):  # fresh views drawn by the workers: (views (B, 1, ...), params)
-                inputs = inputs[0][:, 0]
+        for inputs, (idx, zt, params) in fetch_views(source, plans, pin=pin):
             inputs = inputs.to(self.device, non_blocking=True)
             if params is not None and self.files is None:  # cut views come cut from the workers
                 inputs = replay(inputs, params, self.views.spec)
@@ -177,11 +175,19 @@ def asking_views(
     for rows, extra in plans:
         params = extra[2]
         if params is not None:
-            asks = [("view", tuple(p)) for p in params.tolist()]
+            yield Asks(rows, [("view", tuple(p)) for p in params.tolist()]), extra
         else:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            asks = [("draw", seed, 1, int(i)) for i in ids[rows.cpu()].tolist()]
-        yield Asks(rows, asks), extra
+            yield Asks.draws(rows, ids[rows.cpu()], seed, 1), extra
+
+
+def fetch_views(
+    source: Any, plans: Iterable[tuple[Any, T]], *, pin: bool
+) -> Iterator[tuple[torch.Tensor, T]]:
+    """readers.fetch, with a fresh view drawn by the workers ((views (B, 1, ...), params)) taken as the
+    batch's inputs."""
+    for inputs, extra in fetch(source, plans, pin=pin):
+        yield (inputs[0][:, 0] if isinstance(inputs, tuple) else inputs), extra
 
 
 def cached_logits_for(store: LogitStore, split: Split) -> torch.Tensor:
@@ -356,9 +362,7 @@ class StreamedBatches(ShardStream):
         if spec.on_files:  # random-resized-crop: the workers cut the views from the image files
             fresh = ((rows, (rows, zt, p if p.shape[1] else None)) for rows, (_, zt, p) in plans)
             source, plans = self.split.view_source, asking_views(fresh, self.split.ids, generator)
-        for inputs, (pos, zt, params) in fetch(source, plans, pin=self.device.type == "cuda"):
-            if isinstance(inputs, tuple):  # fresh views drawn by the workers: (views (B, 1, ...), params)
-                inputs = inputs[0][:, 0]
+        for inputs, (pos, zt, params) in fetch_views(source, plans, pin=self.device.type == "cuda"):
             yield self._batch(inputs, pos, zt, params, spec)
 
     def _targets(
